@@ -1,0 +1,13 @@
+"""The `phoenix` command line: one click group, one subcommand per job."""
+
+from __future__ import annotations
+
+import click
+
+from trainer import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="phoenix")
+def main() -> None:
+    """Resumable nanochat-style pretraining on preemptible GPUs, with checkpoints safe on the HF Hub."""
