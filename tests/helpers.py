@@ -1,0 +1,128 @@
+"""Helpers for tests that run the real trainer as processes: launch, watch the log, kill, compare."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from entrypoint.synthetic import write_shards
+from trainer import checkpoint_layout as layout
+
+DATASET_REPO = "karpathy/fineweb-edu-100b-shuffle"
+MODEL_TAG = "test-tiny"
+
+
+def publish_corpus(server, tmp_dir: Path, num_shards: int = 4, docs_per_shard: int = 300) -> None:
+    """Generate tiny FineWeb-like shards and publish them on the local Hub under the real repo id."""
+    paths = write_shards(tmp_dir, num_shards, docs_per_shard)
+    server.publish_dataset(DATASET_REPO, {p.name: p for p in paths})
+
+
+def trainer_command(nproc: int, *args: str) -> list[str]:
+    module = ["-m", "trainer.train", "--preset", "tiny", *args]
+    if nproc == 1:
+        return [sys.executable, *module]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, *module]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (torchrun puts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """What an instance dying does: every process of the run gets SIGKILL at once."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    proc.wait()
+
+
+def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1,
+                kill_when: Callable[[str], bool] | None = None, kill_after_s: float | None = None,
+                sig: int = signal.SIGKILL, timeout: float = 240) -> tuple[int | None, str]:
+    """Run the trainer; kill it (whole tree) when a log line matches or after a delay. None = killed."""
+    env = {**env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG, "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(trainer_command(nproc, *args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    start = time.monotonic()
+    deadline = start + timeout
+    os.set_blocking(proc.stdout.fileno(), False)
+    buffer = ""
+    while True:
+        chunk = proc.stdout.read()
+        if chunk:
+            buffer += chunk
+            *complete, buffer = buffer.split("\n")
+            for line in complete:
+                lines.append(line)
+                if kill_when is not None and kill_when(line):
+                    if sig == signal.SIGKILL:
+                        kill_tree(proc)
+                        return None, "\n".join(lines)
+                    proc.send_signal(sig)
+                    kill_when = None
+        elif proc.poll() is not None:
+            lines.extend(buffer.split("\n") + (proc.stdout.read() or "").split("\n"))
+            return proc.returncode, "\n".join(lines)
+        else:
+            time.sleep(0.01)
+        if kill_after_s is not None and time.monotonic() - start >= kill_after_s:
+            kill_tree(proc)
+            return None, "\n".join(lines)
+        if time.monotonic() > deadline:
+            kill_tree(proc)
+            raise TimeoutError("trainer did not finish in time:\n" + "\n".join(lines[-30:]))
+
+
+def step_losses(base: Path) -> dict[int, float]:
+    """Per-step global loss; a step logged again after a resume keeps its last value."""
+    losses = {}
+    for line in (base / "logs" / f"train_base_{MODEL_TAG}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def checkpoint_dir(base: Path) -> Path:
+    return layout.stage_dir(base, "base", MODEL_TAG)
+
+
+def weights_sha256(base: Path, step: int) -> str:
+    path = checkpoint_dir(base) / layout.step_dir_name(step) / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def seed_volume(template: Path, base: Path) -> None:
+    """A volume that already has the tokenizer and shards (as after a first run), to save time."""
+    import shutil
+
+    base.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "base_data"):
+        shutil.copytree(template / name, base / name)
