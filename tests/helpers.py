@@ -6,9 +6,11 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,35 +71,35 @@ def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1,
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(trainer_command(nproc, *args), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True).start()
+    seen: list[str] = []
     start = time.monotonic()
-    deadline = start + timeout
-    os.set_blocking(proc.stdout.fileno(), False)
-    buffer = ""
     while True:
-        chunk = proc.stdout.read()
-        if chunk:
-            buffer += chunk
-            *complete, buffer = buffer.split("\n")
-            for line in complete:
-                lines.append(line)
-                if kill_when is not None and kill_when(line):
-                    if sig == signal.SIGKILL:
-                        kill_tree(proc)
-                        return None, "\n".join(lines)
-                    proc.send_signal(sig)
-                    kill_when = None
-        elif proc.poll() is not None:
-            lines.extend(buffer.split("\n") + (proc.stdout.read() or "").split("\n"))
-            return proc.returncode, "\n".join(lines)
-        else:
-            time.sleep(0.01)
-        if kill_after_s is not None and time.monotonic() - start >= kill_after_s:
+        try:
+            line = lines.get(timeout=0.02)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            return proc.wait(), "".join(seen)
+        seen.append(line)
+        if line and kill_when is not None and kill_when(line):
+            if sig == signal.SIGKILL:
+                kill_tree(proc)
+                return None, "".join(seen)
+            # Like `phoenix run` does for docker stop: signal the workers, not torchrun (which would
+            # turn it into a failure and SIGKILL them after 30 s).
+            for pid in descendants(proc.pid) if nproc > 1 else [proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            kill_when = None
+        elapsed = time.monotonic() - start
+        if kill_after_s is not None and elapsed >= kill_after_s:
             kill_tree(proc)
-            return None, "\n".join(lines)
-        if time.monotonic() > deadline:
+            return None, "".join(seen)
+        if elapsed > timeout:
             kill_tree(proc)
-            raise TimeoutError("trainer did not finish in time:\n" + "\n".join(lines[-30:]))
+            raise TimeoutError("trainer did not finish in time:\n" + "".join(seen[-30:]))
 
 
 def step_losses(base: Path) -> dict[int, float]:

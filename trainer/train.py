@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import uuid
 from contextlib import nullcontext
@@ -155,9 +156,24 @@ def init_distributed(device_flag: str) -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_when_orphaned()
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return Dist(rank, local_rank, world_size, device)
+
+
+def exit_when_orphaned(poll_s: float = 1.0) -> None:
+    """Under torchrun, die with the launcher: workers sit in sessions of their own, so a killed torchrun
+    would leave them training (and checkpointing) next to its replacement."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
 
 
 def broadcast(value: Any, d: Dist) -> Any:

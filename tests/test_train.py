@@ -1,0 +1,199 @@
+"""The trainer as users run it: real processes on CPU, killed with real signals, resumed, compared.
+
+A module-scoped reference run (tiny preset, uninterrupted) downloads the shards from the local Hub,
+trains the tokenizer, and records the per-step losses and final weights every scenario must match.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from entrypoint.localhub import LocalHub
+from tests.helpers import (
+    checkpoint_dir,
+    publish_corpus,
+    run_trainer,
+    seed_volume,
+    step_losses,
+    weights_sha256,
+)
+from trainer import checkpoint_layout as layout
+
+STEPS = 96
+ARGS = ("--num-iterations", str(STEPS), "--save-every", "3", "--eval-every", "24")
+
+
+class Corpus:
+    def __init__(self, env: dict[str, str], reference: Path) -> None:
+        self.env = env
+        self.reference = reference  # volume of the uninterrupted run: tokenizer, shards, losses, weights
+
+    def volume(self, path: Path) -> Path:
+        seed_volume(self.reference, path)
+        return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Corpus:
+    root = tmp_path_factory.mktemp("corpus")
+    with LocalHub(root / "hub") as server:
+        publish_corpus(server, root / "shards")
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(root / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
+        reference = root / "reference"
+        code, out = run_trainer(reference, env, *ARGS)
+        assert code == 0, out
+        yield Corpus(env, reference)
+
+
+def test_reference_run_trains_on_hub_shards_and_loss_falls(corpus):
+    shards = sorted(p.name for p in (corpus.reference / "base_data").glob("shard_*.parquet"))
+    assert shards and shards[-1] == "shard_00003.parquet"  # the validation shard came down too
+    losses = step_losses(corpus.reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sum(list(losses.values())[-5:]) / 5 < 0.6 * sum(list(losses.values())[:5]) / 5
+    final = layout.latest(checkpoint_dir(corpus.reference), full_hash=True)
+    assert final.step == STEPS and final.done
+    # KEEP_LAST defaults to 3: older checkpoints are pruned.
+    assert [c.step for c in layout.complete_checkpoints(checkpoint_dir(corpus.reference))] == [96, 93, 90]
+
+
+def test_kill9_at_random_instants_then_resume_is_bitwise_exact(corpus, tmp_path):
+    base = corpus.volume(tmp_path / "volume")
+    rng = random.Random(2026)
+    kills = mid_save_kills = attempt = 0
+    while kills < 20:
+        latest = layout.latest(checkpoint_dir(base))
+        done_step = latest.step if latest else 0
+        mode = ("save", "step", "time")[attempt % 3]
+        attempt += 1
+        if mode == "save":  # the background writer has just started on this checkpoint
+            code, out = run_trainer(base, corpus.env, *ARGS,
+                                    kill_when=lambda line: "checkpoint step=" in line)
+        elif mode == "step":
+            target = f"step {min(STEPS, done_step + rng.randint(1, 3)):05d}/"
+            code, out = run_trainer(base, corpus.env, *ARGS, kill_when=lambda line, t=target: t in line)
+        else:
+            code, out = run_trainer(base, corpus.env, *ARGS, kill_after_s=rng.uniform(0.5, 2.5))
+        assert code is None, f"the run finished after only {kills} kills:\n{out}"
+        kills += 1
+        mid_save_kills += mode == "save"
+    code, out = run_trainer(base, corpus.env, *ARGS)
+    assert code == 0, out
+    assert not [p for p in checkpoint_dir(base).iterdir() if p.name.startswith(layout.TMP_PREFIX)]
+    assert weights_sha256(base, STEPS) == weights_sha256(corpus.reference, STEPS)
+    assert step_losses(base) == step_losses(corpus.reference)
+
+
+def test_kill9_of_a_two_process_run_resumes_bitwise(corpus, tmp_path):
+    reference = corpus.volume(tmp_path / "reference2")
+    assert run_trainer(reference, corpus.env, *ARGS, nproc=2)[0] == 0
+    base = corpus.volume(tmp_path / "volume")
+    kills = 0
+    for target in (4, 23, 41, 70, 88):
+        code, out = run_trainer(base, corpus.env, *ARGS, nproc=2,
+                                kill_when=lambda line, t=f"step {target:05d}/": t in line)
+        assert code is None, out
+        kills += 1
+    code, out = run_trainer(base, corpus.env, *ARGS, nproc=2)
+    assert code == 0, out
+    assert kills == 5
+    assert weights_sha256(base, STEPS) == weights_sha256(reference, STEPS)
+    assert step_losses(base) == step_losses(reference)
+
+
+def test_sigterm_checkpoints_then_resume_on_1_2_1_processes_matches(corpus, tmp_path):
+    base = corpus.volume(tmp_path / "volume")
+    code, out = run_trainer(base, corpus.env, *ARGS, kill_when=lambda line: "step 00007/" in line,
+                            sig=signal.SIGTERM)
+    assert code == 0, out  # docker stop: finish the step, emergency checkpoint, exit 0
+    assert "emergency checkpoint published" in out
+    first_stop = layout.latest(checkpoint_dir(base)).step
+    assert first_stop % 3 and first_stop >= 7  # not a regular SAVE_EVERY checkpoint
+
+    code, out = run_trainer(base, corpus.env, *ARGS, nproc=2, kill_when=lambda line: "step 00019/" in line,
+                            sig=signal.SIGTERM)
+    assert code == 0, out
+    assert f"resuming from step={first_stop}" in out and "saved_world_size=1 world_size=2" in out
+
+    code, out = run_trainer(base, corpus.env, *ARGS)
+    assert code == 0, out
+    assert "saved_world_size=2 world_size=1" in out
+    reference, resumed = step_losses(corpus.reference), step_losses(base)
+    assert sorted(resumed) == sorted(reference)
+    # Across world sizes only the reduction order may differ; on CPU/gloo we observe exact equality.
+    assert max(abs(reference[s] - resumed[s]) for s in reference) < 1e-5
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_latest_falls_back_and_a_bad_volume_refuses_to_start(corpus, tmp_path):
+    base = corpus.volume(tmp_path / "volume")
+    code, out = run_trainer(base, corpus.env, *ARGS, kill_when=lambda line: "step 00008/" in line,
+                            sig=signal.SIGTERM)
+    assert code == 0, out
+    newest = layout.latest(checkpoint_dir(base))
+    _flip_byte(newest.path / "model.safetensors")
+
+    code, out = run_trainer(base, corpus.env, *ARGS, kill_when=lambda line: "resuming from" in line)
+    assert f"{newest.path / 'model.safetensors'}: sha256 does not match" in out
+    assert "resuming from step=6 " in out
+
+    for step_dir in checkpoint_dir(base).iterdir():
+        (step_dir / layout.MANIFEST_NAME).unlink(missing_ok=True)
+    code, out = run_trainer(base, corpus.env, *ARGS)
+    assert code == 2
+    assert out.strip().splitlines()[-1].startswith("error: ") and "--allow-fresh-start" in out
+    assert "Traceback" not in out
+
+    code, out = run_trainer(base, corpus.env, *ARGS, "--allow-fresh-start",
+                            kill_when=lambda line: "step 00001/" in line)
+    assert "fresh start" in out
+
+
+def test_full_disk_fails_the_save_clearly_and_keeps_earlier_checkpoints(corpus, tmp_path):
+    mount = tmp_path / "small_volume"
+    mount.mkdir()
+    seeded = sum(f.stat().st_size for f in corpus.reference.rglob("*") if f.is_file()
+                 and f.parts[len(corpus.reference.parts)] in ("tokenizer", "base_data"))
+    ckpt_bytes = layout.latest(checkpoint_dir(corpus.reference)).total_bytes
+    size_kib = (seeded + int(2.5 * ckpt_bytes)) // 1024 + 256
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this test needs root to mount a small tmpfs: {mounted.stderr}"
+    try:
+        base = corpus.volume(mount / "volume")
+        code, out = run_trainer(base, corpus.env, *ARGS)
+        assert code == 1, out
+        assert "disk full writing checkpoint step 9" in out and "earlier checkpoints are intact" in out
+        assert "Traceback" not in out
+        complete = layout.complete_checkpoints(checkpoint_dir(base), full_hash=True)
+        assert [c.step for c in complete] == [6, 3]
+        assert not [p for p in checkpoint_dir(base).iterdir() if p.name.startswith(layout.TMP_PREFIX)]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("extra_args,env,expected_code,message", [
+    (("--preset", "d99"), {}, 2, "unknown preset 'd99'"),
+    (("--total-batch-size", "1000"), {}, 2, "is not a multiple of --max-seq-len"),
+    ((), {"DATASET_REPO": "nobody/missing-data"}, 1, "'nobody/missing-data' not found on the Hub"),
+])
+def test_bad_input_is_one_clear_line(corpus, tmp_path, extra_args, env, expected_code, message):
+    base = tmp_path / "volume"
+    code, out = run_trainer(base, {**corpus.env, **env}, *ARGS, *extra_args)
+    assert code == expected_code, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert "Traceback" not in out
+
