@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -15,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from entrypoint.procs import descendants, signal_pids
 from entrypoint.synthetic import write_shards
 from trainer import checkpoint_layout as layout
 
@@ -36,30 +35,9 @@ def trainer_command(nproc: int, *args: str) -> list[str]:
     return [*launcher, *module]
 
 
-def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (torchrun puts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """What an instance dying does: every process of the run gets SIGKILL at once."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+    signal_pids([proc.pid, *descendants(proc.pid)], sig)
     proc.wait()
 
 
@@ -89,9 +67,7 @@ def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1,
                 return None, "".join(seen)
             # Like `phoenix run` does for docker stop: signal the workers, not torchrun (which would
             # turn it into a failure and SIGKILL them after 30 s).
-            for pid in descendants(proc.pid) if nproc > 1 else [proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
+            signal_pids(descendants(proc.pid) if nproc > 1 else [proc.pid], sig)
             kill_when = None
         elapsed = time.monotonic() - start
         if kill_after_s is not None and elapsed >= kill_after_s:

@@ -1,0 +1,71 @@
+"""Training stall per checkpoint: AsyncCheckpointer.save vs a synchronous torch.save of the same state.
+
+    python bench/checkpoint.py --depth 8          # CPU, ~100M params with optimizer state
+    python bench/checkpoint.py --depth 26 --device cuda
+
+Both write model + optimizer state to the same directory and fsync; the async stall is the time the
+training thread is held (copy to host memory), the rest happens in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import AsyncCheckpointer
+from trainer.model import GPT, config_for_depth
+from trainer.optim import HybridOptimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    with torch.device("meta"):
+        model = GPT(config_for_depth(args.depth, args.vocab_size, 2048))
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizer = HybridOptimizer(model)
+    files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer.state_tensors()}
+    nbytes = sum(t.numel() * t.element_size() for ts in files.values() for t in ts.values())
+    root = args.dir or Path(tempfile.mkdtemp(prefix="phoenix-bench-"))
+
+    sync_times, stalls, totals = [], [], []
+    for repeat in range(args.repeats):
+        target = root / f"sync_{repeat}.pt"
+        start = time.perf_counter()
+        torch.save(files, target)
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
+        sync_times.append(time.perf_counter() - start)
+        target.unlink()
+
+        checkpointer = AsyncCheckpointer(root / "async", keep_last=1)
+        start = time.perf_counter()
+        stalls.append(checkpointer.save(repeat + 1, files, {"step": repeat + 1}))
+        checkpointer.wait()
+        totals.append(time.perf_counter() - start)
+    shutil.rmtree(root / "async", ignore_errors=True)
+
+    best_sync, best_stall = min(sync_times), min(stalls)
+    print(f"state={nbytes / 2**30:.2f} GiB device={device} depth={args.depth}")
+    print(f"sync torch.save + fsync:   {best_sync * 1000:8.1f} ms stall")
+    print(f"async checkpoint stall:    {best_stall * 1000:8.1f} ms  (background write+hash+publish "
+          f"{min(totals) * 1000:.0f} ms)")
+    print(f"stall ratio async/sync:    {best_stall / best_sync:8.3f}  (target <= 0.15)")
+
+
+if __name__ == "__main__":
+    main()
