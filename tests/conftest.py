@@ -1,0 +1,71 @@
+"""Shared pytest fixtures. `hub`: a live entrypoint.localhub server for the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from entrypoint.localhub import LocalHub
+
+HUB_USER = "phoenix-test"
+HUB_TOKEN = "hf_localhub_phoenix_test_write"
+
+# huggingface_hub snapshots these variables when it is first imported, which happens after this module runs.
+# The endpoint is a closed local port, so a call that escapes the `hub` fixture fails fast instead of reaching
+# huggingface.co; the `hub` fixture then points the client at the live server.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # hf_xet is installed, and localhub has no Xet storage
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+
+@dataclass
+class Hub:
+    server: LocalHub  # fault injection (fail_next, cut_next, down, throttle_bps), counters, request_log
+    url: str
+    token: str  # write token of `user`
+    user: str
+    env: dict[str, str]  # full environment for subprocesses: HF_ENDPOINT, HF_TOKEN, HF_HOME, ...
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
+    """A started LocalHub on 127.0.0.1 (random port, fresh data dir) and a client environment pointing at it.
+
+    The environment is set in `os.environ` (subprocesses get `hub.env`) and in `huggingface_hub.constants`,
+    the copy the already-imported client reads, so in-process code using the defaults reaches this server
+    and a per-test HF_HOME, never huggingface.co or the user's cache.
+    """
+    from huggingface_hub import constants
+
+    hf_home = tmp_path / "hf_home"
+    with LocalHub(tmp_path / "hub_data", tokens={HUB_TOKEN: HUB_USER}) as server:
+        settings = {
+            "HF_ENDPOINT": server.url,
+            "HF_TOKEN": HUB_TOKEN,
+            "HF_HOME": str(hf_home),
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        for key, value in settings.items():
+            monkeypatch.setenv(key, value)
+        for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(key, raising=False)
+        patched = {
+            "ENDPOINT": server.url,
+            "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+            "HF_HUB_DISABLE_XET": True,
+            "HF_HUB_DISABLE_TELEMETRY": True,
+            "HF_HUB_OFFLINE": False,
+            "HF_HOME": str(hf_home),
+            "HF_HUB_CACHE": str(hf_home / "hub"),
+            "HF_TOKEN_PATH": str(hf_home / "token"),
+            "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens"),
+        }
+        for key, value in patched.items():
+            monkeypatch.setattr(constants, key, value)
+        yield Hub(server=server, url=server.url, token=HUB_TOKEN, user=HUB_USER, env=dict(os.environ))
