@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from entrypoint.demo import demo_command
+from entrypoint.restore import restore_command
+from entrypoint.sync import sync_command
 from trainer import __version__
 
 
@@ -11,3 +14,8 @@ from trainer import __version__
 @click.version_option(__version__, prog_name="phoenix")
 def main() -> None:
     """Resumable nanochat-style pretraining on preemptible GPUs, with checkpoints safe on the HF Hub."""
+
+
+main.add_command(demo_command)
+main.add_command(sync_command)
+main.add_command(restore_command)

@@ -192,11 +192,21 @@ def verify(ckpt_dir: Path, *, full_hash: bool = False) -> Checkpoint:
     since hashing a multi-GB checkpoint on every scan would stall start-up.
     """
     manifest = read_manifest(ckpt_dir)
-    present = {p.name for p in ckpt_dir.iterdir()} - {MANIFEST_NAME}
+    check_files(ckpt_dir, manifest, full_hash=full_hash)
+    return Checkpoint(step=manifest["step"], path=ckpt_dir, manifest=manifest)
+
+
+def check_files(directory: Path, manifest: dict[str, Any], *, full_hash: bool = False) -> None:
+    """Raise CheckpointInvalid unless `directory` holds exactly the files `manifest` lists, as listed.
+
+    The file half of `verify`, for a manifest that came from elsewhere (the Hub) or a directory not yet
+    published under its step name.
+    """
+    present = {p.name for p in directory.iterdir()} - {MANIFEST_NAME}
     if unlisted := sorted(present - set(manifest["files"])):
-        raise CheckpointInvalid(f"{ckpt_dir / unlisted[0]}: not listed in the manifest")
+        raise CheckpointInvalid(f"{directory / unlisted[0]}: not listed in the manifest")
     for name, entry in manifest["files"].items():
-        path = ckpt_dir / name
+        path = directory / name
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -206,7 +216,6 @@ def verify(ckpt_dir: Path, *, full_hash: bool = False) -> Checkpoint:
         _check_format(path)
         if full_hash and sha256_file(path) != entry["sha256"]:
             raise CheckpointInvalid(f"{path}: sha256 does not match the manifest (corrupted or tampered)")
-    return Checkpoint(step=manifest["step"], path=ckpt_dir, manifest=manifest)
 
 
 def step_dirs(directory: Path) -> list[tuple[int, Path]]:
@@ -256,6 +265,27 @@ def publish(tmp_dir: Path, step: int, **manifest_fields: Any) -> Checkpoint:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     write_manifest(tmp_dir, step, **manifest_fields)
+    return _rename_into_place(tmp_dir, step)
+
+
+def publish_copy(tmp_dir: Path, manifest: dict[str, Any], *, full_hash: bool = True) -> Checkpoint:
+    """Publish a copy of a checkpoint (e.g. restored from the Hub) under its original manifest.
+
+    Same atomic rule as `publish`, but the manifest is the one the checkpoint was published with, and the
+    files are checked against it (sha256 too, unless the caller just did that) before anything is visible.
+    """
+    for path in tmp_dir.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    check_files(tmp_dir, manifest, full_hash=full_hash)
+    with open(tmp_dir / MANIFEST_NAME, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    return _rename_into_place(tmp_dir, manifest["step"])
+
+
+def _rename_into_place(tmp_dir: Path, step: int) -> Checkpoint:
     fsync_dir(tmp_dir)
     final = tmp_dir.parent / step_dir_name(step)
     if final.exists():

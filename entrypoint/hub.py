@@ -1,0 +1,532 @@
+"""The Hugging Face Hub side of phoenix: config from the environment, retries, one-line errors, Hub state.
+
+`phoenix sync` and `phoenix restore` both talk to the Hub only through this module. The repo mirrors the
+volume: `<stage>_checkpoints/<tag>/step_NNNNNN/<files>`, `tokenizer/tokenizer.json`, `runs/<tag>/run.json`
+and `runs/<tag>/generation.json` (the fencing token, see `claim_generation`). A checkpoint is complete on
+the Hub iff its MANIFEST.json is there: sync commits it in the same commit as every file it lists.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, hf_hub_url
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+
+# `http_get` is the library's own resumable download loop (Range requests from `resume_size`); the
+# higher-level hf_hub_download restarts a killed download from byte 0 (see restore.py).
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import (
+    build_hf_headers,
+    disable_progress_bars,
+    parse_ratelimit_headers,
+    validate_repo_id,
+)
+from huggingface_hub.utils.sha import git_hash
+
+from entrypoint.logs import setup_logging
+from trainer import __version__
+from trainer import checkpoint_layout as layout
+
+log = logging.getLogger("phoenix.hub")
+T = TypeVar("T")
+
+DEFAULT_MODEL_TAG = "d26-hyperbolic"
+DEFAULT_SYNC_INTERVAL = 1200.0
+TOKENIZER_PATH = "tokenizer/tokenizer.json"
+RUN_FILE = "run.json"
+GENERATION_FILE = "generation.json"
+TRAINER_STATUS_FILE = "trainer_status.json"
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+class HubError(Exception):
+    """A Hub problem worth one log line and no stack trace."""
+
+
+class HubFatal(HubError):
+    """Wrong configuration or credentials: retrying cannot help, the user has to change something."""
+
+
+class RepoMissing(HubFatal):
+    """The repo does not exist (or this token cannot see it): fatal for sync, nothing to do for restore."""
+
+
+class HubUnavailable(HubError):
+    """The Hub kept failing with transient errors (down, 5xx, rate limited) after our retries."""
+
+
+class HeadMoved(HubError):
+    """Someone committed between our read of the head and our commit (HTTP 412 on parent_commit)."""
+
+
+class Fenced(HubError):
+    """A newer launch claimed the repo: this process must not push or delete anything."""
+
+
+def kv(**fields: Any) -> str:
+    """One log line in key=value style; values with spaces or quotes are JSON-quoted."""
+    parts = []
+    for key, value in fields.items():
+        text = f"{value:.1f}" if isinstance(value, float) else str(value)
+        if not text or any(c in text for c in ' "=\n'):
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def setup_hub_logging(log_file: Path) -> logging.Logger:
+    """phoenix logging (stdout + `log_file`, secrets masked) that also carries huggingface_hub's warnings."""
+    logger = setup_logging(log_file)
+    library = logging.getLogger("huggingface_hub")
+    for handler in list(library.handlers):
+        library.removeHandler(handler)
+    for handler in logger.handlers:
+        library.addHandler(handler)
+    library.setLevel(logging.WARNING)
+    library.propagate = False
+    disable_progress_bars()  # tqdm bars are noise in `docker compose logs`; we log MB/s per checkpoint
+    return logger
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything phoenix needs to talk to the Hub, read once from the environment."""
+
+    base_dir: Path
+    model_tag: str
+    repo_id: str | None
+    repo_type: str = "model"
+    private: bool = True
+    token: str | None = None
+    endpoint: str | None = None
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
+    keep_last: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> HubConfig:
+        """Raise HubFatal (one line: which variable, what to set) on a malformed value."""
+        env = os.environ if environ is None else environ
+        repo_id = env.get("HF_REPO_ID", "").strip() or None
+        if repo_id is not None:
+            try:
+                validate_repo_id(repo_id)
+            except HFValidationError:
+                raise HubFatal(_bad_repo_id(repo_id)) from None
+            if repo_id.count("/") != 1:  # the bare-name form only works for create_repo, not for reads
+                raise HubFatal(_bad_repo_id(repo_id))
+        repo_type = env.get("HF_REPO_TYPE", "").strip() or "model"
+        if repo_type not in ("model", "dataset"):
+            raise HubFatal(f"HF_REPO_TYPE={repo_type!r} is not supported: set it to 'model' or 'dataset'")
+        private_text = env.get("HF_PRIVATE", "").strip().lower() or "true"
+        if private_text not in _TRUE | _FALSE:
+            raise HubFatal(f"HF_PRIVATE={private_text!r} is not a boolean: set it to 'true' or 'false'")
+        interval_text = env.get("HF_SYNC_INTERVAL", "").strip() or str(DEFAULT_SYNC_INTERVAL)
+        try:
+            interval = float(interval_text)
+            if interval <= 0:
+                raise ValueError
+        except ValueError:
+            raise HubFatal(
+                f"HF_SYNC_INTERVAL={interval_text!r} is not a positive number of seconds: set it to e.g. 1200"
+            ) from None
+        keep_text = env.get("HF_KEEP_LAST", "").strip()
+        try:
+            keep_last = int(keep_text) if keep_text else None
+            if keep_last is not None and keep_last < 1:
+                raise ValueError
+        except ValueError:
+            raise HubFatal(
+                f"HF_KEEP_LAST={keep_text!r} is not a positive integer: set it to e.g. 3, or leave it "
+                "empty to keep every checkpoint on the Hub"
+            ) from None
+        return cls(
+            base_dir=Path(env.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat"),
+            model_tag=env.get("MODEL_TAG", "").strip() or DEFAULT_MODEL_TAG,
+            repo_id=repo_id,
+            repo_type=repo_type,
+            private=private_text in _TRUE,
+            token=env.get("HF_TOKEN") or None,
+            endpoint=(env.get("HF_ENDPOINT") or "").rstrip("/") or None,
+            sync_interval=interval,
+            keep_last=keep_last,
+        )
+
+    # The repo mirrors the volume, so one relative path names a file in both places.
+    def local(self, path_in_repo: str) -> Path:
+        return self.base_dir / path_in_repo
+
+    def stage_path(self, stage: str) -> str:
+        return layout.stage_dir("", stage, self.model_tag).as_posix()
+
+    def checkpoint_path(self, stage: str, step: int) -> str:
+        return f"{self.stage_path(stage)}/{layout.step_dir_name(step)}"
+
+    def run_path(self, name: str) -> str:
+        return f"runs/{self.model_tag}/{name}"
+
+
+def _bad_repo_id(repo_id: str) -> str:
+    return f"HF_REPO_ID={repo_id!r} is not a valid repo id: set it to 'namespace/name', e.g. 'alice/ckpts'"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes: the LFS upload wraps the HTTP error in a RuntimeError."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _response(exc: BaseException) -> httpx2.Response | None:
+    for err in _chain(exc):
+        if isinstance(err, HfHubHTTPError) and err.response is not None:
+            return err.response
+    return None
+
+
+def _status(exc: BaseException) -> int | None:
+    response = _response(exc)
+    return response.status_code if response is not None else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: connection refused/reset/timeouts, 5xx, 408, 429, a download cut short."""
+    status = _status(exc)
+    if status is not None:
+        return status in _TRANSIENT_STATUS
+    return any(
+        isinstance(err, httpx2.TransportError | ConnectionError | TimeoutError)
+        or (isinstance(err, OSError) and "Consistency check failed" in str(err))
+        for err in _chain(exc)
+    )
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds the server asked us to wait, if it did: Retry-After (seconds or HTTP date), else on a 429
+    the Hub's RateLimit header (seconds until the window resets)."""
+    response = _response(exc)
+    if response is None:
+        return None
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    if value:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+    limit = parse_ratelimit_headers(response.headers)
+    if response.status_code == 429 and limit is not None and limit.remaining == 0:
+        return float(limit.reset_in_seconds)
+    return None
+
+
+def short_error(exc: BaseException) -> str:
+    """First line of the error, prefixed by its status if it has one: enough for a log line."""
+    status = _status(exc)
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{status} {line}" if status is not None and str(status) not in line else line
+
+
+def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
+    """Translate a client exception into a one-line HubError, or None if it looks like a bug."""
+    if isinstance(exc, HubError):
+        return exc
+    repo = f"{cfg.repo_type} repo HF_REPO_ID={cfg.repo_id}"
+    if any(isinstance(err, OfflineModeIsEnabled) for err in _chain(exc)):
+        return HubFatal("HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to sync or restore")
+    if any(isinstance(err, HFValidationError) for err in _chain(exc)):
+        return HubFatal(_bad_repo_id(cfg.repo_id or ""))
+    if is_transient(exc):
+        return HubUnavailable(f"Hub unreachable or overloaded: {short_error(exc)}")
+    status = _status(exc)
+    not_found = any(isinstance(err, RepositoryNotFoundError) for err in _chain(exc))
+    if status == 412:
+        return HeadMoved("the repo moved on while we were committing (412)")
+    if status == 401 and not not_found:
+        if not cfg.token:
+            return HubFatal("HF_TOKEN is not set (401 unauthenticated): set it to a token with write access")
+        return HubFatal(
+            "the Hub rejected HF_TOKEN (401 invalid credentials): set HF_TOKEN to a valid access token"
+        )
+    if status == 401 or not_found:
+        return (RepoMissing if status == 404 else HubFatal)(
+            f"{repo} does not exist or HF_TOKEN cannot see it: check HF_REPO_ID and HF_REPO_TYPE, and that "
+            "HF_TOKEN is set and has access to that repo"
+        )
+    if status == 403:
+        return HubFatal(
+            f"HF_TOKEN may not write to {repo} (403 forbidden): use a token with write access, or a repo "
+            "in a namespace the token owns"
+        )
+    if status is not None:
+        return HubError(f"the Hub refused the request: {short_error(exc)}")
+    return None
+
+
+def call(
+    what: str,
+    fn: Callable[[], T],
+    cfg: HubConfig,
+    *,
+    attempts: int = 4,
+    max_wait: float = 30.0,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> T:
+    """Run `fn`, retrying transient Hub errors with exponential backoff; Retry-After is honoured as given.
+
+    Raises a HubError subclass (HubFatal, HubUnavailable, HeadMoved, ...) instead of library exceptions,
+    and lets anything unrecognised through: that is a bug and deserves its traceback.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            err = to_hub_error(exc, cfg)
+            if err is None:
+                raise
+            if not isinstance(err, HubUnavailable) or attempt == attempts:
+                raise err from exc
+            asked = retry_after(exc)
+            wait = (
+                asked if asked is not None else min(max_wait, 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            )
+            log.warning(
+                kv(
+                    event="hub_retry",
+                    what=what,
+                    attempt=f"{attempt}/{attempts}",
+                    wait_s=round(wait, 2),
+                    retry_after=asked if asked is not None else "-",
+                    error=short_error(exc),
+                )
+            )
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """The repo at one commit: every file with its size and hashes."""
+
+    head: str
+    files: dict[str, RepoFile]
+
+    def complete_steps(self, cfg: HubConfig, stage: str) -> list[int]:
+        """Steps whose MANIFEST.json is on the Hub, highest first: the Hub's definition of complete."""
+        prefix = cfg.stage_path(stage) + "/"
+        steps = set()
+        for path in self.files:
+            step_name, _, name = path.removeprefix(prefix).partition("/")
+            step = layout.parse_step(step_name)
+            if path.startswith(prefix) and name == layout.MANIFEST_NAME and step is not None:
+                steps.add(step)
+        return sorted(steps, reverse=True)
+
+    def checkpoint_files(self, cfg: HubConfig, stage: str, step: int) -> dict[str, RepoFile]:
+        prefix = cfg.checkpoint_path(stage, step) + "/"
+        return {p[len(prefix) :]: f for p, f in self.files.items() if p.startswith(prefix)}
+
+    def same(self, path_in_repo: str, local: Path, sha256: str | None = None) -> bool:
+        """True if the Hub already holds exactly this content at this path (LFS sha256 or git blob id)."""
+        remote = self.files.get(path_in_repo)
+        if remote is None or remote.size != local.stat().st_size:
+            return False
+        if remote.lfs is not None:
+            return remote.lfs.sha256 == (sha256 or layout.sha256_file(local))
+        return remote.blob_id == git_hash(local.read_bytes())
+
+
+class Hub:
+    """A Hub repo seen through huggingface_hub's HfApi, with phoenix's retries and error lines."""
+
+    def __init__(self, cfg: HubConfig, api: HfApi | None = None):
+        if cfg.repo_id is None:
+            raise ValueError("Hub needs HF_REPO_ID")
+        self.cfg = cfg
+        self.repo_id: str = cfg.repo_id
+        self.api = api or HfApi(
+            endpoint=cfg.endpoint, token=cfg.token, library_name="phoenix", library_version=__version__
+        )
+
+    def call(self, what: str, fn: Callable[[], T], **kw: Any) -> T:
+        return call(what, fn, self.cfg, **kw)
+
+    def ensure_repo(self) -> None:
+        """Create the repo if missing (private unless HF_PRIVATE=false); an existing one is left as it is."""
+        self.call(
+            "create_repo",
+            lambda: self.api.create_repo(
+                self.repo_id, repo_type=self.cfg.repo_type, private=self.cfg.private, exist_ok=True
+            ),
+        )
+
+    def head(self) -> str:
+        info = self.call("repo_info", lambda: self.api.repo_info(self.repo_id, repo_type=self.cfg.repo_type))
+        assert info.sha is not None
+        return info.sha
+
+    def snapshot(self) -> HubSnapshot:
+        """Head commit and the full file listing at exactly that commit."""
+        head = self.head()
+        entries = self.call(
+            "list_repo_tree",
+            lambda: list(
+                self.api.list_repo_tree(
+                    self.repo_id, recursive=True, revision=head, repo_type=self.cfg.repo_type
+                )
+            ),
+        )
+        return HubSnapshot(head=head, files={e.path: e for e in entries if isinstance(e, RepoFile)})
+
+    def url(self, path_in_repo: str, revision: str) -> str:
+        return hf_hub_url(
+            self.repo_id,
+            path_in_repo,
+            repo_type=self.cfg.repo_type,
+            revision=revision,
+            endpoint=self.cfg.endpoint,
+        )
+
+    def fetch(
+        self, path_in_repo: str, dest: BinaryIO, *, revision: str, size: int, resume_size: int = 0
+    ) -> None:
+        """Stream one file into `dest` (positioned after `resume_size` bytes already there) via Range."""
+        http_get(
+            self.url(path_in_repo, revision),
+            dest,
+            resume_size=resume_size,
+            headers=build_hf_headers(
+                token=self.cfg.token, library_name="phoenix", library_version=__version__
+            ),
+            expected_size=size,
+            displayed_filename=path_in_repo,
+        )
+
+    def read_json(self, snapshot: HubSnapshot, path_in_repo: str) -> Any:
+        """A small JSON file at the snapshot's commit, or None if it is not in the repo."""
+        remote = snapshot.files.get(path_in_repo)
+        if remote is None:
+            return None
+
+        def download() -> bytes:
+            buf = io.BytesIO()
+            self.fetch(path_in_repo, buf, revision=snapshot.head, size=remote.size)
+            return buf.getvalue()
+
+        data = self.call(f"download {path_in_repo}", download)
+        try:
+            return json.loads(data)
+        except ValueError:
+            log.warning(kv(event="bad_json", path=path_in_repo))
+            return None
+
+    def generation(self, snapshot: HubSnapshot) -> int:
+        return _generation_of(self.read_json(snapshot, self.cfg.run_path(GENERATION_FILE)))
+
+    def commit(self, operations: list[Any], message: str, parent: str) -> str:
+        """One commit on top of `parent` (412: HeadMoved); returns the new head; LFS uploads are parallel."""
+
+        def attempt() -> str:
+            # Operation objects are mutated by create_commit, so every attempt gets fresh copies.
+            ops = [_fresh(op) for op in operations]
+            info = self.api.create_commit(
+                self.repo_id,
+                ops,
+                commit_message=message,
+                repo_type=self.cfg.repo_type,
+                parent_commit=parent,
+            )
+            return info.oid
+
+        return self.call(f"commit {message!r}", attempt)
+
+
+def add_operation(path_in_repo: str, local: Path, sha256: str | None = None) -> CommitOperationAdd:
+    """An upload of `local`; a known sha256 (from the manifest) saves create_commit from hashing it again."""
+    op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local))
+    if sha256 is not None:
+        op.upload_info.sha256 = bytes.fromhex(sha256)
+    return op
+
+
+def _fresh(op: Any) -> Any:
+    if not isinstance(op, CommitOperationAdd):
+        return op
+    sha = op.upload_info.sha256.hex() if op.upload_info.is_hashed else None
+    if isinstance(op.path_or_fileobj, bytes):
+        return CommitOperationAdd(path_in_repo=op.path_in_repo, path_or_fileobj=op.path_or_fileobj)
+    return add_operation(op.path_in_repo, Path(str(op.path_or_fileobj)), sha)
+
+
+# ---------------------------------------------------------------------------------------------- fencing
+
+
+def _generation_of(obj: Any) -> int:
+    value = obj.get("generation") if isinstance(obj, dict) else None
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def local_generation(cfg: HubConfig) -> int:
+    """This volume's launch generation (0 before the first claim)."""
+    try:
+        return _generation_of(json.loads(cfg.local(cfg.run_path(GENERATION_FILE)).read_text()))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def claim_generation(cfg: HubConfig, hub: Hub | None = None, *, attempts: int = 5) -> int:
+    """Fence off every older launch: commit generation max(Hub, volume) + 1, then write it to the volume.
+
+    Called by the entrypoint at launch. The commit carries parent_commit, so two launches racing for the
+    same number cannot both win: the loser re-reads and takes the next one. Raises HubError if the Hub
+    cannot be reached; the volume is then left unchanged.
+    """
+    hub = hub or Hub(cfg)
+    hub.ensure_repo()
+    path = cfg.run_path(GENERATION_FILE)
+    for _ in range(attempts):
+        snapshot = hub.snapshot()
+        generation = max(hub.generation(snapshot), local_generation(cfg)) + 1
+        body = json.dumps({"generation": generation}, indent=1, sort_keys=True).encode() + b"\n"
+        try:
+            hub.commit(
+                [CommitOperationAdd(path_in_repo=path, path_or_fileobj=body)],
+                f"claim generation {generation} of {cfg.model_tag}",
+                parent=snapshot.head,
+            )
+        except HeadMoved:
+            continue
+        layout.write_json_atomic(cfg.local(path), {"generation": generation})
+        log.info(kv(event="generation_claimed", generation=generation, repo=cfg.repo_id))
+        return generation
+    raise HubError(f"could not claim a generation on {cfg.repo_id}: the repo kept changing under us")

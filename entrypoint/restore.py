@@ -1,0 +1,258 @@
+"""`phoenix restore`: bring the latest complete checkpoint of each stage back from the Hub onto the volume.
+
+Only what is needed travels: per stage the newest checkpoint complete on the Hub (MANIFEST.json present)
+and newer than the volume's own, plus the tokenizer and `runs/<tag>/` files. Files land in a staging dir,
+`$NANOCHAT_BASE_DIR/.restore/<stage>_checkpoints/<tag>/step_NNNNNN/`, each first as `<name>.incomplete`,
+renamed once its size is right. A killed restore resumes there: finished files are kept, a partial one
+continues with an HTTP Range request (huggingface_hub's `http_get`; `hf_hub_download` would restart it
+from byte 0 in a new process). Every sha256 is checked against the manifest in staging, then
+`checkpoint_layout.publish_copy` publishes atomically, as the trainer does. A checkpoint that is corrupt
+or partial on the Hub is skipped, with a warning naming the file, for the one before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+
+from entrypoint.hub import (
+    GENERATION_FILE,
+    TOKENIZER_PATH,
+    Hub,
+    HubConfig,
+    HubError,
+    HubFatal,
+    HubSnapshot,
+    RepoMissing,
+    kv,
+    setup_hub_logging,
+)
+from entrypoint.logs import redact
+from trainer import checkpoint_layout as layout
+
+log = logging.getLogger("phoenix.restore")
+
+INCOMPLETE_SUFFIX = ".incomplete"
+STAGING_DIR = ".restore"
+DOWNLOAD_WORKERS = 8
+
+
+class CorruptOnHub(HubError):
+    """The Hub's copy of a checkpoint cannot be restored; the message names the file."""
+
+
+def restore(cfg: HubConfig | None = None, hub: Hub | None = None) -> dict[str, int | None]:
+    """Restore from the Hub what the volume lacks; return the latest complete local step per stage.
+
+    Nothing is downloaded for a stage whose volume checkpoint is as new as the Hub's. Raises HubFatal
+    (credentials, repo id) and HubUnavailable (Hub unreachable after retries); the entrypoint decides
+    whether to start from the volume anyway.
+    """
+    cfg = cfg or HubConfig.from_env()
+    if cfg.repo_id is None:
+        log.info("HF_REPO_ID not set: Hub sync and restore are off")
+        return _local_steps(cfg)
+    hub = hub or Hub(cfg)
+    try:
+        snapshot = hub.snapshot()
+    except RepoMissing:
+        log.info(
+            kv(
+                event="restore_skip",
+                reason="the Hub repo does not exist yet (or HF_TOKEN cannot see it)",
+                repo=cfg.repo_id,
+            )
+        )
+        return _local_steps(cfg)
+    restored = False
+    for stage in layout.STAGES:
+        local = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        for step in snapshot.complete_steps(cfg, stage):
+            if local is not None and step <= local.step:
+                log.info(kv(event="restore_skip", stage=stage, volume_step=local.step, hub_step=step))
+                break
+            try:
+                _restore_checkpoint(hub, snapshot, stage, step)
+                restored = True
+                break
+            except CorruptOnHub as exc:
+                log.warning(
+                    kv(
+                        event="hub_checkpoint_corrupt",
+                        stage=stage,
+                        step=step,
+                        error=str(exc),
+                        action="trying the previous checkpoint",
+                    )
+                )
+    _restore_side_files(hub, snapshot, overwrite=restored)
+    staging_root = cfg.base_dir / STAGING_DIR
+    if staging_root.is_dir() and not any(p.is_file() for p in staging_root.rglob("*")):
+        shutil.rmtree(staging_root)  # keep partial downloads only: they are what a rerun resumes from
+    steps = _local_steps(cfg)
+    log.info(
+        kv(
+            event="restore_done",
+            **{stage: steps[stage] if steps[stage] is not None else "-" for stage in steps},
+        )
+    )
+    return steps
+
+
+def _local_steps(cfg: HubConfig) -> dict[str, int | None]:
+    steps = {}
+    for stage in layout.STAGES:
+        ckpt = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        steps[stage] = ckpt.step if ckpt is not None else None
+    return steps
+
+
+def _restore_checkpoint(hub: Hub, snapshot: HubSnapshot, stage: str, step: int) -> layout.Checkpoint:
+    cfg = hub.cfg
+    folder = cfg.checkpoint_path(stage, step)
+    staging = cfg.base_dir / STAGING_DIR / folder
+    remote = snapshot.checkpoint_files(cfg, stage, step)
+    staging.mkdir(parents=True, exist_ok=True)
+    _fetch(
+        hub,
+        snapshot,
+        f"{folder}/{layout.MANIFEST_NAME}",
+        staging / layout.MANIFEST_NAME,
+        remote[layout.MANIFEST_NAME].size,
+    )
+    try:
+        manifest = layout.read_manifest(staging)
+    except layout.CheckpointInvalid as exc:
+        shutil.rmtree(staging)
+        raise CorruptOnHub(str(exc)) from None
+    # The tree already tells sizes (and sha256 of LFS files): a bad Hub copy is caught before downloading it.
+    for name, entry in sorted(manifest["files"].items()):
+        found = remote.get(name)
+        if found is None:
+            raise CorruptOnHub(f"{folder}/{name}: listed in the manifest but missing on the Hub")
+        if found.size != entry["size"] or (found.lfs is not None and found.lfs.sha256 != entry["sha256"]):
+            raise CorruptOnHub(
+                f"{folder}/{name}: the Hub's copy does not match the manifest (size or sha256)"
+            )
+    total = sum(entry["size"] for entry in manifest["files"].values())
+    log.info(kv(event="restore_start", stage=stage, step=step, files=len(manifest["files"]), bytes=total))
+    start = time.monotonic()
+
+    def fetch(name: str) -> int:
+        return _fetch(hub, snapshot, f"{folder}/{name}", staging / name, manifest["files"][name]["size"])
+
+    # Largest first, several at once, as snapshot_download does: one HTTP stream rarely fills the link.
+    names = sorted(manifest["files"], key=lambda name: -manifest["files"][name]["size"])
+    with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
+        fetched = sum(pool.map(fetch, names))
+    try:
+        # Hashed in staging, so that a kill during this (long) check loses no downloaded file.
+        layout.check_files(staging, manifest, full_hash=True)
+    except layout.CheckpointInvalid as exc:
+        shutil.rmtree(staging)
+        raise CorruptOnHub(str(exc)) from None
+    ckpt = _publish(cfg, stage, staging, manifest)
+    seconds = max(time.monotonic() - start, 1e-6)
+    log.info(
+        kv(
+            event="restored",
+            stage=stage,
+            step=step,
+            bytes=total,
+            downloaded=fetched,
+            seconds=round(seconds, 2),
+            mb_s=round(fetched / seconds / 1e6, 1),
+        )
+    )
+    # Leftovers of older attempts at other steps of this stage are useless now.
+    shutil.rmtree(staging.parent, ignore_errors=True)
+    return ckpt
+
+
+def _fetch(hub: Hub, snapshot: HubSnapshot, path_in_repo: str, dest: Path, size: int) -> int:
+    """Download one file to `dest` unless a finished copy is there; returns the bytes downloaded.
+
+    Only a file whose every byte arrived is renamed to its final name; a partial one stays
+    `<name>.incomplete` and the next call continues it from where it stopped.
+    """
+    if dest.is_file() and dest.stat().st_size == size:
+        return 0
+    partial = dest.with_name(dest.name + INCOMPLETE_SUFFIX)
+    if partial.is_file() and partial.stat().st_size > size:
+        partial.unlink()
+    before = partial.stat().st_size if partial.is_file() else 0
+
+    def attempt() -> None:
+        with open(partial, "ab") as f:
+            hub.fetch(path_in_repo, f, revision=snapshot.head, size=size, resume_size=f.tell())
+            f.flush()
+            os.fsync(f.fileno())
+
+    hub.call(f"download {path_in_repo}", attempt)
+    os.replace(partial, dest)
+    return size - before
+
+
+def _publish(cfg: HubConfig, stage: str, staging: Path, manifest: dict) -> layout.Checkpoint:
+    """Move the verified staged files into a fresh tmp dir and publish them under the Hub's manifest."""
+    directory = layout.stage_dir(cfg.base_dir, stage, cfg.model_tag)
+    final = directory / layout.step_dir_name(manifest["step"])
+    if final.exists():
+        # An incomplete local copy of this step (else we would not be restoring it): keep it for inspection.
+        aside = final.with_name(f"{final.name}.invalid-{uuid.uuid4().hex[:8]}")
+        log.warning(kv(event="moved_aside", path=final, to=aside.name, reason="incomplete on the volume"))
+        os.rename(final, aside)
+    tmp = layout.new_tmp_dir(directory, manifest["step"])
+    for name in manifest["files"]:
+        os.replace(staging / name, tmp / name)
+    return layout.publish_copy(tmp, manifest, full_hash=False)
+
+
+def _restore_side_files(hub: Hub, snapshot: HubSnapshot, *, overwrite: bool) -> None:
+    """Tokenizer and `runs/<tag>/` files: fetched when missing, or replaced along with a restored checkpoint.
+
+    generation.json is left out: it is the fencing token, owned by `claim_generation`.
+    """
+    cfg = hub.cfg
+    run_dir = cfg.run_path("")
+    paths = [TOKENIZER_PATH] + sorted(
+        p for p in snapshot.files if p.startswith(run_dir) and p != cfg.run_path(GENERATION_FILE)
+    )
+    for path in paths:
+        local = cfg.local(path)
+        remote = snapshot.files.get(path)
+        if remote is None or (local.exists() and (not overwrite or snapshot.same(path, local))):
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staged = local.with_name(f"{layout.TMP_PREFIX}{local.name}")
+        staged.unlink(missing_ok=True)
+        _fetch(hub, snapshot, path, staged, remote.size)
+        os.replace(staged, local)
+        log.info(kv(event="restored_file", path=path, bytes=remote.size))
+
+
+@click.command("restore")
+def restore_command() -> None:
+    """Bring the latest complete checkpoints back from the Hub repo HF_REPO_ID, if the volume lacks them."""
+    try:
+        cfg = HubConfig.from_env()
+    except HubFatal as exc:
+        click.echo(f"error: {redact(str(exc))}", err=True)
+        sys.exit(2)
+    setup_hub_logging(cfg.base_dir / "logs" / "hf_restore.log")
+    try:
+        restore(cfg)
+    except HubFatal as exc:
+        log.error(kv(event="fatal", error=str(exc)))
+        sys.exit(2)
+    except HubError as exc:
+        log.error(kv(event="restore_failed", error=str(exc)))
+        sys.exit(1)
