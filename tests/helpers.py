@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from entrypoint.procs import descendants, signal_pids
 from entrypoint.synthetic import write_shards
@@ -41,14 +42,26 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait()
 
 
-def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1,
-                kill_when: Callable[[str], bool] | None = None, kill_after_s: float | None = None,
-                sig: int = signal.SIGKILL, timeout: float = 240) -> tuple[int | None, str]:
-    """Run the trainer; kill it (whole tree) when a log line matches or after a delay. None = killed."""
-    env = {**env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG, "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(trainer_command(nproc, *args), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1, **kill: Any
+                ) -> tuple[int | None, str]:
+    """Run trainer.train directly (as torchrun would); see run_process for the kill options."""
+    env = {**env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG}
+    # SIGTERM under torchrun goes to the workers, as `phoenix run` does for docker stop.
+    return run_process(trainer_command(nproc, *args), env, signal_workers=nproc > 1, **kill)
+
+
+def run_phoenix(env: dict[str, str], *args: str, **kill: Any) -> tuple[int | None, str]:
+    """Run the `phoenix` CLI (e.g. "run", "--", trainer flags) as its own process."""
+    return run_process([sys.executable, "-m", "entrypoint", *args], env, **kill)
+
+
+def run_process(command: list[str], env: dict[str, str], kill_when: Callable[[str], bool] | None = None,
+                kill_after_s: float | None = None, sig: int = signal.SIGKILL, signal_workers: bool = False,
+                timeout: float = 240) -> tuple[int | None, str]:
+    """Run `command`, reading its output; on a matching line or after a delay either SIGKILL the whole
+    process tree (None is returned: what an instance dying does) or send `sig` and let it finish."""
+    env = {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True).start()
     seen: list[str] = []
@@ -65,9 +78,7 @@ def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1,
             if sig == signal.SIGKILL:
                 kill_tree(proc)
                 return None, "".join(seen)
-            # Like `phoenix run` does for docker stop: signal the workers, not torchrun (which would
-            # turn it into a failure and SIGKILL them after 30 s).
-            signal_pids(descendants(proc.pid) if nproc > 1 else [proc.pid], sig)
+            signal_pids(descendants(proc.pid) if signal_workers else [proc.pid], sig)
             kill_when = None
         elapsed = time.monotonic() - start
         if kill_after_s is not None and elapsed >= kill_after_s:
@@ -75,7 +86,7 @@ def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1,
             return None, "".join(seen)
         if elapsed > timeout:
             kill_tree(proc)
-            raise TimeoutError("trainer did not finish in time:\n" + "".join(seen[-30:]))
+            raise TimeoutError("process did not finish in time:\n" + "".join(seen[-30:]))
 
 
 def step_losses(base: Path) -> dict[int, float]:

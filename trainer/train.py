@@ -110,7 +110,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if args.preset not in PRESETS:
         raise ConfigError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
     cfg = TrainConfig(preset=args.preset, **PRESETS[args.preset])
-    env = {"save_every": "SAVE_EVERY", "keep_last": "KEEP_LAST", "model_tag": "MODEL_TAG",
+    env = {"save_every": "SAVE_EVERY", "keep_last": "KEEP_LAST", "model_tag": "MODEL_TAG", "device": "DEVICE",
            "base_dir": "NANOCHAT_BASE_DIR", "dataset_repo": "DATASET_REPO", "wandb_run": "WANDB_RUN"}
     for name, var in env.items():
         if os.environ.get(var):
@@ -194,6 +194,19 @@ def gather(value: Any, d: Dist) -> list[Any]:
 
 # ---------------------------------------------------------------------------------------------------
 # Resume state
+
+
+def prepare_data(cfg: TrainConfig) -> None:
+    """The tokenizer and the first train and validation shards on the volume (idempotent).
+
+    `phoenix run` calls this before launching torchrun, so GPU processes never sit in a barrier (and
+    its NCCL timeout) while rank 0 trains a tokenizer.
+    """
+    store = ShardStore(Path(cfg.base_dir) / "base_data", cfg.dataset_repo)
+    ensure_tokenizer(Path(cfg.base_dir) / "tokenizer", lambda: store.iter_texts(cfg.tokenizer_chars),
+                     cfg.vocab_size)
+    store.path(store.train_shards[0])
+    store.path(store.val_shard)
 
 
 def find_resume_checkpoint(directory: Path, allow_fresh_start: bool) -> layout.Checkpoint | None:
@@ -338,14 +351,12 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         return 0
 
     # --- data and tokenizer ---------------------------------------------------------------------------
-    store = ShardStore(base_dir / "base_data", cfg.dataset_repo)
-    tokenizer_dir = base_dir / "tokenizer"
     if d.is_main:
-        ensure_tokenizer(tokenizer_dir, lambda: store.iter_texts(cfg.tokenizer_chars), cfg.vocab_size)
-        store.shard_names()
+        prepare_data(cfg)
     if d.world_size > 1:
         dist.barrier()
-    tokenizer = load_tokenizer(tokenizer_dir)
+    store = ShardStore(base_dir / "base_data", cfg.dataset_repo)
+    tokenizer = load_tokenizer(base_dir / "tokenizer")
 
     # --- model ----------------------------------------------------------------------------------------
     model_config = config_for_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.aspect_ratio,

@@ -1,0 +1,5 @@
+"""`python -m entrypoint` is `phoenix`."""
+
+from entrypoint.cli import main
+
+main()
