@@ -10,6 +10,7 @@ its last push.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import logging
@@ -221,6 +222,9 @@ class VolumeLock:
         handle.flush()
         self._file = handle
 
+    def fileno(self) -> int:
+        return self._file.fileno()
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -270,6 +274,12 @@ def torchrun_command(cfg: RunConfig, module: str, nproc: int) -> list[str]:
     return [*command, "-m", module, "--preset", cfg.preset, *cfg.train_args]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent (this entrypoint) dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Launcher:
     """Runs torchrun; a stop signal goes to the workers (not torchrun, which would SIGKILL them in 30 s)."""
 
@@ -284,9 +294,11 @@ class Launcher:
         if self.proc is not None and self.proc.poll() is None:
             signal_pids(descendants(self.proc.pid), signal.SIGTERM)
 
-    def run(self, command: list[str], env: dict[str, str]) -> int:
+    def run(self, command: list[str], env: dict[str, str], lock: VolumeLock) -> int:
         log.info("launch %s", " ".join(command))
-        self.proc = subprocess.Popen(command, env=env)
+        # torchrun inherits the lock (held until it exits, even if we die first) and dies with us; its
+        # workers exit when it does (trainer.train's orphan watchdog).
+        self.proc = subprocess.Popen(command, env=env, pass_fds=(lock.fileno(),), preexec_fn=_die_with_parent)
         try:
             return self.proc.wait()
         finally:
@@ -318,7 +330,7 @@ def run(cfg: RunConfig) -> int:
     status.start()
     outcome = "failed"
     try:
-        code = _stages(cfg, launcher, status)
+        code = _stages(cfg, launcher, status, lock)
         outcome = "stopped" if launcher.stop_requested else ("finished" if code == 0 else "failed")
         return code
     finally:
@@ -327,7 +339,7 @@ def run(cfg: RunConfig) -> int:
         log.info("phoenix run %s", outcome)
 
 
-def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile) -> int:
+def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: VolumeLock) -> int:
     if cfg.node_rank == 0:
         if cfg.hub.repo_id:
             status.set(phase="restore")
@@ -356,7 +368,7 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile) -> int:
             log.info("%s stage already finished: skipping it", stage)
             continue
         status.set(phase=stage)
-        code = launcher.run(torchrun_command(cfg, module, nproc), env)
+        code = launcher.run(torchrun_command(cfg, module, nproc), env, lock)
         if code != 0 or launcher.stop_requested:
             return code
         if not stage_done(cfg, stage):
@@ -432,4 +444,5 @@ def health_command(max_age: int) -> None:
 
 def _log_file() -> Path | None:
     base = Path(os.environ.get("NANOCHAT_BASE_DIR", "~/.cache/nanochat")).expanduser()
-    return base / "logs" / "phoenix_run.log" if base.is_dir() else None
+    # A missing or read-only volume is for preflight to report, not for the log set-up to crash on.
+    return base / "logs" / "phoenix_run.log" if base.is_dir() and os.access(base, os.W_OK) else None

@@ -1,0 +1,173 @@
+"""`phoenix run` as the trainer container runs it: fresh start, crash, redeploy, stop, refuse bad set-ups.
+
+Real processes on CPU (gloo, tiny preset), the local Hub for data and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import MODEL_TAG, kill_tree, publish_corpus, run_phoenix, step_losses, weights_sha256
+from trainer import checkpoint_layout as layout
+
+STEPS = 30
+TRAIN = ("--", "--num-iterations", str(STEPS), "--save-every", "5", "--eval-every", "15")
+
+
+@pytest.fixture
+def job(hub, tmp_path):
+    """Environment of a tiny CPU job with Hub sync configured, and its volume."""
+    publish_corpus(hub.server, tmp_path / "shards")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    env = {**hub.env, "NANOCHAT_BASE_DIR": str(volume), "MODEL_TAG": MODEL_TAG, "PRESET": "tiny",
+           "DEVICE": "cpu", "RUN_SFT": "0", "HF_REPO_ID": f"{hub.user}/checkpoints", "WANDB_MODE": "offline",
+           "HF_SYNC_INTERVAL": "1"}
+    return env, volume
+
+
+def ckpt_dir(volume):
+    return layout.stage_dir(volume, "base", MODEL_TAG)
+
+
+def status(volume) -> dict:
+    return json.loads((volume / "runs" / MODEL_TAG / "trainer_status.json").read_text())
+
+
+def test_fresh_start_finishes_and_a_relaunch_does_not_rerun_the_stage(job):
+    env, volume = job
+    code, out = run_phoenix(env, "run", *TRAIN)
+    assert code == 0, out
+    assert layout.latest(ckpt_dir(volume)).done and status(volume)["status"] == "finished"
+    assert status(volume)["generation"] == 1
+    code, out = run_phoenix(env, "run", *TRAIN)
+    assert code == 0, out
+    assert "base stage already finished: skipping it" in out and "torch.distributed.run" not in out
+    assert status(volume)["generation"] == 2  # every launch claims a new generation
+
+
+def test_kill9_of_everything_then_relaunch_resumes_at_the_last_checkpoint(job, tmp_path):
+    env, volume = job
+    code, out = run_phoenix(env, "run", *TRAIN, kill_when=lambda line: "step 00013/" in line)
+    assert code is None
+    survivor = layout.latest(ckpt_dir(volume)).step
+    assert survivor >= 5  # SIGKILL leaves no emergency checkpoint: the last published one survives
+    code, out = run_phoenix(env, "run", *TRAIN)
+    assert code == 0, out
+    assert f"resuming from step={survivor}" in out
+
+
+def test_redeploy_on_an_empty_volume_restores_from_the_hub_and_ends_identical(job, tmp_path):
+    env, volume = job
+    reference = {**env, "NANOCHAT_BASE_DIR": str(tmp_path / "reference"), "HF_REPO_ID": ""}
+    (tmp_path / "reference").mkdir()
+    assert run_phoenix(reference, "run", *TRAIN)[0] == 0
+
+    code, out = run_phoenix(env, "run", *TRAIN, kill_when=lambda line: "step 00017/" in line)
+    assert code is None
+    assert run_phoenix(env, "sync", "--once")[0] == 0  # what the sidecar did before the instance died
+    pushed = layout.latest(ckpt_dir(volume)).step
+
+    fresh = tmp_path / "new_instance_volume"
+    fresh.mkdir()
+    code, out = run_phoenix({**env, "NANOCHAT_BASE_DIR": str(fresh)}, "run", *TRAIN)
+    assert code == 0, out
+    assert f"resuming from step={pushed}" in out
+    assert weights_sha256(fresh, STEPS) == weights_sha256(tmp_path / "reference", STEPS)
+    assert step_losses(fresh).items() <= step_losses(tmp_path / "reference").items()
+
+
+def test_second_launch_on_the_same_volume_is_refused_by_the_lock(job):
+    env, volume = job
+    first = subprocess.Popen([sys.executable, "-m", "entrypoint", "run", *TRAIN], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if "phoenix.train" in line:  # the first one holds the lock and is training
+                break
+        code, out = run_phoenix(env, "run", *TRAIN)
+        assert code == 2
+        assert "another phoenix run is training this MODEL_TAG on this volume (pid" in out
+    finally:
+        kill_tree(first)
+    # Its holders died: the kernel released the flock, so the next launch takes it.
+    code, out = run_phoenix(env, "run", *TRAIN)
+    assert code == 0, out
+
+
+def test_sigterm_writes_an_emergency_checkpoint_and_the_relaunch_continues(job):
+    env, volume = job
+    code, out = run_phoenix(env, "run", *TRAIN, kill_when=lambda line: "step 00008/" in line,
+                            sig=signal.SIGTERM)
+    assert code == 0, out  # docker stop: exit 0, so restart: on-failure does not loop
+    assert "emergency checkpoint published" in out
+    stopped_at = layout.latest(ckpt_dir(volume)).step
+    assert stopped_at >= 8 and not layout.latest(ckpt_dir(volume)).done
+    assert status(volume)["status"] == "stopped"
+    code, out = run_phoenix(env, "run", *TRAIN)
+    assert code == 0, out
+    assert f"resuming from step={stopped_at}" in out and layout.latest(ckpt_dir(volume)).done
+
+
+def test_two_nodes_of_one_process_rendezvous_over_c10d(job):
+    env, volume = job
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = {**env, "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "NPROC_PER_NODE": "1"}
+    second = subprocess.Popen([sys.executable, "-m", "entrypoint", "run", *TRAIN],
+                              env={**nodes, "NODE_RANK": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    code, out = run_phoenix(nodes, "run", *TRAIN)
+    second_out, _ = second.communicate(timeout=120)
+    assert code == 0, out
+    assert second.returncode == 0, second_out
+    assert "--nnodes=2" in out and "--nnodes=2" in second_out
+    assert "world_size=2" in out + second_out  # c10d hands global rank 0 to whichever node joined first
+    assert layout.latest(ckpt_dir(volume)).done
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"NANOCHAT_BASE_DIR": "/nonexistent/volume"}, "NANOCHAT_BASE_DIR=/nonexistent/volume does not exist"),
+    ({"HF_TOKEN": ""}, "HF_TOKEN is not: add a write token"),
+    ({"HF_TOKEN": "hf_NotAValidTokenAtAll123"}, "the Hub rejected HF_TOKEN (401)"),
+    ({"HF_REPO_ID": "someone-else/checkpoints"}, "cannot write to someone-else/checkpoints"),
+    ({"PRESET": "d99"}, "PRESET=d99 is unknown"),
+    ({"DEVICE": "auto", "PRESET": "d26", "CUDA_VISIBLE_DEVICES": ""}, "no GPU visible for PRESET=d26"),
+    ({"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0,1", "NPROC_PER_NODE": "8"},
+     "NPROC_PER_NODE=8 but only 2 GPUs are visible"),
+    ({"WANDB_RUN": "r1", "WANDB_MODE": "online", "WANDB_API_KEY": ""}, "WANDB_API_KEY is not set"),
+    ({"NNODES": "2", "NODE_RANK": "5"}, "NODE_RANK=5 is outside 0..1"),
+])
+def test_each_preflight_problem_is_one_line_before_anything_starts(job, change, message):
+    env, volume = job
+    code, out = run_phoenix({**env, **change}, "run", *TRAIN)
+    assert code == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], out
+    assert "Traceback" not in out and "torch.distributed.run" not in out
+    assert not (volume / "tokenizer").exists()  # nothing downloaded or trained
+    if "HF_TOKEN" in change:
+        assert change["HF_TOKEN"] == "" or change["HF_TOKEN"] not in out
+
+
+def test_full_or_read_only_volume_is_refused(job, tmp_path):
+    env, _ = job
+    for options, message in (("size=1m", "two checkpoints need"), ("ro,size=64m", "is not writable")):
+        mount = tmp_path / options.replace(",", "_").replace("=", "")
+        mount.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"this test needs root to mount a tmpfs: {done.stderr}"
+        try:
+            code, out = run_phoenix({**env, "NANOCHAT_BASE_DIR": str(mount)}, "run", *TRAIN)
+        finally:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+        assert code == 2 and message in out, out
