@@ -7,6 +7,7 @@ import click
 from entrypoint.demo import demo_command
 from entrypoint.restore import restore_command
 from entrypoint.run import doctor_command, health_command, run_command
+from entrypoint.status import status_command
 from entrypoint.sync import sync_command
 from trainer import __version__
 
@@ -21,5 +22,6 @@ main.add_command(demo_command)
 main.add_command(run_command)
 main.add_command(doctor_command)
 main.add_command(health_command)
+main.add_command(status_command)
 main.add_command(sync_command)
 main.add_command(restore_command)

@@ -211,6 +211,9 @@ class Syncer:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+STALE_S = 120  # a "running" status older than this was left by a killed entrypoint
+
+
 def read_trainer_status(cfg: HubConfig) -> dict[str, Any] | None:
     """The trainer's status file, or None if absent, unreadable or left by an older launch."""
     try:
@@ -222,6 +225,11 @@ def read_trainer_status(cfg: HubConfig) -> dict[str, Any] | None:
     generation = status.get("generation")
     if isinstance(generation, int) and generation < local_generation(cfg):
         return None
+    updated = status.get("updated")
+    stale = isinstance(updated, (int, float)) and time.time() - updated > STALE_S
+    if status["status"] == "running" and stale:
+        # The entrypoint refreshes the file every 30 s while alive: silence means it was killed outright.
+        return {**status, "status": "lost"}
     return status
 
 

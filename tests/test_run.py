@@ -46,6 +46,15 @@ def test_fresh_start_finishes_and_a_relaunch_does_not_rerun_the_stage(job):
     assert code == 0, out
     assert layout.latest(ckpt_dir(volume)).done and status(volume)["status"] == "finished"
     assert status(volume)["generation"] == 1
+
+    code, out = run_phoenix(env, "status", "--json")
+    base = json.loads(out)["stages"]["base"]
+    assert (base["local_step"], base["hub_step"], base["not_synced"]) == (STEPS, None, [20, 25, 30])
+    assert base["done"] and base["tok_per_sec"] > 0
+    assert run_phoenix(env, "sync", "--once")[0] == 0
+    base = json.loads(run_phoenix(env, "status", "--json")[1])["stages"]["base"]
+    assert (base["hub_step"], base["not_synced"]) == (STEPS, [])
+
     code, out = run_phoenix(env, "run", *TRAIN)
     assert code == 0, out
     assert "base stage already finished: skipping it" in out and "torch.distributed.run" not in out

@@ -343,3 +343,16 @@ def test_without_repo_id_sync_is_off(hub, env) -> None:
     done = phoenix({k: v for k, v in env.items() if k != "HF_REPO_ID"}, "sync", "--once")
     assert done.returncode == 0
     assert "HF_REPO_ID not set: Hub sync and restore are off" in done.stdout
+
+
+def test_a_running_status_nobody_refreshes_reads_as_lost(tmp_path):
+    """A SIGKILLed entrypoint leaves "running" behind; the sidecar must not wait for it forever."""
+    from entrypoint.sync import STALE_S, read_trainer_status
+
+    cfg = hubmod.HubConfig.from_env({"NANOCHAT_BASE_DIR": str(tmp_path), "MODEL_TAG": "t"})
+    path = tmp_path / "runs" / "t" / hubmod.TRAINER_STATUS_FILE
+    layout.write_json_atomic(path, {"status": "running", "updated": time.time(), "generation": 0})
+    assert read_trainer_status(cfg)["status"] == "running"
+    silent = time.time() - STALE_S - 5
+    layout.write_json_atomic(path, {"status": "running", "updated": silent, "generation": 0})
+    assert read_trainer_status(cfg)["status"] == "lost"

@@ -6,6 +6,7 @@ trains the tokenizer, and records the per-step losses and final weights every sc
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -197,3 +198,18 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path, extra_args, env, expected
     assert last.startswith("error: ") and message in last
     assert "Traceback" not in out
 
+
+
+def test_a_relaunched_run_continues_the_same_wandb_run(corpus, tmp_path):
+    base = corpus.volume(tmp_path / "volume")
+    env = {**corpus.env, "WANDB_RUN": "phoenix-test", "WANDB_MODE": "offline"}
+    code, first = run_trainer(base, env, *ARGS, kill_when=lambda line: "step 00010/" in line)
+    assert code is None
+    code, second = run_trainer(base, env, *ARGS)
+    assert code == 0, second
+    run_id = json.loads((base / "runs" / "test-tiny" / "run.json").read_text())["wandb_run_id"]
+    assert f"wandb run_id={run_id} mode=offline" in first and f"wandb run_id={run_id} mode=offline" in second
+    # W&B offline never merges runs; what phoenix owns is handing the same id (resume="allow") each time.
+    runs = sorted((base / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+    assert layout.latest(checkpoint_dir(base)).meta()["wandb_run_id"] == run_id

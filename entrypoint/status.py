@@ -1,0 +1,94 @@
+"""`phoenix status [--json]`: per stage, where the run is locally and on the Hub, how fast, and when done."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import click
+
+from entrypoint.hub import Hub, HubConfig, HubError
+from entrypoint.logs import redact
+from trainer import checkpoint_layout as layout
+
+
+def _recent_steps(cfg: HubConfig, stage: str, window: int = 50) -> list[dict[str, Any]]:
+    path = cfg.base_dir / "logs" / f"train_{stage}_{cfg.model_tag}.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()[-4 * window:]
+    return [r for r in map(json.loads, lines) if "loss" in r][-window:]
+
+
+def _heartbeat(cfg: HubConfig) -> dict[str, Any]:
+    try:
+        return json.loads((cfg.base_dir / "logs" / f"heartbeat_{cfg.model_tag}.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
+    """Everything `phoenix status` shows, as plain data."""
+    report: dict[str, Any] = {"model_tag": cfg.model_tag, "base_dir": str(cfg.base_dir),
+                              "repo_id": cfg.repo_id, "hub_error": None, "stages": {}}
+    snapshot = None
+    if with_hub and cfg.repo_id:
+        try:
+            snapshot = Hub(cfg).snapshot()
+        except HubError as exc:
+            report["hub_error"] = redact(str(exc))
+    heartbeat = _heartbeat(cfg)
+    now = time.time()
+    for stage in layout.STAGES:
+        local = layout.complete_checkpoints(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        hub_steps = snapshot.complete_steps(cfg, stage) if snapshot is not None else None
+        latest = local[0] if local else None
+        recent = _recent_steps(cfg, stage)
+        entry: dict[str, Any] = {
+            "local_step": latest.step if latest else None,
+            "done": bool(latest and latest.done),
+            "hub_step": max(hub_steps) if hub_steps else None,
+            "not_synced": sorted(c.step for c in local if hub_steps is not None and c.step not in hub_steps),
+            "seconds_since_checkpoint": round(now - latest.path.stat().st_mtime) if latest else None,
+            "train_step": recent[-1]["step"] if recent else None,
+            "tok_per_sec": round(statistics.median(r["tok_per_sec"] for r in recent)) if recent else None,
+            "eta_seconds": None,
+        }
+        if recent and heartbeat.get("stage") == stage and not entry["done"]:
+            remaining = heartbeat.get("num_iterations", 0) - recent[-1]["step"]
+            entry["eta_seconds"] = round(max(0, remaining) * statistics.median(r["dt"] for r in recent))
+        report["stages"][stage] = entry
+    return report
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for scripts.")
+@click.option("--no-hub", is_flag=True, help="Do not ask the Hub (local state only).")
+def status_command(as_json: bool, no_hub: bool) -> None:
+    """Latest local and Hub checkpoint per stage, unsynced steps, speed and ETA."""
+    try:
+        cfg = HubConfig.from_env()
+    except HubError as exc:
+        click.echo(f"error: {redact(str(exc))}", err=True)
+        sys.exit(2)
+    report = collect(cfg, with_hub=not no_hub)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(f"run {report['model_tag']} on {report['base_dir']}  hub {report['repo_id'] or 'off'}"
+               + (f"  (hub unreachable: {report['hub_error']})" if report["hub_error"] else ""))
+    click.echo(f"{'stage':6} {'local':>8} {'hub':>8} {'unsynced':>9} {'ckpt age':>9} {'step':>8} "
+               f"{'tok/s':>10} {'eta':>8}")
+    for stage, e in report["stages"].items():
+        unsynced = ",".join(map(str, e["not_synced"])) or "-"
+        age = _fmt(e["seconds_since_checkpoint"], "s")
+        eta = "done" if e["done"] else _fmt(e["eta_seconds"], "s")
+        click.echo(f"{stage:6} {_fmt(e['local_step']):>8} {_fmt(e['hub_step']):>8} {unsynced:>9} {age:>9} "
+                   f"{_fmt(e['train_step']):>8} {_fmt(e['tok_per_sec']):>10} {eta:>8}")
