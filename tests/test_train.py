@@ -104,6 +104,7 @@ def test_kill9_of_a_two_process_run_resumes_bitwise(corpus, tmp_path):
         kills += 1
     code, out = run_trainer(base, corpus.env, *ARGS, nproc=2)
     assert code == 0, out
+    assert "world_size=2" in out and " | tok/sec " in out
     assert kills == 5
     assert weights_sha256(base, STEPS) == weights_sha256(reference, STEPS)
     assert step_losses(base) == step_losses(reference)
