@@ -115,3 +115,83 @@ def seed_volume(template: Path, base: Path) -> None:
     base.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer", "base_data"):
         shutil.copytree(template / name, base / name)
+
+
+# --- SFT stage ---------------------------------------------------------------------------------------
+
+SFT_DATASET_REPO = "HuggingFaceTB/smol-smoltalk"
+_THINGS = ("apple", "river", "garden", "planet", "engine", "forest", "signal", "bridge", "ocean", "cloud",
+           "lesson", "market")
+_COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+_WORDS = ("quiet", "rapid", "gentle", "heavy", "bright", "simple", "distant", "curious", "careful", "ancient")
+
+
+def chat_conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Templated chats a tiny model can learn: every answer is a fixed function of its question.
+
+    Some start with a system message and some have a second exchange, so masks cover every shape.
+    """
+    import random
+
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(count):
+        messages = []
+        if rng.random() < 0.25:
+            messages.append({"role": "system", "content": "You are a helpful assistant."})
+        thing = rng.choice(_THINGS)
+        if rng.random() < 0.5:
+            color = _COLORS[_THINGS.index(thing) % len(_COLORS)]
+            messages += [{"role": "user", "content": f"What color is the {thing}?"},
+                         {"role": "assistant", "content": f"The {thing} is {color}."}]
+        else:
+            words = " ".join(rng.choices(_WORDS, k=3))
+            messages += [{"role": "user", "content": f"Repeat after me: {words} {thing}"},
+                         {"role": "assistant", "content": f"{words} {thing}"}]
+        if rng.random() < 0.3:
+            messages += [{"role": "user", "content": "Thank you!"},
+                         {"role": "assistant", "content": "You are welcome."}]
+        conversations.append(messages)
+    return conversations
+
+
+def publish_chat_dataset(server, count: int = 200) -> None:
+    """Publish chat_conversations(count) as the SFT dataset, one parquet file as on the Hub."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"messages": chat_conversations(count)}), buffer)
+    server.publish_dataset(SFT_DATASET_REPO, {"data/train-00000-of-00001.parquet": buffer.getvalue()})
+
+
+def sft_command(nproc: int, *args: str) -> list[str]:
+    module = ["-m", "trainer.sft", "--preset", "tiny", *args]
+    if nproc == 1:
+        return [sys.executable, *module]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, *module]
+
+
+def run_sft(base: Path, env: dict[str, str], *args: str, nproc: int = 1, **kill: Any
+            ) -> tuple[int | None, str]:
+    """Run trainer.sft directly (as torchrun would); see run_process for the kill options."""
+    env = {**env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG}
+    return run_process(sft_command(nproc, *args), env, signal_workers=nproc > 1, **kill)
+
+
+def sft_step_losses(base: Path) -> dict[int, float]:
+    """Per-step global SFT loss; a step logged again after a resume keeps its last value."""
+    losses = {}
+    for line in (base / "logs" / f"train_sft_{MODEL_TAG}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def sft_weights_sha256(base: Path, step: int) -> str:
+    path = layout.stage_dir(base, "sft", MODEL_TAG) / layout.step_dir_name(step) / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
