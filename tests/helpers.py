@@ -28,12 +28,13 @@ def publish_corpus(server, tmp_dir: Path, num_shards: int = 4, docs_per_shard: i
     server.publish_dataset(DATASET_REPO, {p.name: p for p in paths})
 
 
-def trainer_command(nproc: int, *args: str) -> list[str]:
-    module = ["-m", "trainer.train", "--preset", "tiny", *args]
+def stage_command(module: str, nproc: int, *args: str) -> list[str]:
+    """A stage script (trainer.train, trainer.sft) on the tiny preset, directly or under torchrun."""
+    command = ["-m", module, "--preset", "tiny", *args]
     if nproc == 1:
-        return [sys.executable, *module]
+        return [sys.executable, *command]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, *module]
+    return [*launcher, *command]
 
 
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -42,12 +43,16 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait()
 
 
-def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1, **kill: Any
-                ) -> tuple[int | None, str]:
-    """Run trainer.train directly (as torchrun would); see run_process for the kill options."""
+def run_trainer(base: Path, env: dict[str, str], *args: str, nproc: int = 1, module: str = "trainer.train",
+                **kill: Any) -> tuple[int | None, str]:
+    """Run a stage script directly (as torchrun would); see run_process for the kill options."""
     env = {**env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG}
     # SIGTERM under torchrun goes to the workers, as `phoenix run` does for docker stop.
-    return run_process(trainer_command(nproc, *args), env, signal_workers=nproc > 1, **kill)
+    return run_process(stage_command(module, nproc, *args), env, signal_workers=nproc > 1, **kill)
+
+
+def run_sft(base: Path, env: dict[str, str], *args: str, **kw: Any) -> tuple[int | None, str]:
+    return run_trainer(base, env, *args, module="trainer.sft", **kw)
 
 
 def run_phoenix(env: dict[str, str], *args: str, **kill: Any) -> tuple[int | None, str]:
@@ -89,22 +94,22 @@ def run_process(command: list[str], env: dict[str, str], kill_when: Callable[[st
             raise TimeoutError("process did not finish in time:\n" + "".join(seen[-30:]))
 
 
-def step_losses(base: Path) -> dict[int, float]:
+def step_losses(base: Path, stage: str = "base") -> dict[int, float]:
     """Per-step global loss; a step logged again after a resume keeps its last value."""
     losses = {}
-    for line in (base / "logs" / f"train_base_{MODEL_TAG}.jsonl").read_text().splitlines():
+    for line in (base / "logs" / f"train_{stage}_{MODEL_TAG}.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "loss" in record:
             losses[record["step"]] = record["loss"]
     return losses
 
 
-def checkpoint_dir(base: Path) -> Path:
-    return layout.stage_dir(base, "base", MODEL_TAG)
+def checkpoint_dir(base: Path, stage: str = "base") -> Path:
+    return layout.stage_dir(base, stage, MODEL_TAG)
 
 
-def weights_sha256(base: Path, step: int) -> str:
-    path = checkpoint_dir(base) / layout.step_dir_name(step) / "model.safetensors"
+def weights_sha256(base: Path, step: int, stage: str = "base") -> str:
+    path = checkpoint_dir(base, stage) / layout.step_dir_name(step) / "model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -165,33 +170,3 @@ def publish_chat_dataset(server, count: int = 200) -> None:
     buffer = io.BytesIO()
     pq.write_table(pa.table({"messages": chat_conversations(count)}), buffer)
     server.publish_dataset(SFT_DATASET_REPO, {"data/train-00000-of-00001.parquet": buffer.getvalue()})
-
-
-def sft_command(nproc: int, *args: str) -> list[str]:
-    module = ["-m", "trainer.sft", "--preset", "tiny", *args]
-    if nproc == 1:
-        return [sys.executable, *module]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, *module]
-
-
-def run_sft(base: Path, env: dict[str, str], *args: str, nproc: int = 1, **kill: Any
-            ) -> tuple[int | None, str]:
-    """Run trainer.sft directly (as torchrun would); see run_process for the kill options."""
-    env = {**env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG}
-    return run_process(sft_command(nproc, *args), env, signal_workers=nproc > 1, **kill)
-
-
-def sft_step_losses(base: Path) -> dict[int, float]:
-    """Per-step global SFT loss; a step logged again after a resume keeps its last value."""
-    losses = {}
-    for line in (base / "logs" / f"train_sft_{MODEL_TAG}.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses[record["step"]] = record["loss"]
-    return losses
-
-
-def sft_weights_sha256(base: Path, step: int) -> str:
-    path = layout.stage_dir(base, "sft", MODEL_TAG) / layout.step_dir_name(step) / "model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -25,8 +25,8 @@ from tests.helpers import (
     publish_corpus,
     run_sft,
     run_trainer,
-    sft_step_losses,
-    sft_weights_sha256,
+    step_losses,
+    weights_sha256,
 )
 from trainer import checkpoint_layout as layout
 from trainer.chat_data import ChatLoader, collate, epoch_order, render
@@ -73,7 +73,7 @@ def chat(tmp_path_factory) -> Chat:
 
 
 def test_sft_starts_from_the_finished_base_and_its_loss_falls(chat):
-    losses = sft_step_losses(chat.reference)
+    losses = step_losses(chat.reference, "sft")
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert sum(list(losses.values())[-5:]) / 5 < 0.6 * sum(list(losses.values())[:5]) / 5
     records = (chat.reference / "logs" / f"train_sft_{MODEL_TAG}.jsonl").read_text().splitlines()
@@ -99,8 +99,8 @@ def test_kill9_mid_run_then_resume_is_bitwise_exact(chat, tmp_path):
     assert code == 0, out
     assert f"resuming from step={latest.step} " in out
     assert not [p for p in sft_dir(base).iterdir() if p.name.startswith(layout.TMP_PREFIX)]
-    assert sft_weights_sha256(base, STEPS) == sft_weights_sha256(chat.reference, STEPS)
-    assert sft_step_losses(base) == sft_step_losses(chat.reference)
+    assert weights_sha256(base, STEPS, stage="sft") == weights_sha256(chat.reference, STEPS, stage="sft")
+    assert step_losses(base, "sft") == step_losses(chat.reference, "sft")
 
 
 def test_sigterm_checkpoints_then_resume_on_two_processes_matches(chat, tmp_path):
@@ -114,7 +114,7 @@ def test_sigterm_checkpoints_then_resume_on_two_processes_matches(chat, tmp_path
     code, out = run_sft(base, chat.env, *ARGS, nproc=2)
     assert code == 0, out
     assert f"resuming from step={stopped.step} " in out and "saved_world_size=1 world_size=2" in out
-    reference, resumed = sft_step_losses(chat.reference), sft_step_losses(base)
+    reference, resumed = step_losses(chat.reference, "sft"), step_losses(base, "sft")
     assert sorted(resumed) == sorted(reference)
     # The loss is normalised over the global batch, so only the reduction order may differ.
     assert max(abs(reference[s] - resumed[s]) for s in reference) < 1e-5

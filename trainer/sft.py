@@ -10,15 +10,11 @@ continues the same run. The order of this file follows trainer/train.py, whose p
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +29,29 @@ from trainer.chat_data import (
     eval_batches,
     load_chat_dataset,
 )
-from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError, load_tensors
-from trainer.data import DataError
-from trainer.model import GPT, GPTConfig, peak_flops
+from trainer.checkpoint import AsyncCheckpointer, load_tensors
+from trainer.model import GPT, GPTConfig
 from trainer.optim import HybridOptimizer
-from trainer.tokenizer import load_tokenizer
-from trainer.train import (
-    PRESETS,
+from trainer.runtime import (
+    ENV_NAMES,
     ConfigError,
     Dist,
-    Heartbeat,
-    TrainConfig,
+    StepReporter,
+    StopSignal,
+    agree,
     broadcast,
+    check_horizon,
+    compute_setup,
+    config_from_flags,
     find_resume_checkpoint,
-    gather,
-    init_distributed,
-    rng_state,
+    restore_trajectory,
     run_identity,
+    save_checkpoint,
     seed_everything,
-    set_rng_state,
+    stage_main,
 )
+from trainer.tokenizer import load_tokenizer
+from trainer.train import PRESETS
 
 log = logging.getLogger("phoenix.sft")
 STAGE = "sft"
@@ -93,33 +92,11 @@ class SFTConfig:
 
 def parse_sft_config(argv: list[str] | None = None) -> SFTConfig:
     """Defaults < preset < environment (the names base training reads, plus SFT_DATASET) < flags."""
-    parser = argparse.ArgumentParser(prog="trainer.sft", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=os.environ.get("PRESET", "d26"))
-    for field in fields(SFTConfig):
-        if field.name in ("preset", "compile", "allow_fresh_start"):
-            continue
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (CUDA only anyway)")
-    parser.add_argument("--allow-fresh-start", action="store_true",
-                        help="start from the base weights though SFT checkpoints exist and none is valid")
-    args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
-    geometry = {k: PRESETS[args.preset][k] for k in ("max_seq_len", "device_batch_size")}
-    cfg = SFTConfig(preset=args.preset, **geometry, **SFT_PRESETS[args.preset])
-    env = {"save_every": "SAVE_EVERY", "keep_last": "KEEP_LAST", "model_tag": "MODEL_TAG", "device": "DEVICE",
-           "base_dir": "NANOCHAT_BASE_DIR", "sft_dataset": "SFT_DATASET", "wandb_run": "WANDB_RUN"}
-    for name, var in env.items():
-        if os.environ.get(var):
-            setattr(cfg, name, type(getattr(cfg, name))(os.environ[var]))
-    for field in fields(SFTConfig):
-        value = getattr(args, field.name, None)
-        if value is not None and field.name != "preset":
-            setattr(cfg, field.name, value)
-    cfg.compile = not args.no_compile
-    cfg.allow_fresh_start = args.allow_fresh_start
-    cfg.base_dir = str(Path(cfg.base_dir).expanduser())
-    for name in ("save_every", "conversations_per_step", "device_batch_size", "max_seq_len", "num_epochs"):
+    presets = {name: {**{k: preset[k] for k in ("max_seq_len", "device_batch_size")}, **SFT_PRESETS[name]}
+               for name, preset in PRESETS.items()}
+    env_names = {**ENV_NAMES, "sft_dataset": "SFT_DATASET"}
+    cfg = config_from_flags(SFTConfig, argv, "trainer.sft", presets, env_names)
+    for name in ("conversations_per_step", "device_batch_size", "max_seq_len", "num_epochs"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.eval_conversations < 0:
@@ -147,24 +124,7 @@ def prepare_sft_data(cfg: SFTConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
-                        stream=sys.stdout)
-    for chatty in ("httpx", "httpx2", "huggingface_hub", "datasets", "filelock"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    try:
-        cfg = parse_sft_config(argv)
-        d = init_distributed(cfg.device)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return sft(cfg, d)
-    except (ConfigError, DataError, CheckpointWriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return stage_main(parse_sft_config, sft, argv)
 
 
 @torch.no_grad()
@@ -183,22 +143,9 @@ def evaluate_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torc
 
 
 def sft(cfg: SFTConfig, d: Dist) -> int:
-    if not d.is_main:
-        logging.getLogger("phoenix").setLevel(logging.WARNING)
     base_dir = Path(cfg.base_dir)
     ckpt_dir = layout.stage_dir(base_dir, STAGE, cfg.model_tag)
-    logs_dir = base_dir / "logs"
-
-    stop_requested = False  # docker stop / preemption notice: acted on at the end of the current step
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-        log.warning("received %s: will write an emergency checkpoint after this step",
-                    signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = StopSignal()
 
     # --- what to start from: our own latest checkpoint, else the finished base; decided on rank 0 -------
     decision: tuple[str | None, str | None] = (None, None)
@@ -266,12 +213,8 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     num_iterations = cfg.num_iterations
     if num_iterations <= 0:
         num_iterations = cfg.num_epochs * num_train // cfg.conversations_per_step
-    if meta is not None and meta["num_iterations"] != num_iterations:
-        if meta["step"] >= num_iterations:
-            raise ConfigError(f"{ckpt.path} is at step {meta['step']}, past the new horizon of "
-                              f"{num_iterations} steps: set --num-iterations above {meta['step']}")
-        log.warning("horizon changed from %d to %d steps: the schedule follows the new horizon",
-                    meta["num_iterations"], num_iterations)
+    if ckpt is not None:
+        check_horizon(ckpt, meta, num_iterations)
 
     # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
     # Micro-batches need not divide a rank's share: the loss is normalised per step, not per micro-batch.
@@ -281,26 +224,15 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_loss": float("inf"), "train_time": 0.0}
     loader_state = None
-    identity = broadcast(run_identity(TrainConfig(model_tag=cfg.model_tag, base_dir=cfg.base_dir))
-                         if d.is_main else None, d)
+    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
     # A W&B run of its own (steps restart at 0), with an id derived from the run's, stable across restarts.
     identity = {**identity, "wandb_run_id": f"{identity['wandb_run_id']}-sft"}
     if ckpt is not None:
-        model.load_state_dict(load_tensors(ckpt, "model.safetensors"))
-        optimizer.load_state_tensors({k: v.to(d.device) if v.dim() else v
-                                      for k, v in load_tensors(ckpt, "optimizer.safetensors").items()})
+        restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
         step = meta["step"]
         loop_state = meta["loop_state"]
         loader_state = meta["loader"]
         identity = {**identity, "wandb_run_id": meta["wandb_run_id"], "run_id": meta["run_id"]}
-        rng_tensors = load_tensors(ckpt, "rng.safetensors")
-        if d.rank < meta["world_size"]:
-            set_rng_state(meta["rng"][d.rank], {k.split(".", 1)[1]: v for k, v in rng_tensors.items()
-                                                 if k.startswith(f"rank{d.rank}.")})
-        else:  # a rank that did not exist before: its RNG is unused by training, seed it reproducibly
-            seed_everything(cfg.seed + 1000 * step + d.rank)
-        log.info("resuming from step=%d path=%s saved_world_size=%d world_size=%d", step, ckpt.path,
-                 meta["world_size"], d.world_size)
     else:
         model.load_state_dict(load_tensors(base_ckpt, "model.safetensors"))
         log.info("fresh start from the base weights of step %d: %s", base_ckpt.step, base_ckpt.path)
@@ -310,68 +242,29 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     val_batches = eval_batches(fetch, range(num_train, len(dataset)), tokenizer, device_batch_size,
                                cfg.max_seq_len, d.rank, d.world_size)
 
-    # --- compute setup ----------------------------------------------------------------------------------
-    autocast: Any = nullcontext()
-    if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] >= 8:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    train_model: torch.nn.Module = model
-    if d.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if cfg.compile and d.device.type == "cuda":
-        # Batches are as long as their longest conversation: dynamic shapes, not a recompile per length.
-        train_model = torch.compile(train_model, dynamic=True)
-    flops_per_token = model.estimate_flops_per_token()
-    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
-
-    wandb_run = None
-    if d.is_main and cfg.wandb_run and cfg.wandb_run != "dummy":
-        import wandb
-
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "phoenix"),
-                               name=f"{cfg.wandb_run}-sft", id=identity["wandb_run_id"], resume="allow",
-                               mode=mode, dir=str(logs_dir),
-                               config={**asdict(cfg), "base_step": origin["step"]})
-        log.info("wandb run_id=%s mode=%s", identity["wandb_run_id"], mode)
-
+    # Batches are as long as their longest conversation: dynamic shapes, not a recompile per length.
+    train_model, autocast = compute_setup(model, d, cfg.compile, dynamic=True)
+    reporter = StepReporter(STAGE, cfg.base_dir, cfg.model_tag, d, model.estimate_flops_per_token(),
+                            f"{cfg.wandb_run}-sft" if cfg.wandb_run else "", identity["wandb_run_id"],
+                            wandb_config={**asdict(cfg), "base_step": origin["step"]})
     checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, stage=STAGE, model_tag=cfg.model_tag,
                                      run_id=identity["run_id"])
-    heartbeat = Heartbeat(logs_dir / f"heartbeat_{cfg.model_tag}.json")
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = logs_dir / f"train_{STAGE}_{cfg.model_tag}.jsonl"
-    metrics_file = open(metrics_path, "a") if d.is_main else None  # noqa: SIM115
     log.info("sft dataset=%s split=%s conversations=%d train=%d held_out=%d horizon=%d steps of %d "
              "conversations world_size=%d device_batch=%d device=%s", cfg.sft_dataset, cfg.sft_split,
              len(dataset), num_train, cfg.eval_conversations, num_iterations, cfg.conversations_per_step,
              d.world_size, device_batch_size, d.device)
 
-    def save(step: int, done: bool) -> float:
-        """Every rank contributes its RNG; rank 0 writes (weights, optimizer and loader are replicated)."""
-        rng_json, rng_tensors = rng_state()
-        contributions = gather({"rng": rng_json, "rng_tensors": rng_tensors}, d)
-        if not d.is_main:
-            return 0.0
-        meta = {"step": step, "stage": STAGE, "num_iterations": num_iterations, "world_size": d.world_size,
-                "model_config": asdict(model_config), "config": asdict(cfg), "base": origin,
-                "data": data_identity, "loop_state": loop_state, "loader": loader.state_dict(),
-                "rng": [entry["rng"] for entry in contributions], "run_id": identity["run_id"],
-                "wandb_run_id": identity["wandb_run_id"], "torch_version": torch.__version__,
-                "saved_at": time.time()}
-        rng_file = {f"rank{r}.{name}": tensor for r, entry in enumerate(contributions)
-                    for name, tensor in entry["rng_tensors"].items()}
-        files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer.state_tensors(),
-                 "rng.safetensors": rng_file}
-        return checkpointer.save(step, files, meta, done=done)
+    def stage_meta(_ranks: list[Any]) -> dict[str, Any]:
+        # The loader position is the same on every rank: one global conversation index.
+        return {"stage": STAGE, "num_iterations": num_iterations, "model_config": asdict(model_config),
+                "config": asdict(cfg), "base": origin, "data": data_identity, "loop_state": loop_state,
+                "loader": loader.state_dict(), "run_id": identity["run_id"],
+                "wandb_run_id": identity["wandb_run_id"]}
 
     def evaluate() -> None:
         val_loss = evaluate_loss(model, val_batches, d, autocast)
         loop_state["min_val_loss"] = min(loop_state["min_val_loss"], val_loss)
-        log.info("step %05d | val loss %.6f", step, val_loss)
-        if metrics_file:
-            metrics_file.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-        if wandb_run:
-            wandb_run.log({"val/loss": val_loss}, step=step)
+        reporter.value(step, "val_loss", val_loss)
 
     # --- the loop ------------------------------------------------------------------------------------
     evaluating = cfg.eval_every > 0 and cfg.eval_conversations > 0
@@ -401,53 +294,23 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        # One small all-reduce per step: the global loss, and whether any rank must stop.
-        flags = torch.stack([loss_sum.float(), torch.tensor(float(stop_requested), device=d.device),
-                             torch.tensor(float(checkpointer.failed), device=d.device)])
-        if d.world_size > 1:
-            dist.all_reduce(flags)
-        train_loss = flags[0].item()
-        stop_now, write_failed = flags[1].item() > 0, flags[2].item() > 0
-        dt = time.perf_counter() - t0
+        train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
         loop_state["train_time"] = time.time() - train_start
-        loop_state["smooth_loss"] = 0.9 * loop_state["smooth_loss"] + 0.1 * train_loss
-        debiased = loop_state["smooth_loss"] / (1 - 0.9**step)
-        tok_per_sec = counts[1].item() / dt
-        mfu = 100 * flops_per_token * tok_per_sec / (peak * d.world_size) if peak else None
         lrm = optimizer.groups[0].lr / optimizer.groups[0].initial_lr
-        log.info("step %05d/%05d (%.2f%%) | loss %.6f | lrm %.2f | dt %.2fms | tok/sec %s | mfu %s | "
-                 "total time %.2fm", step, num_iterations, 100 * step / num_iterations, debiased, lrm,
-                 dt * 1000, f"{tok_per_sec:,.0f}", f"{mfu:.2f}" if mfu is not None else "-",
-                 loop_state["train_time"] / 60)
-        if metrics_file:
-            metrics_file.write(json.dumps({"step": step, "loss": train_loss, "lrm": lrm, "dt": dt,
-                                           "tok_per_sec": tok_per_sec, "mfu": mfu,
-                                           "elapsed": loop_state["train_time"]}) + "\n")
-            metrics_file.flush()
-        if wandb_run:
-            wandb_run.log({"train/loss": train_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
-                           "train/mfu": mfu}, step=step)
-        if d.is_main:
-            heartbeat.beat(step=step, num_iterations=num_iterations, stage=STAGE, tok_per_sec=tok_per_sec)
-        if write_failed:
-            checkpointer.poll()  # raises the write error on rank 0
-            raise CheckpointWriteError("a checkpoint write failed on rank 0 (see its log); stopping")
+        reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
+                      counts[1].item())
         if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
             evaluate()
         if step % cfg.save_every == 0 or stop_now or step == num_iterations:
             # The final checkpoint is marked done: a relaunch skips the finished stage.
-            stall = save(step, done=step == num_iterations)
-            log.info("checkpoint step=%d stall_ms=%.1f", step, stall * 1000)
+            save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta)
 
     checkpointer.wait()
     if stop_now:
         log.info("emergency checkpoint published at step %d: exiting for resume", step)
     else:
         log.info("sft stage finished at step %d", step)
-    if metrics_file:
-        metrics_file.close()
-    if wandb_run:
-        wandb_run.finish()
+    reporter.close()
     return 0
 
 

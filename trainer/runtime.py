@@ -1,0 +1,396 @@
+"""What both stage scripts (train.py, sft.py) need around their loop: config, processes, resume, logging.
+
+Each stage stays a top-to-bottom script; this module holds the parts that must behave the same in
+both: how flags and environment fill a config, the distributed setup, which checkpoint to resume from
+and how its RNG and optimizer come back, stop signals, the one all-reduce per step, the log line,
+and how a checkpoint is assembled from every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint_layout as layout
+from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError, load_tensors
+from trainer.data import DataError
+from trainer.optim import HybridOptimizer
+
+log = logging.getLogger("phoenix.train")
+
+# The seed script's variable names, for the config fields they set.
+ENV_NAMES = {"save_every": "SAVE_EVERY", "keep_last": "KEEP_LAST", "model_tag": "MODEL_TAG",
+             "device": "DEVICE", "base_dir": "NANOCHAT_BASE_DIR", "wandb_run": "WANDB_RUN"}
+
+
+class ConfigError(ValueError):
+    """Bad input the user can fix: printed as one line, exit code 2."""
+
+
+def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
+                      presets: dict[str, dict[str, Any]], env_names: dict[str, str]) -> Any:
+    """Defaults < preset < environment (the seed script's names) < flags, for a stage's config dataclass.
+
+    Every field but preset/compile/allow_fresh_start becomes a `--field-name` flag of its own type.
+    """
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--preset", default=os.environ.get("PRESET", "d26"))
+    for field in fields(config_class):
+        if field.name not in ("preset", "compile", "allow_fresh_start"):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (CUDA only anyway)")
+    parser.add_argument("--allow-fresh-start", action="store_true",
+                        help="start over even though checkpoints exist and none is valid")
+    args = parser.parse_args(argv)
+    if args.preset not in presets:
+        raise ConfigError(f"unknown preset {args.preset!r}: choose one of {', '.join(presets)}")
+    cfg = config_class(preset=args.preset, **presets[args.preset])
+    for name, var in env_names.items():
+        if os.environ.get(var):
+            setattr(cfg, name, type(getattr(cfg, name))(os.environ[var]))
+    for field in fields(config_class):
+        value = getattr(args, field.name, None)
+        if value is not None and field.name != "preset":
+            setattr(cfg, field.name, value)
+    cfg.compile = not args.no_compile
+    cfg.allow_fresh_start = args.allow_fresh_start
+    cfg.base_dir = str(Path(cfg.base_dir).expanduser())
+    if cfg.save_every <= 0:
+        raise ConfigError(f"SAVE_EVERY must be positive, got {cfg.save_every}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_flag: str) -> Dist:
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_when_orphaned()
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Dist(rank, local_rank, world_size, device)
+
+
+def exit_when_orphaned(poll_s: float = 1.0) -> None:
+    """Under torchrun, die with the launcher: workers sit in sessions of their own, so a killed torchrun
+    would leave them training (and checkpointing) next to its replacement."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
+
+
+def broadcast(value: Any, d: Dist) -> Any:
+    if d.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: Any, d: Dist) -> list[Any]:
+    if d.world_size == 1:
+        return [value]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Dist], int],
+               argv: list[str] | None = None) -> int:
+    """Run a stage: user errors become one `error:` line (exit 2 for config, 1 otherwise), not a trace."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
+                        stream=sys.stdout)
+    for chatty in ("httpx", "httpx2", "huggingface_hub", "datasets", "filelock"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)  # one line per request drowns the step log
+    try:
+        cfg = parse(argv)
+        d = init_distributed(cfg.device)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if not d.is_main:
+            logging.getLogger("phoenix").setLevel(logging.WARNING)
+        return body(cfg, d)
+    except (ConfigError, DataError, CheckpointWriteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (docker stop, preemption notice) set a flag the loop acts on after the step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+        log.warning("received %s: will write an emergency checkpoint after this step",
+                    signal.Signals(signum).name)
+
+
+def compute_setup(model: torch.nn.Module, d: Dist, compile_model: bool, dynamic: bool = False
+                  ) -> tuple[torch.nn.Module, Any]:
+    """(the module to train through, the autocast context): DDP across ranks, bf16 and compile on CUDA."""
+    autocast: Any = nullcontext()
+    if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] >= 8:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    train_model = model
+    if d.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if compile_model and d.device.type == "cuda":
+        train_model = torch.compile(train_model, dynamic=dynamic)
+    return train_model, autocast
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume
+
+
+def find_resume_checkpoint(directory: Path, allow_fresh_start: bool) -> layout.Checkpoint | None:
+    """The latest complete checkpoint (sha256-verified), None for a fresh run; refuses a bad volume."""
+    layout.clean_tmp(directory)
+    ckpt = layout.latest(directory, full_hash=True)
+    if ckpt is None and layout.step_dirs(directory) and not allow_fresh_start:
+        raise ConfigError(f"{directory} has checkpoint directories but none is complete (see warnings "
+                          "above): restore from the Hub (phoenix restore) or pass --allow-fresh-start")
+    return ckpt
+
+
+def run_identity(base_dir: str | Path, model_tag: str) -> dict[str, str]:
+    """The run's ids (run id, W&B run id), created once per MODEL_TAG and kept on the volume."""
+    path = Path(base_dir) / "runs" / model_tag / "run.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    identity = {"run_id": uuid.uuid4().hex, "wandb_run_id": uuid.uuid4().hex[:12], "model_tag": model_tag}
+    layout.write_json_atomic(path, identity)
+    return identity
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    json_part = {"python": [py_version, list(py_state), py_gauss],
+                 "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    return json_part, tensors
+
+
+def set_rng_state(json_part: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = json_part["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, *rest = json_part["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_horizon(ckpt: layout.Checkpoint, meta: dict[str, Any], num_iterations: int) -> None:
+    """A changed horizon reshapes the lr schedule from here on (allowed), unless it is already past."""
+    if meta["num_iterations"] == num_iterations:
+        return
+    if meta["step"] >= num_iterations:
+        raise ConfigError(f"{ckpt.path} is at step {meta['step']}, past the new horizon of "
+                          f"{num_iterations} steps: set --num-iterations above {meta['step']}")
+    log.warning("horizon changed from %d to %d steps: the schedule follows the new horizon",
+                meta["num_iterations"], num_iterations)
+
+
+def restore_trajectory(ckpt: layout.Checkpoint, meta: dict[str, Any], model: torch.nn.Module,
+                       optimizer: HybridOptimizer, d: Dist, seed: int) -> None:
+    """Weights, optimizer state and this rank's RNG from a checkpoint, on any world size."""
+    model.load_state_dict(load_tensors(ckpt, "model.safetensors"))
+    # Step counters stay 0-d CPU tensors (reading them costs no device sync); the rest goes to the device.
+    optimizer.load_state_tensors({k: v.to(d.device) if v.dim() else v
+                                  for k, v in load_tensors(ckpt, "optimizer.safetensors").items()})
+    rng_tensors = load_tensors(ckpt, "rng.safetensors")
+    if d.rank < meta["world_size"]:
+        set_rng_state(meta["rng"][d.rank], {k.split(".", 1)[1]: v for k, v in rng_tensors.items()
+                                             if k.startswith(f"rank{d.rank}.")})
+    else:  # a rank that did not exist before: its RNG is unused by training, seed it reproducibly
+        seed_everything(seed + 1000 * meta["step"] + d.rank)
+    log.info("resuming from step=%d path=%s saved_world_size=%d world_size=%d", meta["step"], ckpt.path,
+             meta["world_size"], d.world_size)
+
+
+def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
+                    optimizer: HybridOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
+                    rank_state: Any = None) -> float:
+    """Every rank contributes its RNG (and `rank_state`); rank 0 writes, since weights and optimizer are
+    replicated. `meta` turns the ranks' states into the stage's metadata. Returns the stall in seconds."""
+    rng_json, rng_tensors = rng_state()
+    contributions = gather({"rng": rng_json, "rng_tensors": rng_tensors, "state": rank_state}, d)
+    if not d.is_main:
+        return 0.0
+    full_meta = {**meta([c["state"] for c in contributions]), "step": step, "world_size": d.world_size,
+                 "rng": [c["rng"] for c in contributions], "torch_version": torch.__version__,
+                 "saved_at": time.time()}
+    rng_file = {f"rank{r}.{name}": tensor for r, c in enumerate(contributions)
+                for name, tensor in c["rng_tensors"].items()}
+    files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer.state_tensors(),
+             "rng.safetensors": rng_file}
+    stall = checkpointer.save(step, files, full_meta, done=done)
+    log.info("checkpoint step=%d stall_ms=%.1f", step, stall * 1000)
+    return stall
+
+
+def agree(loss_sum: torch.Tensor, stop: StopSignal, checkpointer: AsyncCheckpointer, d: Dist
+          ) -> tuple[float, bool]:
+    """The one all-reduce per step: (sum of the ranks' losses, whether every rank must stop now).
+
+    A failed background checkpoint write on rank 0 stops every rank, instead of training on unprotected.
+    """
+    flags = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=d.device),
+                         torch.tensor(float(checkpointer.failed), device=d.device)])
+    if d.world_size > 1:
+        dist.all_reduce(flags)
+    if flags[2].item() > 0:
+        checkpointer.poll()  # raises the write error on rank 0
+        raise CheckpointWriteError("a checkpoint write failed on rank 0 (see its log); stopping")
+    return flags[0].item(), flags[1].item() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporting
+
+
+class Heartbeat:
+    """A small file the container HEALTHCHECK and `phoenix status` read; rewritten at most every 30 s."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last = 0.0
+
+    def beat(self, **fields: Any) -> None:
+        now = time.time()
+        if now - self.last >= 30:
+            layout.write_json_atomic(self.path, {"time": now, "pid": os.getpid(), **fields})
+            self.last = now
+
+
+class StepReporter:
+    """Rank 0's outputs per step: the nanochat-style log line, the metrics JSONL, the heartbeat, W&B."""
+
+    def __init__(self, stage: str, base_dir: str, model_tag: str, d: Dist, flops_per_token: float,
+                 wandb_name: str, wandb_id: str, wandb_config: dict[str, Any]) -> None:
+        self.stage = stage
+        self.enabled = d.is_main
+        self.world_size = d.world_size
+        self.flops_per_token = flops_per_token
+        self.peak = None
+        if d.device.type == "cuda":
+            from trainer.model import peak_flops
+
+            self.peak = peak_flops(torch.cuda.get_device_name(d.device))
+        logs_dir = Path(base_dir) / "logs"
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat = Heartbeat(logs_dir / f"heartbeat_{model_tag}.json")
+        # Per-step numbers for `phoenix status` and the tests; kept open for the whole run.
+        metrics_path = logs_dir / f"train_{stage}_{model_tag}.jsonl"
+        self.metrics = open(metrics_path, "a") if self.enabled else None  # noqa: SIM115
+        self.wandb = None
+        if self.enabled and wandb_name and wandb_name != "dummy":
+            import wandb
+
+            online = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            mode = os.environ.get("WANDB_MODE") or online
+            # The same id on every restart with resume="allow": the dashboard shows one curve per run.
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "phoenix"), name=wandb_name,
+                                    id=wandb_id, resume="allow", mode=mode, dir=str(logs_dir),
+                                    config=wandb_config)
+            log.info("wandb run_id=%s mode=%s", wandb_id, mode)
+
+    def step(self, step: int, num_iterations: int, loss: float, loop_state: dict[str, Any], lrm: float,
+             dt: float, tokens: float) -> None:
+        loop_state["smooth_loss"] = 0.9 * loop_state["smooth_loss"] + 0.1 * loss
+        if not self.enabled:
+            return
+        debiased = loop_state["smooth_loss"] / (1 - 0.9**step)
+        tok_per_sec = tokens / dt
+        mfu = 100 * self.flops_per_token * tok_per_sec / (self.peak * self.world_size) if self.peak else None
+        log.info("step %05d/%05d (%.2f%%) | loss %.6f | lrm %.2f | dt %.2fms | tok/sec %s | mfu %s | "
+                 "total time %.2fm", step, num_iterations, 100 * step / num_iterations, debiased, lrm,
+                 dt * 1000, f"{tok_per_sec:,.0f}", f"{mfu:.2f}" if mfu is not None else "-",
+                 loop_state["train_time"] / 60)
+        self.metrics.write(json.dumps({"step": step, "loss": loss, "lrm": lrm, "dt": dt,
+                                       "tok_per_sec": tok_per_sec, "mfu": mfu,
+                                       "elapsed": loop_state["train_time"]}) + "\n")
+        self.metrics.flush()
+        if self.wandb:
+            self.wandb.log({"train/loss": loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
+                            "train/mfu": mfu}, step=step)
+        self.heartbeat.beat(step=step, num_iterations=num_iterations, stage=self.stage,
+                            tok_per_sec=tok_per_sec)
+
+    def value(self, step: int, name: str, value: float) -> None:
+        """An evaluation result, e.g. ("val_bpb", 0.81)."""
+        log.info("step %05d | %s %.6f", step, name.replace("_", " "), value)
+        if self.metrics:
+            self.metrics.write(json.dumps({"step": step, name: value}) + "\n")
+        if self.wandb:
+            self.wandb.log({name.replace("_", "/", 1): value}, step=step)
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if self.wandb:
+            self.wandb.finish()
