@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -64,7 +65,8 @@ class RunConfig:
     master_port: int
     wandb_run: str
     hub: HubConfig
-    train_args: list[str] = field(default_factory=list)
+    train_args: list[str] = field(default_factory=list)  # base trainer flags (after `--`)
+    sft_args: list[str] = field(default_factory=list)  # SFT flags (SFT_ARGS), e.g. "--num-epochs 2"
 
     @classmethod
     def from_env(cls, train_args: list[str], environ: dict[str, str] | None = None) -> RunConfig:
@@ -85,6 +87,7 @@ class RunConfig:
                 wandb_run=env.get("WANDB_RUN", ""),
                 hub=HubConfig.from_env(env),
                 train_args=list(train_args),
+                sft_args=shlex.split(env.get("SFT_ARGS", "")),
             )
         except ValueError as exc:
             raise PreflightError(f"bad number in the environment ({exc}): fix NPROC_PER_NODE, NNODES, "
@@ -262,7 +265,7 @@ class StatusFile:
         self.set(status=status)
 
 
-def torchrun_command(cfg: RunConfig, module: str, nproc: int) -> list[str]:
+def torchrun_command(cfg: RunConfig, module: str, nproc: int, args: list[str]) -> list[str]:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if cfg.nnodes > 1:
         # c10d rendezvous; node 0 hosts the store so the others always know where it is.
@@ -271,7 +274,7 @@ def torchrun_command(cfg: RunConfig, module: str, nproc: int) -> list[str]:
                     f"--rdzv_conf=is_host={int(cfg.node_rank == 0)}"]
     else:
         command += ["--standalone"]
-    return [*command, "-m", module, "--preset", cfg.preset, *cfg.train_args]
+    return [*command, "-m", module, "--preset", cfg.preset, *args]
 
 
 def _die_with_parent() -> None:
@@ -360,15 +363,20 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
     nproc = nproc_for(cfg, visible_gpus())
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(cfg.base_dir), "MODEL_TAG": cfg.model_tag,
            "DEVICE": cfg.device}
-    stages = [("base", "trainer.train")] + ([("sft", "trainer.sft")] if cfg.run_sft else [])
-    for stage, module in stages:
+    stages = [("base", "trainer.train", cfg.train_args)] + ([("sft", "trainer.sft", cfg.sft_args)]
+                                                            if cfg.run_sft else [])
+    for stage, module, args in stages:
         if launcher.stop_requested:
             return 0
         if stage_done(cfg, stage):
             log.info("%s stage already finished: skipping it", stage)
             continue
         status.set(phase=stage)
-        code = launcher.run(torchrun_command(cfg, module, nproc), env, lock)
+        if stage == "sft" and cfg.node_rank == 0:
+            from trainer.sft import parse_sft_config, prepare_sft_data
+
+            prepare_sft_data(parse_sft_config(["--preset", cfg.preset, *args]))
+        code = launcher.run(torchrun_command(cfg, module, nproc, args), env, lock)
         if code != 0 or launcher.stop_requested:
             return code
         if not stage_done(cfg, stage):
@@ -388,7 +396,9 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def run_command(model_tag: str, preset: str, nproc_per_node: int | None, run_sft: bool, device: str,
                 train_args: tuple[str, ...]) -> None:
-    """Preflight, lock, restore, then base pretraining and SFT under torchrun. Trainer flags go after --."""
+    """Preflight, lock, restore, then base pretraining and SFT under torchrun.
+
+    Base trainer flags go after --; SFT flags in the SFT_ARGS variable."""
     setup_logging(_log_file())
     # Flags override the environment (click already read it as their default): fold them back in.
     environ = {**os.environ, "MODEL_TAG": model_tag, "PRESET": preset, "RUN_SFT": str(int(run_sft)),

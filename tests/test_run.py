@@ -13,7 +13,15 @@ import sys
 
 import pytest
 
-from tests.helpers import MODEL_TAG, kill_tree, publish_corpus, run_phoenix, step_losses, weights_sha256
+from tests.helpers import (
+    MODEL_TAG,
+    kill_tree,
+    publish_chat_dataset,
+    publish_corpus,
+    run_phoenix,
+    step_losses,
+    weights_sha256,
+)
 from trainer import checkpoint_layout as layout
 
 STEPS = 30
@@ -180,3 +188,24 @@ def test_full_or_read_only_volume_is_refused(job, tmp_path):
         finally:
             subprocess.run(["umount", "-l", str(mount)], check=False)
         assert code == 2 and message in out, out
+
+
+def test_base_then_sft_resumes_after_a_kill_and_neither_stage_reruns(job, hub):
+    env, volume = job
+    publish_chat_dataset(hub.server)
+    env = {**env, "RUN_SFT": "1", "SFT_ARGS": "--num-iterations 12 --save-every 4 --eval-every 0"}
+    code, out = run_phoenix(env, "run", *TRAIN, kill_when=lambda line: "step 00006/00012" in line)
+    assert code is None  # killed during SFT, after base finished
+    assert layout.latest(ckpt_dir(volume)).done
+    sft_dir = layout.stage_dir(volume, "sft", MODEL_TAG)
+    assert layout.latest(sft_dir).step == 4
+
+    code, out = run_phoenix(env, "run", *TRAIN)
+    assert code == 0, out
+    assert "base stage already finished: skipping it" in out and "resuming from step=4" in out
+    assert layout.latest(sft_dir).done and status(volume)["status"] == "finished"
+
+    code, out = run_phoenix(env, "run", *TRAIN)
+    assert code == 0, out
+    assert "base stage already finished" in out and "sft stage already finished" in out
+    assert "torch.distributed.run" not in out
