@@ -124,7 +124,7 @@ def prepare_data(cfg: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation and logging
+# Evaluation
 
 
 @torch.no_grad()
