@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from huggingface_hub.utils import (
 )
 from huggingface_hub.utils.sha import git_hash
 
-from entrypoint.logs import setup_logging
+from entrypoint.logs import redact, setup_logging
 from trainer import __version__
 from trainer import checkpoint_layout as layout
 
@@ -171,6 +172,15 @@ class HubConfig:
             sync_interval=interval,
             keep_last=keep_last,
         )
+
+    @classmethod
+    def from_env_or_exit(cls) -> HubConfig:
+        """For CLI commands: the config, or one `error:` line (token masked) and exit code 2."""
+        try:
+            return cls.from_env()
+        except HubFatal as exc:
+            print(f"error: {redact(str(exc))}", file=sys.stderr)
+            sys.exit(2)
 
     # The repo mirrors the volume, so one relative path names a file in both places.
     def local(self, path_in_repo: str) -> Path:

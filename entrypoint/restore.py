@@ -35,7 +35,6 @@ from entrypoint.hub import (
     kv,
     setup_hub_logging,
 )
-from entrypoint.logs import redact
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.restore")
@@ -242,11 +241,7 @@ def _restore_side_files(hub: Hub, snapshot: HubSnapshot, *, overwrite: bool) -> 
 @click.command("restore")
 def restore_command() -> None:
     """Bring the latest complete checkpoints back from the Hub repo HF_REPO_ID, if the volume lacks them."""
-    try:
-        cfg = HubConfig.from_env()
-    except HubFatal as exc:
-        click.echo(f"error: {redact(str(exc))}", err=True)
-        sys.exit(2)
+    cfg = HubConfig.from_env_or_exit()
     setup_hub_logging(cfg.base_dir / "logs" / "hf_restore.log")
     try:
         restore(cfg)

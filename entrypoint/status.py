@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -73,11 +72,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 @click.option("--no-hub", is_flag=True, help="Do not ask the Hub (local state only).")
 def status_command(as_json: bool, no_hub: bool) -> None:
     """Latest local and Hub checkpoint per stage, unsynced steps, speed and ETA."""
-    try:
-        cfg = HubConfig.from_env()
-    except HubError as exc:
-        click.echo(f"error: {redact(str(exc))}", err=True)
-        sys.exit(2)
+    cfg = HubConfig.from_env_or_exit()
     report = collect(cfg, with_hub=not no_hub)
     if as_json:
         click.echo(json.dumps(report, indent=1))

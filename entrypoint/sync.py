@@ -38,7 +38,6 @@ from entrypoint.hub import (
     local_generation,
     setup_hub_logging,
 )
-from entrypoint.logs import redact
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.sync")
@@ -315,11 +314,7 @@ def _final_push(cfg: HubConfig, syncer: Syncer, poll_seconds: float, stop_wait_s
 )
 def sync_command(once: bool, exit_when_stopped: bool, poll_seconds: float, stop_wait_seconds: float) -> None:
     """Push every complete checkpoint to the Hub repo HF_REPO_ID, one commit each (the sidecar)."""
-    try:
-        cfg = HubConfig.from_env()
-    except HubFatal as exc:
-        click.echo(f"error: {redact(str(exc))}", err=True)
-        sys.exit(2)
+    cfg = HubConfig.from_env_or_exit()
     setup_hub_logging(cfg.base_dir / "logs" / "hf_sync.log")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
