@@ -347,6 +347,10 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         assert HfApi(endpoint=line[4:], token=token).whoami()["name"] == "cli"
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leave a server behind
+            raise
     assert proc.returncode == 0
     assert token not in line + out + err
