@@ -142,8 +142,12 @@ def test_two_nodes_of_one_process_rendezvous_over_c10d(job):
     second = subprocess.Popen([sys.executable, "-m", "entrypoint", "run", *TRAIN],
                               env={**nodes, "NODE_RANK": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    code, out = run_phoenix(nodes, "run", *TRAIN)
-    second_out, _ = second.communicate(timeout=120)
+    try:
+        code, out = run_phoenix(nodes, "run", *TRAIN)
+        second_out, _ = second.communicate(timeout=120)
+    finally:
+        if second.poll() is None:
+            kill_tree(second)
     assert code == 0, out
     assert second.returncode == 0, second_out
     assert "--nnodes=2" in out and "--nnodes=2" in second_out
