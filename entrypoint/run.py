@@ -166,12 +166,19 @@ def preflight(cfg: RunConfig, check_hub: bool = True) -> list[str]:
         problems.append("WANDB_MODE=online but WANDB_API_KEY is not set: add it to .env, or unset WANDB_MODE "
                         "to log offline")
     if check_hub and cfg.hub.repo_id:
-        problems.extend(hub_problems(cfg.hub))
+        on_volume = base.is_dir() and any(layout.latest(layout.stage_dir(base, stage, cfg.model_tag))
+                                          for stage in layout.STAGES)
+        problems.extend(hub_problems(cfg.hub, volume_has_checkpoint=on_volume))
     return problems
 
 
-def hub_problems(hub: HubConfig) -> list[str]:
-    """Token present and valid, and allowed to write HF_REPO_ID's namespace."""
+def hub_problems(hub: HubConfig, volume_has_checkpoint: bool) -> list[str]:
+    """Token present and valid, and allowed to write HF_REPO_ID's namespace.
+
+    An unreachable Hub only stops a launch whose volume is empty: then the Hub may hold the run's
+    progress and starting over would waste the GPUs. With a checkpoint on the volume training goes on
+    and the sidecar catches up later.
+    """
     if not hub.token:
         return [f"HF_REPO_ID={hub.repo_id} is set but HF_TOKEN is not: add a write token to .env "
                 "(or unset HF_REPO_ID to run without the Hub)"]
@@ -183,8 +190,12 @@ def hub_problems(hub: HubConfig) -> list[str]:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             return ["the Hub rejected HF_TOKEN (401): create a write token at huggingface.co/settings/tokens"]
-        return [f"cannot reach the Hub to check HF_TOKEN ({redact(exc.__class__.__name__)}): check the "
-                "network or HF_ENDPOINT"]
+        if volume_has_checkpoint:
+            log.warning("cannot reach the Hub (%s): training from the volume; the sidecar pushes later",
+                        redact(exc.__class__.__name__))
+            return []
+        return [f"cannot reach the Hub ({redact(exc.__class__.__name__)}) and the volume has no checkpoint "
+                "to resume from: check the network or HF_ENDPOINT (or unset HF_REPO_ID to start without it)"]
     namespace = hub.repo_id.split("/")[0]
     orgs = {org.get("name"): org for org in me.get("orgs", [])}
     if namespace != me.get("name") and namespace not in orgs:

@@ -160,6 +160,7 @@ def test_two_nodes_of_one_process_rendezvous_over_c10d(job):
     ({"HF_TOKEN": ""}, "HF_TOKEN is not: add a write token"),
     ({"HF_TOKEN": "hf_NotAValidTokenAtAll123"}, "the Hub rejected HF_TOKEN (401)"),
     ({"HF_REPO_ID": "someone-else/checkpoints"}, "cannot write to someone-else/checkpoints"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the Hub (ConnectError) and the volume has no"),
     ({"PRESET": "d99"}, "PRESET=d99 is unknown"),
     ({"DEVICE": "auto", "PRESET": "d26", "CUDA_VISIBLE_DEVICES": ""}, "no GPU visible for PRESET=d26"),
     ({"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0,1", "NPROC_PER_NODE": "8"},
