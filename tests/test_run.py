@@ -214,3 +214,22 @@ def test_base_then_sft_resumes_after_a_kill_and_neither_stage_reruns(job, hub):
     assert code == 0, out
     assert "base stage already finished" in out and "sft stage already finished" in out
     assert "torch.distributed.run" not in out
+
+
+def test_doctor_passes_a_good_setup_and_flags_a_volume_that_dies_with_the_instance(job, tmp_path):
+    env, volume = job
+    code, out = run_phoenix(env, "doctor")
+    assert code == 0 and "ok: volume, GPUs, Hub and W&B settings look right" in out, out
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(scratch)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this test needs root to mount a tmpfs: {mounted.stderr}"
+    try:
+        code, out = run_phoenix({**env, "NANOCHAT_BASE_DIR": str(scratch)}, "doctor")
+    finally:
+        subprocess.run(["umount", "-l", str(scratch)], check=False)
+    assert code == 2
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"NANOCHAT_BASE_DIR={scratch} is on tmpfs" in errors[0], out
