@@ -138,9 +138,10 @@ class Syncer:
             head = self._prune(on_hub, head, result)
 
     def _to_push(self, stage: str, on_hub: set[int]) -> list[layout.Checkpoint]:
-        """Local complete checkpoints missing on the Hub, oldest first; never one HF_KEEP_LAST would prune."""
+        """Local complete checkpoints missing on the Hub, newest first (if the instance dies mid-pass, the
+        one resume needs is already up); never one HF_KEEP_LAST would prune."""
         local = layout.complete_checkpoints(layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag))
-        missing = sorted((c for c in local if c.step not in on_hub), key=lambda c: c.step)
+        missing = sorted((c for c in local if c.step not in on_hub), key=lambda c: c.step, reverse=True)
         if self.cfg.keep_last is not None:
             # Else a checkpoint pruned from the Hub but still on the volume would be re-pushed forever.
             kept = sorted(on_hub | {c.step for c in missing}, reverse=True)[: self.cfg.keep_last]
