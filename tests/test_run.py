@@ -6,10 +6,12 @@ Real processes on CPU (gloo, tiny preset), the local Hub for data and checkpoint
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -233,3 +235,27 @@ def test_doctor_passes_a_good_setup_and_flags_a_volume_that_dies_with_the_instan
     assert code == 2
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"NANOCHAT_BASE_DIR={scratch} is on tmpfs" in errors[0], out
+
+
+def test_health_follows_the_status_file_and_the_training_heartbeat(tmp_path):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path), "MODEL_TAG": MODEL_TAG}
+    runs, logs = tmp_path / "runs" / MODEL_TAG, tmp_path / "logs"
+    assert run_phoenix(env, "health")[0] == 1  # no status yet: still starting
+    now = time.time()
+
+    def write(status, heartbeat_age=None):
+        layout.write_json_atomic(runs / "trainer_status.json", {"updated": now, "generation": 1, **status})
+        if heartbeat_age is not None:
+            layout.write_json_atomic(logs / f"heartbeat_{MODEL_TAG}.json", {"time": now - heartbeat_age})
+
+    write({"status": "running", "phase": "restore", "phase_started": now - 5000})
+    assert run_phoenix(env, "health")[0] == 0  # restoring: the entrypoint is alive, that is enough
+    write({"status": "running", "phase": "base", "phase_started": now - 5000}, heartbeat_age=20)
+    assert run_phoenix(env, "health")[0] == 0
+    write({"status": "running", "phase": "base", "phase_started": now - 5000}, heartbeat_age=2000)
+    code, out = run_phoenix(env, "health")
+    assert code == 1 and "unhealthy: phase base silent for" in out  # a hung step: no heartbeat
+    write({"status": "running", "phase": "base", "phase_started": now - 60}, heartbeat_age=2000)
+    assert run_phoenix(env, "health")[0] == 0  # a new stage start: compile and first step take a while
+    write({"status": "finished", "phase": "done", "phase_started": now - 5000}, heartbeat_age=9000)
+    assert run_phoenix(env, "health")[0] == 0
