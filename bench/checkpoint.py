@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from trainer.checkpoint import AsyncCheckpointer
-from trainer.model import GPT, config_for_depth
+from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 
 
@@ -33,10 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    with torch.device("meta"):
-        model = GPT(config_for_depth(args.depth, args.vocab_size, 2048))
-    model.to_empty(device=device)
-    model.init_weights()
+    model = build_model(config_for_depth(args.depth, args.vocab_size, 2048), device)
     optimizer = HybridOptimizer(model)
     files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer.state_tensors()}
     nbytes = sum(t.numel() * t.element_size() for ts in files.values() for t in ts.values())

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
-from trainer.model import GPT, config_for_depth, peak_flops
+from trainer.model import build_model, config_for_depth, peak_flops
 from trainer.optim import HybridOptimizer
 from trainer.train import PRESETS
 
@@ -36,10 +36,7 @@ def main() -> None:
     config = config_for_depth(preset["depth"], preset["vocab_size"], seq, preset["aspect_ratio"],
                               preset["head_dim"])
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = build_model(config, device)
     optimizer = HybridOptimizer(model)
     train_model = torch.compile(model) if device.type == "cuda" and not args.no_compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

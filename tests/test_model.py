@@ -5,18 +5,14 @@ import math
 import pytest
 import torch
 
-from trainer.model import GPT, GPTConfig, config_for_depth, peak_flops
+from trainer.model import GPT, GPTConfig, build_model, config_for_depth, peak_flops
 
 TINY = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
 
 
 def build(config: GPTConfig, seed: int = 0) -> GPT:
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
     torch.manual_seed(seed)
-    model.init_weights()
-    return model
+    return build_model(config, "cpu")
 
 
 def tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:

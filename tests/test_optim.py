@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.model import GPT, GPTConfig
+from trainer.model import GPT, GPTConfig, build_model
 from trainer.optim import (
     HybridOptimizer,
     lr_multiplier,
@@ -21,12 +21,8 @@ NUM_ITERATIONS = 6
 
 
 def build(seed: int = 0) -> GPT:
-    with torch.device("meta"):
-        model = GPT(TINY)
-    model.to_empty(device="cpu")
     torch.manual_seed(seed)
-    model.init_weights()
-    return model
+    return build_model(TINY, "cpu")
 
 
 def train(model: GPT, opt: HybridOptimizer, steps: range) -> None:

@@ -183,6 +183,16 @@ class GPT(nn.Module):
         )
 
 
+
+def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
+    """Allocate the weights straight on `device` (no throw-away CPU init) and initialise them from torch's
+    current seed: the one way phoenix creates a model, so every caller gets the same weights for a seed."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
 # Dense (no sparsity) bf16 tensor-core peak FLOPS per GPU, matched as a case-insensitive substring of
 # torch.cuda.get_device_name(). Order matters: more specific names come before their prefixes.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [

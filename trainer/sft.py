@@ -30,7 +30,7 @@ from trainer.chat_data import (
     load_chat_dataset,
 )
 from trainer.checkpoint import AsyncCheckpointer, load_tensors
-from trainer.model import GPT, GPTConfig
+from trainer.model import GPTConfig, build_model
 from trainer.optim import HybridOptimizer
 from trainer.runtime import (
     ENV_NAMES,
@@ -200,10 +200,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         raise ConfigError(f"the model has vocab {model_config.vocab_size}, {base_dir / 'tokenizer'} has "
                           f"{tokenizer.vocab_size}: the tokenizer is not the one base training used")
     seed_everything(cfg.seed)
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model.to_empty(device=d.device)
-    model.init_weights()  # sets the rotary buffers, which are not part of any checkpoint
+    model = build_model(model_config, d.device)  # also the rotary buffers, never checkpointed
     if cfg.max_seq_len > model.rotary_seq_len:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's rotary cache of "
                           f"{model.rotary_seq_len}")

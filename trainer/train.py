@@ -29,7 +29,7 @@ from trainer.data import (
     ShardStore,
     validation_rows,
 )
-from trainer.model import GPT, config_for_depth
+from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 from trainer.runtime import (
     ENV_NAMES,
@@ -187,10 +187,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         raise ConfigError(f"{ckpt.path} holds a model {meta['model_config']}, this run asks for "
                           f"{asdict(model_config)}: use the same preset/flags or another MODEL_TAG")
     seed_everything(cfg.seed)
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model.to_empty(device=d.device)
-    model.init_weights()
+    model = build_model(model_config, d.device)
     optimizer = HybridOptimizer(model, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                 matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
                                 warmdown_ratio=cfg.warmdown_ratio)
