@@ -168,6 +168,19 @@ def test_cautious_mask_decays_only_where_the_step_already_shrinks_the_weight():
     assert 0 < int((update * p0 >= 0).sum()) < 64  # both cases occur
 
 
+def test_a_stack_of_same_shape_matrices_updates_as_each_one_alone():
+    """What a sharded optimizer batches (nanochat stacks same-shape matrices): no statistic leaks across."""
+    gen = torch.Generator().manual_seed(0)
+    P, G = torch.randn(3, 8, 16, generator=gen), torch.randn(3, 8, 16, generator=gen)
+    stacked = P.clone()
+    hyper = dict(lr=0.1, weight_decay=0.2, momentum=0.9)
+    muon_update(stacked, G, torch.zeros_like(P), torch.zeros(3, 1, 16), **hyper)
+    for i in range(3):
+        alone = P[i].clone()
+        muon_update(alone, G[i], torch.zeros(8, 16), torch.zeros(1, 16), **hyper)
+        assert torch.allclose(alone, stacked[i], rtol=0, atol=1e-6), i
+
+
 # --- scaling rules (nanochat's base_train.py) ------------------------------------------------------------
 
 

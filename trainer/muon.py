@@ -72,8 +72,10 @@ def normuon(U: torch.Tensor, second_moment: torch.Tensor, beta2: float = NORMUON
     v_mean = U.float().square().mean(dim=dim, keepdim=True)
     second_moment.lerp_(v_mean.to(second_moment.dtype), 1 - beta2)
     scale = second_moment.float().clamp_min(NORMUON_EPS).rsqrt()
-    scaled_norm = (v_mean * U.size(dim) * scale.square()).sum().sqrt()  # ||U * scale||_F, without forming it
-    return U * (scale * (U.float().norm() / scaled_norm.clamp_min(NORMUON_EPS))).to(U.dtype)
+    # ||U * scale||_F without forming it; per matrix, so a stack of same-shape matrices works too.
+    scaled_norm = (v_mean * U.size(dim) * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    norm = U.float().norm(dim=(-2, -1), keepdim=True)
+    return U * (scale * (norm / scaled_norm.clamp_min(NORMUON_EPS))).to(U.dtype)
 
 
 def cautious_mask(update: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
