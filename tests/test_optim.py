@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from trainer.model import GPT, GPTConfig, build_model, config_for_depth
@@ -85,7 +84,9 @@ def test_set_schedule_sets_every_group():
     assert muon.weight_decay == pytest.approx(0.1 * 0.5)
     assert muon.momentum == pytest.approx(muon_momentum(500, 1000))
     adamw = {name: g.weight_decay for g in opt.groups if g.kind == "adamw" for name in g.params}
-    assert adamw == {"lm_head.weight": 0.01, "transformer.wte.weight": 0.001}  # constant, not scheduled
+    assert adamw == {"lm_head.weight": 0.01, "transformer.wte.weight": 0.001, "value_embeds.1.weight": 0.01,
+                     "resid_lambdas": 0.05, "x0_lambdas": 0.0, "smear_gate.weight": 0.0, "smear_lambda": 0.0,
+                     "backout_lambda": 0.0}  # constant, not scheduled
 
 
 # --- Muon's pieces ---------------------------------------------------------------------------------------
@@ -203,13 +204,15 @@ def test_auto_batch_grows_as_tokens_to_the_0383_and_rounds_to_a_power_of_two():
 
 @pytest.mark.parametrize("depth,iterations", [(20, 4980), (24, 8352), (26, 10510)])
 def test_gpu_presets_get_nanochats_horizon(depth, iterations):
-    """The numbers nanochat's base_train.py prints at vocab 32768 (its model's 12 x n_kv_head value-embedding
-    gate weights per alternate layer shift its count by < 0.001% and no iteration)."""
+    """The numbers nanochat's base_train.py prints at vocab 32768."""
     with torch.device("meta"):
         model, reference = GPT(config_for_depth(depth, 32768, 2048)), GPT(config_for_depth(12, 32768, 2048))
     count = lambda m: scaling_params((n, p.numel()) for n, p in m.named_parameters())  # noqa: E731
     width = depth * 64
-    assert count(model) == depth * 12 * width**2 + 32768 * width  # blocks' matrices + lm_head, not wte
+    # Blocks' matrices (the value-embedding gates, 12 x heads on every other layer, too) + lm_head; not
+    # the embeddings (token and value), not the scalars.
+    ve_gates = (depth + 1) // 2 * 12 * (width // 128)
+    assert count(model) == depth * 12 * width**2 + ve_gates + 32768 * width
     p = plan(count(model), count(reference), 12.0, -1, -1, 0.28)
     assert (p.total_batch_size, p.num_iterations) == (2**20, iterations)
     assert p.lr_scale == pytest.approx(math.sqrt(2))
@@ -225,7 +228,8 @@ def test_parameter_routing_and_lr_scaling():
     assert kinds.keys() == dict(model.named_parameters()).keys()  # every parameter, exactly once
     assert kinds["transformer.wte.weight"] == "adamw" and kinds["lm_head.weight"] == "adamw"
     block_params = [n for n, _ in model.named_parameters() if n.startswith("transformer.h.")]
-    assert len(block_params) == 6 * TINY.n_layer and all(kinds[n] == "muon" for n in block_params)
+    # 6 matrices per block, and the value-embedding gate of every other layer (the last one's here).
+    assert len(block_params) == 6 * TINY.n_layer + 1 and all(kinds[n] == "muon" for n in block_params)
     scale = (TINY.n_embd / 768) ** -0.5
     groups = {name: g for g in opt.groups for name in g.params}
     assert groups["lm_head.weight"].lr == pytest.approx(0.008 * scale)
@@ -238,21 +242,21 @@ def test_parameter_routing_and_lr_scaling():
     assert state["muon.transformer.h.0.mlp.c_proj.weight.second_momentum_buffer"].shape == (1, 128)  # wide
 
 
-def test_nanochats_scalar_and_value_embedding_groups_route_when_a_model_has_them():
-    class WithScalars(GPT):
-        def __init__(self, config: GPTConfig):
-            super().__init__(config)
-            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
-            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
-            self.value_embeds = nn.ModuleDict({"1": nn.Embedding(config.vocab_size, config.n_embd)})
-
-    opt = HybridOptimizer(WithScalars(TINY), scalar_lr=0.5, embedding_lr=0.3)
+def test_nanochats_scalar_value_embedding_and_smear_groups():
+    opt = HybridOptimizer(build(), scalar_lr=0.5, embedding_lr=0.3)
     groups = {name: g for g in opt.groups for name in g.params}
     assert groups["resid_lambdas"].lr == pytest.approx(0.005)
     assert groups["resid_lambdas"].base_weight_decay == 0.05
     assert groups["x0_lambdas"].lr == 0.5 and groups["x0_lambdas"].betas == (0.96, 0.95)
     assert groups["value_embeds.1.weight"].lr == pytest.approx(0.15 * (TINY.n_embd / 768) ** -0.5)
     assert opt.state_tensors()["adamw.resid_lambdas.exp_avg"].shape == (TINY.n_layer,)
+    # Smear and backout: lr 0.2 whatever the (batch-scaled) lrs passed in, no weight decay.
+    scaled = HybridOptimizer(build(), unembedding_lr=1.0, embedding_lr=1.0, scalar_lr=1.0)
+    for opt_ in (opt, scaled):
+        groups = {name: g for g in opt_.groups for name in g.params}
+        for name in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
+            assert groups[name].lr == 0.2 and groups[name].betas == (0.8, 0.95), name
+            assert groups[name].base_weight_decay == 0.0, name
 
 
 def test_first_step_sizes():
@@ -322,7 +326,7 @@ def test_state_tensors_are_named_and_safetensors_ready(tmp_path: Path):
     assert state["adamw.lm_head.weight.exp_avg"].abs().sum() > 0
     assert state["muon.transformer.h.0.attn.c_q.weight.momentum_buffer"].abs().sum() > 0
     assert state["muon.transformer.h.0.attn.c_q.weight.second_momentum_buffer"].abs().sum() > 0
-    n_adamw, n_muon = 2, 6 * TINY.n_layer
+    n_adamw, n_muon = 8, 6 * TINY.n_layer + 1  # wte, lm_head, a value embedding, 5 scalars; + a gate
     assert len(state) == 3 * n_adamw + 2 * n_muon
     save_file(state, str(tmp_path / "optim.safetensors"))  # raises on shared or non-contiguous tensors
 

@@ -30,23 +30,24 @@ class AdamWGroup:
     """nanochat's AdamW settings for the parameters whose name starts with `prefix`."""
 
     prefix: str
-    lr_name: str  # which constructor learning rate: "unembedding_lr", "embedding_lr", "scalar_lr"
+    lr_name: str  # which constructor learning rate: "unembedding_lr", "embedding_lr", "scalar_lr", or
+    # "fixed": lr_factor is the lr itself, not scaled for the batch (trainer.recipe scales the others)
     lr_factor: float
     betas: tuple[float, float]
     weight_decay: float  # constant (nanochat schedules only Muon's); applied as p *= 1 - lr * wd
     width_scaled: bool  # the 1/sqrt(width / 768) transfer of nanochat's embedding and head lrs
 
 
-# nanochat's table (gpt.py setup_optimizer). The last three rows name parameters of nanochat's current
-# model (value embeddings, the per-layer scalar group) that phoenix's model does not have yet: they route
-# them the day the model grows them. nanochat's smear/backout scalars (a fixed lr of 0.2, not batch-scaled)
-# come with that model change.
+# nanochat's table (gpt.py setup_optimizer). Inside the blocks everything goes to Muon, the value
+# embeddings' gates (ve_gate, 2-D) included, as nanochat does.
 ADAMW_GROUPS: tuple[AdamWGroup, ...] = (
     AdamWGroup("lm_head.", "unembedding_lr", 1.0, (0.8, 0.96), 0.01, True),
     AdamWGroup("transformer.wte.", "embedding_lr", 1.0, (0.8, 0.995), 0.001, True),
     AdamWGroup("value_embeds.", "embedding_lr", 0.5, (0.8, 0.995), 0.01, True),
     AdamWGroup("resid_lambdas", "scalar_lr", 0.01, (0.8, 0.95), 0.05, False),
     AdamWGroup("x0_lambdas", "scalar_lr", 1.0, (0.96, 0.95), 0.0, False),
+    AdamWGroup("smear_", "fixed", 0.2, (0.8, 0.95), 0.0, False),  # smear_gate.weight, smear_lambda
+    AdamWGroup("backout_lambda", "fixed", 0.2, (0.8, 0.95), 0.0, False),
 )
 
 # Schedules, all pure functions of the step (exact resume needs nothing else). nanochat's base_train.py.
@@ -120,7 +121,8 @@ class HybridOptimizer:
         self.warmup_steps = warmup_steps
         self.warmdown_ratio = warmdown_ratio
         self.final_lr_frac = final_lr_frac
-        lrs = {"unembedding_lr": unembedding_lr, "embedding_lr": embedding_lr, "scalar_lr": scalar_lr}
+        lrs = {"unembedding_lr": unembedding_lr, "embedding_lr": embedding_lr, "scalar_lr": scalar_lr,
+               "fixed": 1.0}
         width_scale = (model.config.n_embd / ADAMW_WIDTH_REF) ** -0.5
         adamw = {}
         for rule in ADAMW_GROUPS:
