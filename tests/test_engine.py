@@ -13,7 +13,10 @@ from trainer.engine import Engine
 from trainer.model import GPT, GPTConfig, KVCache, build_model
 
 # Grouped-query attention (4 query heads over 2 key/value heads) so the cache path covers enable_gqa.
+# Every layer's window is the 16-token sequence_len, so decoding past it slides the windows.
 CONFIG = GPTConfig(sequence_len=16, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
+# nanochat's shape of windows: two layers see 128 tokens back, the last one 256.
+WINDOWED = GPTConfig(sequence_len=256, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
 BOS, END = 0, 1
 
 
@@ -26,9 +29,9 @@ class StubTokenizer:
         return {"<|bos|>": BOS, "<|assistant_end|>": END}[name]
 
 
-def random_model(seed: int = 0) -> GPT:
+def random_model(seed: int = 0, config: GPTConfig = CONFIG) -> GPT:
     torch.manual_seed(seed)
-    model = build_model(CONFIG, "cpu")
+    model = build_model(config, "cpu")
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.3)
     return model
@@ -69,6 +72,27 @@ def test_cached_logits_match_the_full_forward_at_every_position():
     chunks = [model(ids[:, :7], cache=cache), *(model(ids[:, t:t + 1], cache=cache) for t in range(7, 21))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.lengths.tolist() == [21]
+
+
+@torch.no_grad()
+def test_windowed_cache_matches_the_full_forward_on_rows_of_different_lengths():
+    """As the engine runs it: right-padded prefill, lengths reset, then one token per row per step, past
+    the 128-token windows; smear reads each row's previous embedding back from the cache."""
+    model = random_model(config=WINDOWED)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(2, 96, (161,), generator=g), torch.randint(2, 96, (150,), generator=g)]
+    prompt_lengths = [20, 9]
+    cache = KVCache(WINDOWED, 2, 161, "cpu")
+    batch = torch.full((2, 20), BOS)
+    for b, (row, length) in enumerate(zip(rows, prompt_lengths, strict=True)):
+        batch[b, :length] = row[:length]
+    prefill = model(batch, cache=cache)
+    cache.lengths.copy_(torch.tensor(prompt_lengths))
+    steps = [model(torch.stack([rows[0][20 + t], rows[1][9 + t]])[:, None], cache=cache) for t in range(141)]
+    decoded = torch.cat(steps, dim=1)
+    for b, (row, length) in enumerate(zip(rows, prompt_lengths, strict=True)):
+        cached = torch.cat([prefill[b, :length], decoded[b]])  # 20 + 141 and 9 + 141 positions
+        torch.testing.assert_close(cached, model(row[None])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_stops_at_assistant_end_and_excludes_it():

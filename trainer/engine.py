@@ -26,7 +26,7 @@ import torch
 
 from trainer import checkpoint_layout as layout
 from trainer.checkpoint import load_tensors
-from trainer.model import GPT, GPTConfig, KVCache, model_from_weights
+from trainer.model import GPT, KVCache, config_from_dict, model_from_weights
 from trainer.tokenizer import Tokenizer, load_tokenizer
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
@@ -61,7 +61,7 @@ class Engine:
 
         ckpt.path is <base_dir>/<stage>_checkpoints/<tag>/step_N, so the tokenizer is <base_dir>/tokenizer.
         """
-        config = GPTConfig(**ckpt.meta()["model_config"])
+        config = config_from_dict(ckpt.meta()["model_config"])
         tokenizer = tokenizer or load_tokenizer(ckpt.path.parents[2] / "tokenizer")
         return cls(model_from_weights(config, load_tensors(ckpt, "model.safetensors"), device), tokenizer)
 
@@ -71,8 +71,7 @@ class Engine:
         """Weights from a safetensors file (any float dtype) with the model config given as a dict."""
         from safetensors.torch import load_file
 
-        names = {f for f in GPTConfig.__dataclass_fields__}
-        model_config = GPTConfig(**{k: v for k, v in config.items() if k in names})
+        model_config = config_from_dict(config)
         return cls(model_from_weights(model_config, load_file(str(weights), device="cpu"), device),
                    load_tokenizer(tokenizer_dir))
 

@@ -80,7 +80,8 @@ def window_sizes(config: GPTConfig) -> list[int]:
     if not pattern or set(pattern) - {"S", "L"}:
         raise ValueError(f"window_pattern={config.window_pattern!r}: use only the letters S and L")
     long_window = config.sequence_len
-    short_window = -(-long_window // 4 // WINDOW_TILE) * WINDOW_TILE  # ceil: 2048 -> 512, 128 -> 128
+    # A quarter, rounded up to the tile (2048 -> 512, 1000 -> 256), never past the long window (128 -> 128).
+    short_window = min(-(-long_window // 4 // WINDOW_TILE) * WINDOW_TILE, long_window)
     windows = [long_window if pattern[i % len(pattern)] == "L" else short_window
                for i in range(config.n_layer)]
     windows[-1] = long_window  # the last layer sees everything, whatever the pattern

@@ -30,7 +30,7 @@ from trainer.chat_data import (
     load_chat_dataset,
 )
 from trainer.checkpoint import AsyncCheckpointer, load_tensors
-from trainer.model import GPTConfig, build_model
+from trainer.model import build_model, config_from_dict
 from trainer.optim import HybridOptimizer
 from trainer.runtime import (
     ENV_NAMES,
@@ -197,7 +197,10 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
                           f"in {', '.join(changed)}): keep them to resume exactly")
 
     # --- model, from the base weights or our checkpoint --------------------------------------------------
-    model_config = GPTConfig(**origin["model_config"])
+    try:
+        model_config = config_from_dict(origin["model_config"])
+    except ValueError as exc:
+        raise ConfigError(f"the base model: {exc}") from None
     if model_config.vocab_size != tokenizer.vocab_size:
         raise ConfigError(f"the model has vocab {model_config.vocab_size}, {base_dir / 'tokenizer'} has "
                           f"{tokenizer.vocab_size}: the tokenizer is not the one base training used")

@@ -29,7 +29,7 @@ from trainer.data import (
     ShardStore,
     validation_rows,
 )
-from trainer.model import GPT, build_model, config_for_depth
+from trainer.model import GPT, build_model, config_for_depth, config_from_dict, fa3_attention
 from trainer.optim import HybridOptimizer
 from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
 from trainer.runtime import (
@@ -79,6 +79,7 @@ class TrainConfig:
     depth: int = 26
     aspect_ratio: int = 64
     head_dim: int = 128
+    window_pattern: str = "SSSL"  # attention windows tiled over the layers: S a quarter context, L all
     max_seq_len: int = 2048
     vocab_size: int = 32768
     device_batch_size: int = 16
@@ -119,6 +120,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if cfg.total_batch_size > 0 and cfg.total_batch_size % cfg.max_seq_len:
         raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --max-seq-len "
                           f"{cfg.max_seq_len}: pick a multiple")
+    if not cfg.window_pattern or set(cfg.window_pattern.upper()) - {"S", "L"}:
+        raise ConfigError(f"--window-pattern {cfg.window_pattern!r}: use the letters S (a quarter of the "
+                          f"context) and L (all of it), e.g. SSSL or L")
     return cfg
 
 
@@ -217,12 +221,20 @@ def train(cfg: TrainConfig, d: Dist) -> int:
 
     # --- model ----------------------------------------------------------------------------------------
     model_config = config_for_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.aspect_ratio,
-                                    cfg.head_dim)
+                                    cfg.head_dim, cfg.window_pattern)
+    if meta is not None:
+        try:
+            config_from_dict(meta["model_config"])
+        except ValueError as exc:
+            raise ConfigError(f"{ckpt.path}: {exc}") from None
     if meta is not None and meta["model_config"] != asdict(model_config):
         raise ConfigError(f"{ckpt.path} holds a model {meta['model_config']}, this run asks for "
                           f"{asdict(model_config)}: use the same preset/flags or another MODEL_TAG")
     if meta is not None:
         check_optimizer_recipe(ckpt, meta)
+    if d.device.type == "cuda" and fa3_attention is None and "S" in cfg.window_pattern.upper():
+        log.warning("attention=sdpa_window_mask: FlashAttention-3 is not installed, so the short windows "
+                    "run as masks through SDPA (slower); --window-pattern L avoids them")
     seed_everything(cfg.seed)
     model = build_model(model_config, d.device)
     num_params = model.num_params()
