@@ -121,8 +121,9 @@ def checkpoint_bytes_estimate(cfg: RunConfig) -> int:
             return ckpt.total_bytes
     depth, aspect, vocab = _PRESET_GEOMETRY.get(cfg.preset, _PRESET_GEOMETRY["d26"])
     width = depth * aspect
-    matrices, embeddings = 12 * depth * width**2, 2 * vocab * width
-    # fp32 weights + Muon momentum (matrices) + AdamW's two moments (embedding and head).
+    value_embeddings = (depth + 1) // 2 * vocab * width  # on every other layer
+    matrices, embeddings = 12 * depth * width**2, 2 * vocab * width + value_embeddings
+    # fp32 weights + Muon momentum (matrices) + AdamW's two moments (embeddings and head).
     return 4 * (matrices + embeddings) + 4 * matrices + 8 * embeddings
 
 
