@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -203,6 +204,25 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path, extra_args, env, expected
     assert last.startswith("error: ") and message in last
     assert "Traceback" not in out
 
+
+def test_a_checkpoint_of_the_older_model_is_refused_in_one_line(corpus, tmp_path):
+    """A volume trained before the model grew windows and value embeddings: its meta.json's model config
+    has neither `window_pattern` nor `architecture` (rewritten here, with a valid manifest)."""
+    base = corpus.volume(tmp_path / "volume")
+    old = next(c for c in layout.complete_checkpoints(checkpoint_dir(corpus.reference)) if not c.done)
+    target = checkpoint_dir(base) / old.path.name
+    shutil.copytree(old.path, target)
+    meta = json.loads((target / layout.META_NAME).read_text())
+    del meta["model_config"]["architecture"], meta["model_config"]["window_pattern"]
+    (target / layout.META_NAME).write_text(json.dumps(meta))
+    manifest = layout.read_manifest(target)
+    layout.write_manifest(target, manifest["step"],
+                          **{k: v for k, v in manifest.items() if k not in ("format", "step", "files")})
+    code, out = run_trainer(base, corpus.env, *ARGS)
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "architecture" in last and "another MODEL_TAG" in last, last
+    assert "Traceback" not in out
 
 
 def test_a_relaunched_run_continues_the_same_wandb_run(corpus, tmp_path):
