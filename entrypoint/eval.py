@@ -102,14 +102,10 @@ def _download_zip(url: str, target: Path) -> None:
 # The model
 
 
-def load_latest_model(base_dir: Path, stage: str, model_tag: str, device_flag: str) -> tuple[Any, Any, Any]:
-    """(model in eval mode, tokenizer, checkpoint) from the newest complete checkpoint of the stage:
-    sha256-verified, weights only."""
-    import torch
-
-    from trainer.checkpoint import load_tensors
-    from trainer.model import GPTConfig, build_model
-    from trainer.tokenizer import load_tokenizer
+def load_latest_engine(base_dir: Path, stage: str, model_tag: str, device_flag: str) -> tuple[Any, Any]:
+    """(inference engine, checkpoint) for the newest complete checkpoint of the stage: sha256-verified,
+    weights only."""
+    from trainer.engine import Engine, pick_device
 
     directory = layout.stage_dir(base_dir, stage, model_tag)
     ckpt = layout.latest(directory, full_hash=True)
@@ -118,16 +114,11 @@ def load_latest_model(base_dir: Path, stage: str, model_tag: str, device_flag: s
         raise EvalError(f"no complete {stage} checkpoint in {directory}: run {what} first "
                         "(phoenix run), or phoenix restore to fetch it from the Hub")
     try:
-        tokenizer = load_tokenizer(base_dir / "tokenizer")
-    except FileNotFoundError as exc:
+        engine = Engine.from_checkpoint(ckpt, pick_device(device_flag))
+    except FileNotFoundError as exc:  # the tokenizer
         raise EvalError(f"{exc}; phoenix restore brings it back from the Hub") from None
-    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
-    device = torch.device("cuda" if use_cuda else "cpu")
-    model = build_model(GPTConfig(**ckpt.meta()["model_config"]), device)
-    model.load_state_dict(load_tensors(ckpt, "model.safetensors"))
-    model.eval()
-    log.info(kv(event="model_loaded", stage=stage, step=ckpt.step, path=ckpt.path, device=device))
-    return model, tokenizer, ckpt
+    log.info(kv(event="model_loaded", stage=stage, step=ckpt.step, path=ckpt.path, device=engine.device))
+    return engine, ckpt
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,16 +165,14 @@ def evaluate_base(base_dir: Path, model_tag: str, bundle: str, device: str, max_
                   batch_rows: int) -> dict[str, Any]:
     from trainer.core_eval import centered, evaluate_task, load_bundle, load_examples
 
+    engine, ckpt = load_latest_engine(base_dir, "base", model_tag, device)  # before a bundle download
     bundle_dir = resolve_bundle(bundle, base_dir)
     tasks = load_bundle(bundle_dir)
-    model, tokenizer, ckpt = load_latest_model(base_dir, "base", model_tag, device)
-    device_obj = next(model.parameters()).device
     accuracy, centered_accuracy = {}, {}
     for task in tasks:
         start = time.monotonic()
         data = load_examples(bundle_dir, task, max_per_task)
-        accuracy[task.label] = evaluate_task(model, tokenizer, task, data, device_obj, model.rotary_seq_len,
-                                             batch_rows)
+        accuracy[task.label] = evaluate_task(engine.model, engine.tokenizer, task, data, batch_rows)
         centered_accuracy[task.label] = centered(accuracy[task.label], task.random_baseline)
         log.info(kv(event="eval_task", stage="base", step=ckpt.step, task=task.label, shots=task.num_fewshot,
                     examples=len(data), accuracy=f"{accuracy[task.label]:.4f}",
@@ -211,17 +200,15 @@ def evaluate_chat(base_dir: Path, model_tag: str, task_names: list[str], device:
     unknown = [name for name in task_names if name not in TASKS]
     if unknown:
         raise EvalError(f"unknown chat task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
-    model, tokenizer, ckpt = load_latest_model(base_dir, "sft", model_tag, device)
-    device_obj = next(model.parameters()).device
+    engine, ckpt = load_latest_engine(base_dir, "sft", model_tag, device)
     accuracy = {}
     for name in task_names:
         task, start = TASKS[name], time.monotonic()
         problems = load_problems(task, base_dir / "eval_data", max_problems)
         if task.kind == "categorical":
-            answers = categorical_answers(model, tokenizer, problems, device_obj, batch_size)
+            answers = categorical_answers(engine, problems, batch_size)
         else:
-            complete = greedy_completer(model, tokenizer, max_new_tokens)
-            answers = generative_answers(tokenizer, problems, complete)
+            answers = generative_answers(engine, problems, batch_size, max_new_tokens)
         accuracy[name] = sum(map(is_right, [task] * len(problems), problems, answers)) / len(problems)
         log.info(kv(event="eval_task", stage="sft", step=ckpt.step, task=name, problems=len(problems),
                     accuracy=f"{accuracy[name]:.4f}", seconds=round(time.monotonic() - start, 2)))
@@ -231,20 +218,6 @@ def evaluate_chat(base_dir: Path, model_tag: str, task_names: list[str], device:
     log.info(kv(event="eval_done", stage="sft", step=ckpt.step, chatcore=f"{results['chatcore']:.4f}",
                 path=path))
     return results
-
-
-def greedy_completer(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
-    """prompt ids -> the ids the model writes, greedy, up to <|assistant_end|>, with the inference engine."""
-    from trainer.engine import Engine
-
-    engine = Engine(model, tokenizer)
-    stop = tokenizer.special_id("<|assistant_end|>")
-
-    def complete(prompt: list[int]) -> list[int]:
-        out = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=0.0)
-        return out[:out.index(stop)] if stop in out else out
-
-    return complete
 
 
 def _run(job: Any) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainer.data import DataError
+from trainer.engine import Engine
 from trainer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -117,12 +117,6 @@ def load_problems(task: ChatTask, cache_dir: Path, max_problems: int | None = No
     return [task.to_problem(row) for row in ds]
 
 
-def prompt_ids(tokenizer: Tokenizer, problem: Problem) -> list[int]:
-    """The conversation without the reference answer, then <|assistant_start|>: where the model answers."""
-    ids, _ = tokenizer.render_conversation(problem.messages[:-1])
-    return [*ids, tokenizer.special_id("<|assistant_start|>")]
-
-
 def letter_ids(tokenizer: Tokenizer, letters: tuple[str, ...]) -> list[int]:
     ids = [tokenizer.encode(letter) for letter in letters]
     if any(len(i) != 1 for i in ids):
@@ -131,29 +125,32 @@ def letter_ids(tokenizer: Tokenizer, letters: tuple[str, ...]) -> list[int]:
 
 
 @torch.no_grad()
-def categorical_answers(model: torch.nn.Module, tokenizer: Tokenizer, problems: list[Problem],
-                        device: torch.device, batch_size: int = 8) -> list[str]:
+def categorical_answers(engine: Engine, problems: list[Problem], batch_size: int = 8) -> list[str]:
     """Each problem's letter with the highest logit at the assistant's first position, among its own."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     answers = []
     for i in range(0, len(problems), batch_size):
         group = problems[i:i + batch_size]
-        prompts = [prompt_ids(tokenizer, p) for p in group]
+        prompts = [engine.chat_prompt(p.messages[:-1]) for p in group]
         width = max(len(p) for p in prompts)
-        # Right padding comes after the answer position, so causal attention never sees it.
-        ids = torch.tensor([p + [tokenizer.bos_id] * (width - len(p)) for p in prompts], device=device)
-        with autocast:
-            logits = model(ids)
+        # Right padding comes after the answer position, so causal attention never lets it in.
+        ids = torch.tensor([p + [engine.tokenizer.bos_id] * (width - len(p)) for p in prompts],
+                           device=engine.device)
+        with engine.autocast:
+            logits = engine.model(ids)
         for b, problem in enumerate(group):
-            scores = logits[b, len(prompts[b]) - 1, letter_ids(tokenizer, problem.letters)]
+            scores = logits[b, len(prompts[b]) - 1, letter_ids(engine.tokenizer, problem.letters)]
             answers.append(problem.letters[int(scores.argmax())])
     return answers
 
 
-def generative_answers(tokenizer: Tokenizer, problems: list[Problem],
-                       complete: Callable[[list[int]], list[int]]) -> list[str]:
-    """Each problem's completion as text; `complete` maps prompt ids to the generated ids."""
-    return [tokenizer.decode(complete(prompt_ids(tokenizer, p))) for p in problems]
+def generative_answers(engine: Engine, problems: list[Problem], batch_size: int, max_new_tokens: int
+                       ) -> list[str]:
+    """Each problem's answer as the model writes it: greedy, until <|assistant_end|> or max_new_tokens."""
+    answers = []
+    for i in range(0, len(problems), batch_size):
+        prompts = [engine.chat_prompt(p.messages[:-1]) for p in problems[i:i + batch_size]]
+        answers += [engine.decode(ids) for ids in engine.generate(prompts, max_tokens=max_new_tokens)]
+    return answers
 
 
 def is_right(task: ChatTask, problem: Problem, answer: str) -> bool:

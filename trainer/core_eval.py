@@ -16,7 +16,6 @@ import csv
 import json
 import random
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trainer.engine import autocast_for
 from trainer.tokenizer import Tokenizer
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -166,7 +166,7 @@ def prepare(task: CoreTask, data: list[dict], index: int, tokenizer: Tokenizer, 
 
 
 @torch.no_grad()
-def token_losses(model: torch.nn.Module, rows: list[list[int]], pad_id: int, device: torch.device
+def token_losses(model: torch.nn.Module, rows: list[list[int]], pad_id: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(losses, argmax) of right-padded rows, both (B, T) on the CPU: losses[b, t] is the loss of token
     t + 1 given tokens 0..t, argmax[b, t] the model's greedy guess for it. Padding sits after every real
@@ -175,9 +175,9 @@ def token_losses(model: torch.nn.Module, rows: list[list[int]], pad_id: int, dev
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for b, row in enumerate(rows):
         ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+    device = next(model.parameters()).device
     ids = ids.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with autocast:
+    with autocast_for(device):
         logits = model(ids)
     targets = torch.roll(ids, shifts=-1, dims=1)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
@@ -208,12 +208,13 @@ def batches(examples: list[Scored], max_rows: int) -> Iterator[list[Scored]]:
 
 
 def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: CoreTask, data: list[dict],
-                  device: torch.device, max_len: int, batch_rows: int = 32) -> float:
-    """Accuracy of the model on the task's examples (model in eval mode)."""
-    examples = [prepare(task, data, i, tokenizer, max_len) for i in range(len(data))]
+                  batch_rows: int = 32) -> float:
+    """Accuracy of a GPT on the task's examples; rows are cut to the model's rotary cache (10x the
+    training length), the longest it can read."""
+    examples = [prepare(task, data, i, tokenizer, model.rotary_seq_len) for i in range(len(data))]
     correct = 0
     for group in batches(examples, batch_rows):
-        losses, argmax = token_losses(model, [r for e in group for r in e.rows], tokenizer.bos_id, device)
+        losses, argmax = token_losses(model, [r for e in group for r in e.rows], tokenizer.bos_id)
         row = 0
         for example in group:
             n = len(example.rows)
