@@ -220,6 +220,27 @@ def evaluate_chat(base_dir: Path, model_tag: str, task_names: list[str], device:
     return results
 
 
+def evaluate_finished_stage(base_dir: Path, model_tag: str, stage: str, device: str) -> None:
+    """EVAL=1 in `phoenix run`: score a finished stage's final checkpoint unless its results exist (so a
+    relaunch after a kill mid-eval evaluates again). A failure is logged: the training run is not lost."""
+    from trainer.core_eval import BundleError
+    from trainer.data import DataError
+
+    ckpt = layout.latest(layout.stage_dir(base_dir, stage, model_tag))
+    if ckpt is None or results_path(base_dir, model_tag, stage, ckpt.step).is_file():
+        return
+    try:
+        if stage == "base":
+            bundle = os.environ.get("EVAL_BUNDLE") or DEFAULT_EVAL_BUNDLE
+            evaluate_base(base_dir, model_tag, bundle, device, max_per_task=-1, batch_rows=32)
+        else:
+            evaluate_chat(base_dir, model_tag, DEFAULT_CHAT_TASKS.split(","), device, max_problems=None,
+                          batch_size=8, max_new_tokens=512)
+    except (EvalError, BundleError, DataError) as exc:
+        log.warning(kv(event="eval_failed", stage=stage, step=ckpt.step, error=redact(str(exc)),
+                       action=f"run phoenix eval {'base' if stage == 'base' else 'chat'} once fixed"))
+
+
 def _run(job: Any) -> None:
     from trainer.data import DataError
 

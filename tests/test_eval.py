@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import zipfile
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from entrypoint.eval import resolve_bundle, results_path
+from entrypoint.eval import evaluate_finished_stage, resolve_bundle, results_path
 from tests.helpers import MODEL_TAG, chat_conversations, run_phoenix
 from trainer import checkpoint_layout as layout
 from trainer.chat_eval import (
@@ -377,3 +378,27 @@ def test_eval_chat_scores_every_task_from_hub_datasets(hub, tmp_path, tokenizer_
     no_volume = {**env, "NANOCHAT_BASE_DIR": str(empty), "EVAL_BUNDLE": str(empty)}
     code, out = run_phoenix(no_volume, "eval", "base")
     assert code == 2 and "error: no complete base checkpoint" in out and "Traceback" not in out
+
+
+def test_eval_after_a_stage_runs_once_and_a_failure_does_not_stop_the_run(tmp_path, tokenizer_dir,
+                                                                         monkeypatch, caplog):
+    """EVAL=1's hook in `phoenix run`: the results file makes it run once; a bad bundle is one warning."""
+    base = tmp_path / "volume"
+    write_model(base, "base", 10, tokenizer_dir)
+    monkeypatch.setenv("EVAL_BUNDLE", str(tmp_path / "no-such-bundle"))
+    logging.getLogger("phoenix").addHandler(caplog.handler)  # in case setup_logging stopped propagation
+    evaluate_finished_stage(base, MODEL_TAG, "base", "cpu")
+    assert "event=eval_failed stage=base step=10" in caplog.text
+    assert not results_path(base, MODEL_TAG, "base", 10).exists()
+
+    bundle = tmp_path / "bundle"
+    for name, data in core_bundle().items():
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / name).write_bytes(data)
+    monkeypatch.setenv("EVAL_BUNDLE", str(bundle))
+    evaluate_finished_stage(base, MODEL_TAG, "base", "cpu")
+    path = results_path(base, MODEL_TAG, "base", 10)
+    assert json.loads(path.read_text())["core_metric"] == pytest.approx(1 / 3)
+    written = path.stat().st_mtime_ns
+    evaluate_finished_stage(base, MODEL_TAG, "base", "cpu")
+    assert path.stat().st_mtime_ns == written

@@ -137,8 +137,10 @@ def prepare(task: CoreTask, data: list[dict], index: int, tokenizer: Tokenizer, 
     item = data[index]
     fewshot: list[dict] = []
     if task.num_fewshot > 0:
-        others = [i for i in range(len(data)) if i != index]
-        fewshot = [data[i] for i in random.Random(FEWSHOT_SEED + index).sample(others, task.num_fewshot)]
+        # nanochat samples from the list of the other indices; sampling positions in range(n - 1) and
+        # skipping over `index` draws the same examples without building that list for every example.
+        picks = random.Random(FEWSHOT_SEED + index).sample(range(len(data) - 1), task.num_fewshot)
+        fewshot = [data[i + (i >= index)] for i in picks]
     delimiter = task.continuation_delimiter
     if task.task_type == "multiple_choice":
         rows = tokenizer.encode_batch(render_multiple_choice(item, delimiter, fewshot))
