@@ -386,8 +386,12 @@ def test_eval_after_a_stage_runs_once_and_a_failure_does_not_stop_the_run(tmp_pa
     base = tmp_path / "volume"
     write_model(base, "base", 10, tokenizer_dir)
     monkeypatch.setenv("EVAL_BUNDLE", str(tmp_path / "no-such-bundle"))
-    logging.getLogger("phoenix").addHandler(caplog.handler)  # in case setup_logging stopped propagation
-    evaluate_finished_stage(base, MODEL_TAG, "base", "cpu")
+    phoenix_log = logging.getLogger("phoenix")
+    phoenix_log.addHandler(caplog.handler)  # setup_logging, run by an earlier test, stops propagation
+    try:
+        evaluate_finished_stage(base, MODEL_TAG, "base", "cpu")
+    finally:
+        phoenix_log.removeHandler(caplog.handler)
     assert "event=eval_failed stage=base step=10" in caplog.text
     assert not results_path(base, MODEL_TAG, "base", 10).exists()
 
