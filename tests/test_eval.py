@@ -225,10 +225,13 @@ def test_gsm8k_answers_are_generated_until_assistant_end(tokenizer):
     assert len(set(chain)) == len(chain), "a bigram model can only plant distinct steps"
     plant(model, list(zip(chain, chain[1:], strict=False)), strength=2.0)
     problems = [Problem([{"role": "user", "content": q}, {"role": "assistant", "content": f"#### {a}"}],
-                        answer=a) for q, a in (("What color is the river?", "7"), ("Thank you!", "42"))]
-    answers = generative_answers(engine, problems, batch_size=2, max_new_tokens=10)
-    assert answers == ["#### 7", "#### 7"]
-    assert [is_right(TASKS["GSM8K"], p, a) for p, a in zip(problems, answers, strict=True)] == [True, False]
+                        answer=a) for q, a in (("What color is the river?", "7"), ("Thank you!", "42"),
+                                               ("What color is the river? " * 200, "7"))]
+    assert len(engine.chat_prompt(problems[2].messages[:1])) > engine.max_len
+    answers = generative_answers(engine, problems, batch_size=3, max_new_tokens=10)
+    assert answers == ["#### 7", "#### 7", ""]  # the prompt past the context gets no answer, no crash
+    right = [is_right(TASKS["GSM8K"], p, a) for p, a in zip(problems, answers, strict=True)]
+    assert right == [True, False, False]
 
 
 # --- end to end -------------------------------------------------------------------------------------

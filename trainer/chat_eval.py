@@ -130,7 +130,8 @@ def categorical_answers(engine: Engine, problems: list[Problem], batch_size: int
     answers = []
     for i in range(0, len(problems), batch_size):
         group = problems[i:i + batch_size]
-        prompts = [engine.chat_prompt(p.messages[:-1]) for p in group]
+        # A prompt past the model's context keeps its end: the choices and the answer position.
+        prompts = [engine.chat_prompt(p.messages[:-1])[-engine.max_len:] for p in group]
         width = max(len(p) for p in prompts)
         # Right padding comes after the answer position, so causal attention never lets it in.
         ids = torch.tensor([p + [engine.tokenizer.bos_id] * (width - len(p)) for p in prompts],
@@ -149,7 +150,12 @@ def generative_answers(engine: Engine, problems: list[Problem], batch_size: int,
     answers = []
     for i in range(0, len(problems), batch_size):
         prompts = [engine.chat_prompt(p.messages[:-1]) for p in problems[i:i + batch_size]]
-        answers += [engine.decode(ids) for ids in engine.generate(prompts, max_tokens=max_new_tokens)]
+        # The answer must fit in the model's context after the longest prompt of the batch; a prompt
+        # that leaves no room at all gets no answer (counted wrong) rather than stopping the eval.
+        fits = [p for p in prompts if len(p) < engine.max_len]
+        budget = min(max_new_tokens, engine.max_len - max((len(p) for p in fits), default=0))
+        written = iter(engine.generate(fits, max_tokens=budget) if fits else [])
+        answers += [engine.decode(next(written)) if len(p) < engine.max_len else "" for p in prompts]
     return answers
 
 
