@@ -19,13 +19,16 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from entrypoint.hub import kv
 from entrypoint.logs import redact, setup_logging
 from trainer import checkpoint_layout as layout
+
+if TYPE_CHECKING:
+    from trainer.engine import Engine
 
 log = logging.getLogger("phoenix.eval")
 
@@ -102,7 +105,8 @@ def _download_zip(url: str, target: Path) -> None:
 # The model
 
 
-def load_latest_engine(base_dir: Path, stage: str, model_tag: str, device_flag: str) -> tuple[Any, Any]:
+def load_latest_engine(base_dir: Path, stage: str, model_tag: str, device_flag: str
+                       ) -> tuple[Engine, layout.Checkpoint]:
     """(inference engine, checkpoint) for the newest complete checkpoint of the stage: sha256-verified,
     weights only."""
     from trainer.engine import Engine, pick_device
