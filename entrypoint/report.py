@@ -169,7 +169,8 @@ def stage_section(series: StageSeries, pngs: list[Path]) -> list[str]:
     if series.pushes:
         lags = [lag for _, lag in series.pushes if lag is not None]
         lag = f", median lag {statistics.median(lags) / 60:.1f} min after the step" if lags else ""
-        rows.append(("pushed to the Hub", f"{len(series.pushes)} checkpoints, last step "
+        count = f"{len(series.pushes)} checkpoint{'s' if len(series.pushes) != 1 else ''}"
+        rows.append(("pushed to the Hub", f"{count}, last step "
                                           f"{max(s for s, _ in series.pushes)}{lag}"))
     lines += ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows), ""]
     lines += [f"![{png.stem}]({png.name})" for png in pngs]

@@ -52,7 +52,7 @@ def test_report_of_a_killed_and_resumed_run(tmp_path):
     report_dir = base / "runs" / MODEL_TAG / "report"
     page = (report_dir / "report.md").read_text()
     assert "| resumed from checkpoint steps | 8 |" in page
-    assert "| pushed to the Hub | 1 checkpoints, last step 8, median lag 1.5 min after the step |" in page
+    assert "| pushed to the Hub | 1 checkpoint, last step 8, median lag 1.5 min after the step |" in page
     assert "| base step 12 | CORE | 0.1250 |" in page
     for name in ("base_loss", "base_val", "base_tok_per_sec", "base_sync_lag"):
         assert f"![{name}]({name}.png)" in page
