@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from entrypoint.eval import evaluate_finished_stage, resolve_bundle, results_path
+from entrypoint.eval import EvalError, evaluate_chat, evaluate_finished_stage, resolve_bundle, results_path
 from tests.helpers import MODEL_TAG, chat_conversations, run_phoenix
 from trainer import checkpoint_layout as layout
 from trainer.chat_eval import (
@@ -374,8 +374,8 @@ def test_eval_chat_scores_every_task_from_hub_datasets(hub, tmp_path, tokenizer_
     assert "task=MMLU problems=4 accuracy=0.5000" in out
     assert list((base / "logs").glob("wandb/offline-run-*")), "the results went to the offline W&B run"
 
-    code, out = run_phoenix(env, "eval", "chat", "--tasks", "ARC-Easy,HumanEval")
-    assert code == 2 and "error: unknown chat task(s) HumanEval" in out and "Traceback" not in out
+    with pytest.raises(EvalError, match=r"unknown chat task\(s\) HumanEval: choose from ARC-Easy"):
+        evaluate_chat(base, MODEL_TAG, ["ARC-Easy", "HumanEval"], "cpu", None, 8, 8)
     empty = tmp_path / "empty"
     empty.mkdir()
     no_volume = {**env, "NANOCHAT_BASE_DIR": str(empty), "EVAL_BUNDLE": str(empty)}

@@ -10,9 +10,12 @@ import json
 import os
 import time
 
+from click.testing import CliRunner
+
+from entrypoint.cli import main
 from entrypoint.localhub import LocalHub
 from entrypoint.report import read_stage, write_report
-from tests.helpers import MODEL_TAG, publish_corpus, run_phoenix, run_trainer
+from tests.helpers import MODEL_TAG, publish_corpus, run_trainer
 
 ARGS = ("--num-iterations", "12", "--save-every", "4", "--eval-every", "6")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,6 +40,9 @@ def test_report_of_a_killed_and_resumed_run(tmp_path):
     pushed = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stepped_at[8] + 90))
     (logs / "hf_sync.log").write_text(f"{pushed} INFO phoenix.sync event=push_done stage=base step=8 "
                                       "bytes=1 seconds=0.1 mb_s=0.0 extras=0 commit=abc\n")
+    # And what `phoenix run` logs when it brings a checkpoint back from the Hub before relaunching.
+    with open(logs / "phoenix_run.log", "a") as f:
+        f.write(f"{pushed} INFO phoenix.restore event=restore_start stage=base step=8 files=3 bytes=10\n")
     eval_dir = base / "runs" / MODEL_TAG / "eval"
     eval_dir.mkdir(parents=True)
     (eval_dir / "base_step000012.json").write_text(json.dumps(
@@ -47,11 +53,13 @@ def test_report_of_a_killed_and_resumed_run(tmp_path):
     assert sorted(series.train) == list(range(1, 13))  # the redone steps 9-10 counted once
     assert sorted(series.val) == [0, 6, 12]
 
-    code, out = run_phoenix({**env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG}, "report")
-    assert code == 0 and "base=12" in out, out
+    volume_env = {"NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG}
+    result = CliRunner().invoke(main, ["report"], env=volume_env)  # the real CLI, in this process
+    assert result.exit_code == 0 and "base=12" in result.output, result.output
     report_dir = base / "runs" / MODEL_TAG / "report"
     page = (report_dir / "report.md").read_text()
     assert "| resumed from checkpoint steps | 8 |" in page
+    assert "| restored from the Hub at steps | 8 |" in page
     assert "| pushed to the Hub | 1 checkpoint, last step 8, median lag 1.5 min after the step |" in page
     assert "| base step 12 | CORE | 0.1250 |" in page
     for name in ("base_loss", "base_val", "base_tok_per_sec", "base_sync_lag"):
@@ -62,4 +70,5 @@ def test_report_of_a_killed_and_resumed_run(tmp_path):
 
     # The same report in-process, to another folder: what it plotted includes the resume.
     _, stages = write_report(base, MODEL_TAG, tmp_path / "elsewhere")
-    assert stages["base"].resumes == [8] and stages["base"].pushes[0][0] == 8
+    assert stages["base"].resumes == [8] and stages["base"].restores == [8]
+    assert stages["base"].pushes[0][0] == 8
