@@ -309,6 +309,7 @@ def run_loop(
         )
     )
     failures = 0
+    fatal = False  # the last pass hit a setting only the user can fix
     next_pass = time.monotonic()
     seen, generation = read_trainer_status(cfg), local_generation(cfg)
     while not stop.is_set():
@@ -326,10 +327,12 @@ def run_loop(
                 result = syncer.sync_once()
             except HubFatal as exc:
                 _log_fatal(exc, f"pushing nothing; checking again in {cfg.sync_interval:.0f}s")
+                fatal = True
                 if exit_when_stopped and trainer_stopped:
                     return 2
                 next_pass = time.monotonic() + cfg.sync_interval
                 continue
+            fatal = False
             failures = 0 if result.ok or result.fenced else failures + 1
             delay = cfg.sync_interval if failures == 0 else _FIRST_FAILURE_DELAY * 2 ** (failures - 1)
             next_pass = time.monotonic() + min(delay, cfg.sync_interval)
@@ -337,6 +340,8 @@ def run_loop(
                 log.info(kv(event="exit", reason="the trainer stopped and the final sync is done"))
                 return 0 if result.ok else 1
         stop.wait(max(0.0, min(poll_seconds, next_pass - time.monotonic())))
+    if fatal:  # already said; a final push would only fail the same way
+        return 2
     return _final_push(cfg, syncer, poll_seconds, stop_wait_seconds, grace_seconds)
 
 
