@@ -62,6 +62,8 @@ def test_storage_refusal_and_full_quota_are_failed_passes_then_pushed(hub, env) 
     done = phoenix(env, "sync", "--once")
     assert done.returncode == 0, done.stdout + done.stderr
     assert hub_steps(hub, env) == [250]
+    # create_repo (rate limited, needs namespace rights) only while the repo was missing: three sidecars, one.
+    assert [r.method for r in hub.server.request_log if r.path == "/api/repos/create"] == ["POST"]
 
 
 def test_checkpoint_pruned_while_its_upload_waits_is_skipped_and_the_next_pushed(hub, env) -> None:
