@@ -380,6 +380,7 @@ class StepReporter:
         # Per-step numbers for `phoenix status` and the tests; kept open for the whole run.
         metrics_path = logs_dir / f"train_{stage}_{model_tag}.jsonl"
         self.metrics = open(metrics_path, "a") if self.enabled else None  # noqa: SIM115
+        self.first_step = True
         self.wandb = None
         if self.enabled and wandb_name and wandb_name != "dummy":
             import wandb
@@ -404,9 +405,14 @@ class StepReporter:
                  "total time %.2fm", step, num_iterations, 100 * step / num_iterations, debiased, lrm,
                  dt * 1000, f"{tok_per_sec:,.0f}", f"{mfu:.2f}" if mfu is not None else "-",
                  loop_state["train_time"] / 60)
+        now = time.time()
+        if self.first_step and step > 1:  # this process resumed from the checkpoint of step - 1
+            self.metrics.write(json.dumps({"step": step - 1, "event": "resume", "time": now}) + "\n")
+        self.first_step = False
+        # Wall-clock time lets `phoenix report` line steps up with the sidecar's pushes (sync lag).
         self.metrics.write(json.dumps({"step": step, "loss": loss, "lrm": lrm, "dt": dt,
                                        "tok_per_sec": tok_per_sec, "mfu": mfu,
-                                       "elapsed": loop_state["train_time"]}) + "\n")
+                                       "elapsed": loop_state["train_time"], "time": now}) + "\n")
         self.metrics.flush()
         if self.wandb:
             self.wandb.log({"train/loss": loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
