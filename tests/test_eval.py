@@ -60,7 +60,10 @@ def blockless_gpt(vocab_size: int, seed: int = 0) -> GPT:
     """A GPT with no blocks, random embeddings and a zero head: logits = 15 tanh(W h(token) / 15)."""
     torch.manual_seed(seed)
     config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=0, n_head=2, n_kv_head=2, n_embd=16)
-    return build_model(config, "cpu").eval()
+    model = build_model(config, "cpu").eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # init draws it at std 0.001
+    return model
 
 
 def hidden(model: GPT, token: int) -> np.ndarray:
@@ -246,6 +249,8 @@ def write_model(base: Path, stage: str, step: int, tokenizer_dir: Path) -> None:
     shutil.copytree(tokenizer_dir, base / "tokenizer", dirs_exist_ok=True)
     config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)
     model = build_model(config, "cpu")
+    with torch.no_grad():  # init draws the head at std 0.001: zeroed, every choice ties and the first wins
+        model.lm_head.weight.zero_()
     tmp = layout.new_tmp_dir(layout.stage_dir(base, stage, MODEL_TAG), step)
     save_file(model.state_dict(), str(tmp / "model.safetensors"))
     (tmp / layout.META_NAME).write_text(json.dumps({"model_config": config.__dict__, "step": step}))

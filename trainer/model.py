@@ -27,8 +27,9 @@ ROTARY_BASE = 100_000  # longer wavelengths than the classic 10,000: better use 
 LOGIT_SOFTCAP = 15.0
 QK_SCALE = 1.2  # q and k each times 1.2 after QK-norm: attention logits 1.44x sharper than unit vectors give
 WINDOW_TILE = 128  # short windows are rounded up to FlashAttention-3's tile size
-VE_GATE_CHANNELS = 12  # a value embedding's gate reads the first 12 channels of the layer's input
-SMEAR_GATE_CHANNELS = 24  # the smear gate reads the first 24 channels of the token's embedding
+# The gates read only the first few channels of their input (all of them on a toy model narrower than that):
+VE_GATE_CHANNELS = 12  # a value embedding's gate: of the layer's input
+SMEAR_GATE_CHANNELS = 24  # the smear gate: of the token's embedding
 
 
 @dataclass
@@ -84,7 +85,8 @@ def window_sizes(config: GPTConfig) -> list[int]:
     short_window = min(-(-long_window // 4 // WINDOW_TILE) * WINDOW_TILE, long_window)
     windows = [long_window if pattern[i % len(pattern)] == "L" else short_window
                for i in range(config.n_layer)]
-    windows[-1] = long_window  # the last layer sees everything, whatever the pattern
+    if windows:
+        windows[-1] = long_window  # the last layer sees everything, whatever the pattern
     return windows
 
 
@@ -175,7 +177,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # Value residual (ResFormer, arXiv:2410.17897): a per-token embedding added to the values, scaled by
         # a gate per key/value head that the layer's input decides.
-        self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+        self.ve_gate_channels = min(VE_GATE_CHANNELS, config.n_embd)
+        self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
 
     def forward(self, x: torch.Tensor, value_embedding: torch.Tensor | None, cos: torch.Tensor,
@@ -188,7 +191,7 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if value_embedding is not None:
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H_kv), in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, H_kv), in (0, 3)
             v = v + gate[..., None] * value_embedding.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE  # QK-norm bounds the logits without a learned scale
@@ -246,8 +249,6 @@ class GPT(nn.Module):
             raise ValueError(f"n_embd={config.n_embd} must split into {config.n_head} heads of even size")
         if config.n_head % config.n_kv_head:
             raise ValueError(f"n_head={config.n_head} must be a multiple of n_kv_head={config.n_kv_head}")
-        if config.n_embd < SMEAR_GATE_CHANNELS:
-            raise ValueError(f"n_embd={config.n_embd}: the smear gate reads {SMEAR_GATE_CHANNELS} channels")
         self.config = config
         self.window_sizes = window_sizes(config)
         self.transformer = nn.ModuleDict(
@@ -262,7 +263,8 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
         # Smear: each token's embedding takes in its predecessor's through a learned gate (cheap bigrams).
-        self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False)
+        self.smear_gate_channels = min(SMEAR_GATE_CHANNELS, config.n_embd)
+        self.smear_gate = nn.Linear(self.smear_gate_channels, 1, bias=False)
         self.smear_lambda = nn.Parameter(torch.empty(1))
         # Backout: the residual at the middle layer, scaled, is subtracted before the head (drops the
         # low-level features the head does not need).
@@ -364,7 +366,7 @@ class GPT(nn.Module):
             keys = torch.arange(cache.span, device=idx.device)
             masks = {w: attention_mask(positions, keys, w)[:, None] for w in set(self.window_sizes)}
             previous = cache.previous_embeddings(x)
-        smear = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
+        smear = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate_channels]))
         x = x + smear * previous
         x0 = x
         backout = x
