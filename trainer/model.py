@@ -4,7 +4,7 @@ per-layer residual scalars, smear and backout, untied head, logit soft-cap, no b
 Build big models on the meta device, then `to_empty(device=...)` and `init_weights()`:
 nothing is allocated or initialised twice, and the weights depend only on torch's seed.
 Generation passes a `KVCache` to `forward`; without one (training) no cache code runs.
-The numbers below are nanochat's (nanochat/gpt.py, July 2026), each one a measured gain in its logs.
+The numbers below are nanochat's (nanochat/gpt.py and flash_attention.py, July 2026).
 """
 
 import math
