@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from entrypoint.chat import chat_command
 from entrypoint.demo import demo_command
+from entrypoint.export import export_command
 from entrypoint.restore import restore_command
 from entrypoint.run import doctor_command, health_command, run_command
 from entrypoint.status import status_command
@@ -25,3 +27,5 @@ main.add_command(health_command)
 main.add_command(status_command)
 main.add_command(sync_command)
 main.add_command(restore_command)
+main.add_command(chat_command)
+main.add_command(export_command)

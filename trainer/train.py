@@ -29,6 +29,7 @@ from trainer.data import (
     ShardStore,
     validation_rows,
 )
+from trainer.engine import Engine
 from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 from trainer.runtime import (
@@ -53,18 +54,22 @@ from trainer.tokenizer import ensure_tokenizer, load_tokenizer
 
 log = logging.getLogger("phoenix.train")
 STAGE = "base"
+# Completed greedily during training (nanochat's choice of prompts): a glance at what the model knows.
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
+SAMPLE_TOKENS = 16
 
 # Presets: tiny trains on 2 CPU cores in seconds; d20 / d26 are nanochat's speedrun sizes.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=128, device_batch_size=4,
-                 total_batch_size=1024, vocab_size=2048, num_iterations=200, eval_every=50,
+                 total_batch_size=1024, vocab_size=2048, num_iterations=200, eval_every=50, sample_every=50,
                  eval_tokens=4096, tokenizer_chars=2_000_000),
     "d20": dict(depth=20, aspect_ratio=64, head_dim=128, max_seq_len=2048, device_batch_size=32,
                 total_batch_size=524288, vocab_size=32768, num_iterations=-1, eval_every=250,
-                eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000),
+                sample_every=250, eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000),
     "d26": dict(depth=26, aspect_ratio=64, head_dim=128, max_seq_len=2048, device_batch_size=16,
                 total_batch_size=524288, vocab_size=32768, num_iterations=-1, eval_every=250,
-                eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000),
+                sample_every=250, eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000),
 }
 
 
@@ -81,6 +86,7 @@ class TrainConfig:
     num_iterations: int = -1  # -1: derive from target_param_data_ratio
     target_param_data_ratio: float = 20.0
     eval_every: int = 250
+    sample_every: int = 250  # complete SAMPLE_PROMPTS every this many steps and at the end; 0 = off
     eval_tokens: int = 10 * 524288
     tokenizer_chars: int = 2_000_000_000
     embedding_lr: float = 0.2
@@ -255,6 +261,14 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         reporter.value(step, "val_bpb", val_bpb)
 
+    # Rank 0, greedy, on the bare model: no RNG drawn and no collective, so the trajectory is untouched.
+    sampler = Engine(model, tokenizer, autocast) if d.is_main and cfg.sample_every > 0 else None
+
+    def sample() -> None:
+        completions = sampler.generate([sampler.text_prompt(p) for p in SAMPLE_PROMPTS], SAMPLE_TOKENS)
+        reporter.samples(step, [(p, sampler.decode(c)) for p, c in zip(SAMPLE_PROMPTS, completions,
+                                                                         strict=True)])
+
     # --- the loop ------------------------------------------------------------------------------------
     if step == 0 and cfg.eval_every > 0:
         evaluate()
@@ -282,6 +296,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                       time.perf_counter() - t0, cfg.total_batch_size)
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == num_iterations):
             evaluate()
+        if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
+            sample()
         if step % cfg.save_every == 0 or stop_now or step == num_iterations:
             # The final checkpoint is marked done: a relaunch skips the finished stage.
             save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta,
