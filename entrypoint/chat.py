@@ -112,6 +112,7 @@ def converse(loaded: Loaded, first: str | None, inp: TextIO, out: TextIO, **samp
             out.flush()
             line = inp.readline()
             if not line or line.strip() == "/quit":
+                out.write("\n" if not line else "")  # Ctrl-D leaves the cursor after the prompt
                 return
             text = line.rstrip("\n")
             if text.strip() == "/clear":
