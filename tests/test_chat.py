@@ -27,7 +27,7 @@ from tests.helpers import (
     train_chat_model,
     weights_sha256,
 )
-from tests.test_engine import greedy_without_cache
+from tests.test_engine import greedy_without_cache, one_thread  # noqa: F401 (autouse: one torch thread)
 from trainer import checkpoint_layout as layout
 from trainer.engine import Engine
 
