@@ -192,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         result = run_part(args.part, table[args.part].args, args.cpu, args.workdir, args.timeout)
         args.result.write_text(json.dumps(result, indent=1))
         return 0
+    if not args.cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"error: torch {torch.__version__} sees no CUDA GPU: run this on a GPU host (docker run "
+                  "--gpus all ...), or pass --cpu for the tiny CPU check", file=sys.stderr)
+            return 2
     only = [name for name in args.only.split(",") if name]
     return check(args.cpu, args.out, args.budget_s, only)
 

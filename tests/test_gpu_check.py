@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -74,6 +75,14 @@ def test_phoenix_run_killed_mid_run_resumes_bitwise_on_cpu(report):
 def test_two_ranks_train_in_step_over_ddp_and_compile(report):
     attempt = report[1]["parts"]["two_process"]["result"]["attempts"]["gloo-cpu"]
     assert attempt["ok"] and attempt["replicas_identical"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+def test_without_a_gpu_the_gpu_check_is_one_clear_line(tmp_path):
+    done = subprocess.run([str(SCRIPT), "--out", str(tmp_path / "gpu_check.json")],
+                          env=bare_host_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "gpu_check.json").exists()
+    assert done.stderr.startswith("error: ") and "--cpu" in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 def test_an_exhausted_budget_is_recorded_not_fatal(tmp_path):
