@@ -39,7 +39,7 @@ GPU_PARTS = [
                                     steps=20)),
     Part("throughput_d20", 110, dict(depth=20, batch=16, seq=2048, vocab=32768, aspect=64, head_dim=128,
                                      steps=15)),
-    Part("checkpoint_d20", 50, dict(depth=20, vocab=32768)),
+    Part("checkpoint_d20", 75, dict(depth=20, vocab=32768)),  # ~6 GB of state, written 4 times
     Part("resume_1proc", 130, dict(nproc=1)),
     Part("compile", 90, {}),
     Part("bf16", 30, {}),

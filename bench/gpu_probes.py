@@ -57,6 +57,14 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _nccl_version() -> str | None:
+    try:
+        version = torch.cuda.nccl.version()  # a tuple in recent torch, an int (e.g. 2708) in older ones
+    except Exception:  # a build without NCCL
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def environment() -> dict[str, Any]:
     """Versions of everything the figures depend on, and whether the trainer imports stay lean."""
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -69,8 +77,7 @@ def environment() -> dict[str, Any]:
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
                     gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                    cudnn=torch.backends.cudnn.version(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    cudnn=torch.backends.cudnn.version(), nccl=_nccl_version())
     if shutil.which("nvidia-smi"):
         query = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                capture_output=True, text=True, timeout=30)
