@@ -6,7 +6,9 @@ import click
 
 from entrypoint.chat import chat_command
 from entrypoint.demo import demo_command
+from entrypoint.eval import eval_command
 from entrypoint.export import export_command
+from entrypoint.report import report_command
 from entrypoint.restore import restore_command
 from entrypoint.run import doctor_command, health_command, run_command
 from entrypoint.status import status_command
@@ -29,3 +31,5 @@ main.add_command(sync_command)
 main.add_command(restore_command)
 main.add_command(chat_command)
 main.add_command(export_command)
+main.add_command(eval_command)
+main.add_command(report_command)

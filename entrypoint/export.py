@@ -32,6 +32,7 @@ log = logging.getLogger("phoenix.export")
 EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "README.md")
 MODEL_TYPE = "phoenix-nanochat-gpt"
 EXPORTED_DIR = "exported"  # where `phoenix chat --from` keeps downloaded exports, under NANOCHAT_BASE_DIR
+BOOKKEEPING = {"step", "time"}  # numbers in eval files that are not scores
 
 
 class ExportError(Exception):
@@ -83,7 +84,8 @@ def eval_scores(base_dir: Path, model_tag: str) -> dict[str, float]:
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
             for key, inner in value.items():
-                walk(f"{prefix}.{key}", inner)
+                if key not in BOOKKEEPING:
+                    walk(f"{prefix}.{key}", inner)
         elif isinstance(value, int | float) and not isinstance(value, bool):
             scores[prefix] = value
 
