@@ -1,4 +1,4 @@
-"""Data loader throughput: tokens per second one rank's DistributedTokenLoader hands out.
+"""Data loader throughput: tokens per second one rank's DistributedTokenLoader hands out, and its crop rate.
 
     python bench/loader.py --seq-len 2048 --lanes 256 --world-size 8     # one rank of an 8-GPU d20 run
 
@@ -49,7 +49,8 @@ def main() -> None:
     loader.close()
     tokens = args.steps * per_rank * args.seq_len
     print(f"rank 0 of {args.world_size}: {per_rank} rows x {args.seq_len} per step, "
-          f"{seconds / args.steps * 1000:.0f} ms/step, {tokens / seconds:,.0f} tok/s")
+          f"{seconds / args.steps * 1000:.0f} ms/step, {tokens / seconds:,.0f} tok/s, "
+          f"cropped {loader.crop_fraction():.1%} of the documents' tokens")
 
 
 if __name__ == "__main__":
