@@ -68,9 +68,9 @@ def global_batch(loaders) -> torch.Tensor:
 
 
 def merged_state(loaders) -> list[dict]:
-    """What a checkpoint records: every rank's lanes merged, through JSON as in meta.json."""
+    """Every rank's lanes merged, written as in meta.json and read back as a resume does."""
     positions = {lane: pos for loader in loaders for lane, pos in loader.state_dict().items()}
-    return json.loads(json.dumps(loader_meta(positions, LANES)))["lanes"]
+    return lane_state(json.loads(json.dumps(loader_meta(positions, LANES))), "checkpoint")
 
 
 def nanochat_best_fit(documents, row_len, buffer_size, num_rows):
