@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         store = prepare_data(cfg)
     if d.world_size > 1:
         dist.barrier()
-    if not d.is_main:
+    if not d.is_main:  # reads the listing rank 0 cached; an offline fallback is announced by rank 0 alone
         store = ShardStore(dataset_dir(base_dir, cfg.dataset_repo), cfg.dataset_repo, announce=False)
     tokenizer = load_tokenizer(base_dir / "tokenizer")
 
