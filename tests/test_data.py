@@ -128,24 +128,25 @@ def test_no_token_is_lost_but_the_cropped_tails(local_data, train_documents):
     for lane in range(LANES):
         document = {k: train_documents[(lane + k * LANES) % len(train_documents)]
                     for k in range(state[lane]["next"])}
-        segments = []  # each row split where a document starts: at every BOS
+        segments = []  # each row split where a document starts (at every BOS): (tokens, ends the row)
         for row in rows[lane]:
             starts = [i for i, token in enumerate(row) if token == bos] + [len(row)]
-            segments += [row[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+            segments += [(row[a:b], b == len(row)) for a, b in zip(starts, starts[1:], strict=False)]
         unmatched = {k: d for k, d in document.items() if k not in state[lane]["buffer"]}
         cut = []
-        for segment in segments:  # documents packed whole
+        for segment, ends_row in segments:  # documents packed whole
             k = next((k for k, d in unmatched.items() if d == segment), None)
             if k is None:
+                assert ends_row  # only a row's last document may be cut, and only at the row's end
                 cut.append(segment)
             else:
                 del unmatched[k]
         for segment in sorted(cut, key=len, reverse=True):  # crops: each a prefix of one taken document
             k = next(k for k, d in unmatched.items() if d[:len(segment)] == segment)
             dropped += len(unmatched.pop(k)) - len(segment)
-        # Every document taken is in the rows, whole or cropped, and no row holds more than one crop.
-        assert not unmatched and len(cut) <= len(rows[lane])
+        assert not unmatched  # every document taken is in the rows, whole or cropped, or still buffered
         assert len(state[lane]["buffer"]) == BUFFER - 1
+    assert dropped > 0  # and the loader's count of dropped tokens is exactly the tails found here
     assert dropped / (dropped + LANES * 12 * (SEQ_LEN + 1)) == pytest.approx(loader.crop_fraction())
 
 
