@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from entrypoint.synthetic import synthetic_document, write_shards
-from trainer.data import DistributedTokenLoader, DocumentSource, ShardStore
+from trainer.data import ShardStore
+from trainer.dataloader import DistributedTokenLoader, DocumentSource
 from trainer.tokenizer import train_tokenizer
 
 

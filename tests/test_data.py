@@ -15,13 +15,10 @@ import torch
 
 from entrypoint.synthetic import synthetic_document, write_shards
 from tests.helpers import DATASET_REPO, publish_corpus, run_trainer
-from trainer.data import (
-    CLIMBMIX_DATASET_REPO,
-    DataError,
+from trainer.data import CLIMBMIX_DATASET_REPO, DataError, ShardStore, dataset_dir
+from trainer.dataloader import (
     DistributedTokenLoader,
     DocumentSource,
-    ShardStore,
-    dataset_dir,
     lane_state,
     loader_meta,
     validation_rows,

@@ -22,12 +22,10 @@ import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
 from trainer.checkpoint import AsyncCheckpointer
-from trainer.data import (
-    DEFAULT_DATASET_REPO,
+from trainer.data import DEFAULT_DATASET_REPO, ShardStore, dataset_dir
+from trainer.dataloader import (
     DistributedTokenLoader,
     DocumentSource,
-    ShardStore,
-    dataset_dir,
     lane_state,
     loader_meta,
     validation_rows,
