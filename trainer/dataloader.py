@@ -210,8 +210,8 @@ class DistributedTokenLoader:
                 micro_batches = []
                 for micro in range(self.grad_accum_steps):
                     first = self.lanes.start + micro * self.device_batch_size
-                    rows = np.stack([self._packers[lane].row() for lane in range(first, first +
-                                                                                 self.device_batch_size)])
+                    lanes = range(first, first + self.device_batch_size)
+                    rows = np.stack([self._packers[lane].row() for lane in lanes])
                     batch = torch.from_numpy(rows.astype(np.int64))
                     if self.pin_memory:
                         batch = batch.pin_memory()
