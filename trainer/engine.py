@@ -71,7 +71,7 @@ class Engine:
         """Weights from a safetensors file (any float dtype) with the model config given as a dict."""
         from safetensors.torch import load_file
 
-        model_config = config_from_dict(config)
+        model_config = config_from_dict(config)  # config.json carries other keys too: ignored
         return cls(model_from_weights(model_config, load_file(str(weights), device="cpu"), device),
                    load_tokenizer(tokenizer_dir))
 

@@ -56,7 +56,12 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
     for field in fields(config_class):
         if field.name not in ("preset", "compile", "allow_fresh_start"):
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (CUDA only anyway)")
+    compile_flags = parser.add_mutually_exclusive_group()
+    compile_flags.add_argument("--compile", dest="compile", action="store_const", const="on",
+                               help="torch.compile on CPU too (default: on CUDA only, where it pays; a tiny "
+                                    "CPU run would spend longer compiling than training)")
+    compile_flags.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                               help="skip torch.compile, on CUDA too")
     parser.add_argument("--allow-fresh-start", action="store_true",
                         help="start over even though checkpoints exist and none is valid")
     args = parser.parse_args(argv)
@@ -70,7 +75,7 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
         value = getattr(args, field.name, None)
         if value is not None and field.name != "preset":
             setattr(cfg, field.name, value)
-    cfg.compile = not args.no_compile
+    cfg.compile = args.compile or "auto"
     cfg.allow_fresh_start = args.allow_fresh_start
     cfg.base_dir = str(Path(cfg.base_dir).expanduser())
     if cfg.save_every <= 0:
@@ -183,9 +188,15 @@ class StopSignal:
                     signal.Signals(signum).name)
 
 
-def compute_setup(model: torch.nn.Module, d: Dist, compile_model: bool, dynamic: bool = False
+def compiles(compile_mode: str, device: torch.device) -> bool:
+    """--compile (on) / --no-compile (off) / neither (auto): compile on CUDA only, where it pays."""
+    return compile_mode == "on" or (compile_mode == "auto" and device.type == "cuda")
+
+
+def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: bool = False
                   ) -> tuple[torch.nn.Module, Any]:
-    """(the module to train through, the autocast context): DDP across ranks, bf16 and compile on CUDA."""
+    """(the module to train through, the autocast context): bf16 autocast on CUDA, DDP across ranks, then
+    torch.compile over the DDP wrapper (its optimizer splits graphs at gradient buckets), on any device."""
     autocast: Any = nullcontext()
     if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] >= 8:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
@@ -193,7 +204,7 @@ def compute_setup(model: torch.nn.Module, d: Dist, compile_model: bool, dynamic:
     if d.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if compile_model and d.device.type == "cuda":
+    if compiles(compile_mode, d.device):
         train_model = torch.compile(train_model, dynamic=dynamic)
     return train_model, autocast
 
@@ -382,6 +393,7 @@ class StepReporter:
         self.metrics = open(metrics_path, "a") if self.enabled else None  # noqa: SIM115
         self.first_step = True
         self.wandb = None
+        self.sample_rows: list[list[Any]] = []
         if self.enabled and wandb_name and wandb_name != "dummy":
             import wandb
 
@@ -427,6 +439,18 @@ class StepReporter:
             self.metrics.write(json.dumps({"step": step, name: value}) + "\n")
         if self.wandb:
             self.wandb.log({name.replace("_", "/", 1): value}, step=step)
+
+    def samples(self, step: int, completions: list[tuple[str, str]]) -> None:
+        """Completions of the fixed sample prompts: one line each (JSON-quoted, so newlines stay on it)."""
+        for prompt, completion in completions:
+            log.info("step %05d | sample %s -> %s", step, json.dumps(prompt), json.dumps(completion))
+        if self.wandb:
+            import wandb
+
+            # A W&B table is immutable: log the whole history so the latest one shows every step so far.
+            self.sample_rows += [[step, prompt, completion] for prompt, completion in completions]
+            self.wandb.log({"samples": wandb.Table(columns=["step", "prompt", "completion"],
+                                                   data=self.sample_rows)}, step=step)
 
     def close(self) -> None:
         if self.metrics:

@@ -22,13 +22,15 @@ import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
 from trainer.checkpoint import AsyncCheckpointer
-from trainer.data import (
-    DEFAULT_DATASET_REPO,
+from trainer.data import DEFAULT_DATASET_REPO, ShardStore, dataset_dir
+from trainer.dataloader import (
     DistributedTokenLoader,
     DocumentSource,
-    ShardStore,
+    lane_state,
+    loader_meta,
     validation_rows,
 )
+from trainer.engine import Engine
 from trainer.model import GPT, build_model, config_for_depth, config_from_dict, fa3_attention
 from trainer.optim import HybridOptimizer
 from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
@@ -55,16 +57,20 @@ from trainer.tokenizer import ensure_tokenizer, load_tokenizer
 
 log = logging.getLogger("phoenix.train")
 STAGE = "base"
+# Completed greedily during training (nanochat's choice of prompts): a glance at what the model knows.
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
+SAMPLE_TOKENS = 16
 
 # Presets: tiny trains on 2 CPU cores in seconds and is its own reference (its lrs and weight decay are
 # used as given); d20 / d24 / d26 are nanochat's sizes with its defaults: 12 tokens per scaling parameter,
 # the batch derived from that (2^20 tokens for all three), device batches as nanochat's miniseries runs.
 _GPU = dict(aspect_ratio=64, head_dim=128, max_seq_len=2048, total_batch_size=-1, vocab_size=32768,
-            num_iterations=-1, target_param_data_ratio=12.0, eval_every=250, eval_tokens=10 * 524288,
-            tokenizer_chars=2_000_000_000)
+            num_iterations=-1, target_param_data_ratio=12.0, eval_every=250, sample_every=250,
+            eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=128, device_batch_size=4,
-                 total_batch_size=1024, vocab_size=2048, num_iterations=200, eval_every=50,
+                 total_batch_size=1024, vocab_size=2048, num_iterations=200, eval_every=50, sample_every=50,
                  eval_tokens=4096, tokenizer_chars=2_000_000, reference_depth=2, reference_batch_size=1024),
     "d20": dict(depth=20, device_batch_size=32, **_GPU),
     "d24": dict(depth=24, device_batch_size=16, **_GPU),
@@ -87,6 +93,7 @@ class TrainConfig:
     num_iterations: int = -1  # -1: target_param_data_ratio x scaling parameters / total batch
     target_param_data_ratio: float = 12.0  # tokens per scaling parameter (nanochat's default)
     eval_every: int = 250
+    sample_every: int = 250  # complete SAMPLE_PROMPTS every this many steps and at the end; 0 = off
     eval_tokens: int = 10 * 524288
     tokenizer_chars: int = 2_000_000_000
     # Learning rates and weight decay as tuned at the reference (d12, 2^19-token batches); the run
@@ -108,7 +115,7 @@ class TrainConfig:
     base_dir: str = "~/.cache/nanochat"
     dataset_repo: str = DEFAULT_DATASET_REPO
     wandb_run: str = ""
-    compile: bool = True
+    compile: str = "auto"  # auto (CUDA only) | on (--compile) | off (--no-compile)
     device: str = "auto"
     allow_fresh_start: bool = False
 
@@ -126,17 +133,18 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def prepare_data(cfg: TrainConfig) -> None:
+def prepare_data(cfg: TrainConfig) -> ShardStore:
     """The tokenizer and the first train and validation shards on the volume (idempotent).
 
     `phoenix run` calls this before launching torchrun, so GPU processes never sit in a barrier (and
     its NCCL timeout) while rank 0 trains a tokenizer.
     """
-    store = ShardStore(Path(cfg.base_dir) / "base_data", cfg.dataset_repo)
+    store = ShardStore(dataset_dir(Path(cfg.base_dir), cfg.dataset_repo), cfg.dataset_repo)
     ensure_tokenizer(Path(cfg.base_dir) / "tokenizer", lambda: store.iter_texts(cfg.tokenizer_chars),
                      cfg.vocab_size)
     store.path(store.train_shards[0])
     store.path(store.val_shard)
+    return store
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,10 +221,11 @@ def train(cfg: TrainConfig, d: Dist) -> int:
 
     # --- data and tokenizer ---------------------------------------------------------------------------
     if d.is_main:
-        prepare_data(cfg)
+        store = prepare_data(cfg)
     if d.world_size > 1:
         dist.barrier()
-    store = ShardStore(base_dir / "base_data", cfg.dataset_repo)
+    if not d.is_main:  # reads the listing rank 0 cached; an offline fallback is announced by rank 0 alone
+        store = ShardStore(dataset_dir(base_dir, cfg.dataset_repo), cfg.dataset_repo, announce=False)
     tokenizer = load_tokenizer(base_dir / "tokenizer")
 
     # --- model ----------------------------------------------------------------------------------------
@@ -273,7 +282,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     # --- restore the trajectory state -----------------------------------------------------------------
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_bpb": float("inf"), "train_time": 0.0}
-    lane_state = None
+    lanes = None
     identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
     if ckpt is not None:
         if meta["total_batch_size"] != total_batch_size or meta["max_seq_len"] != cfg.max_seq_len:
@@ -282,14 +291,14 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
         step = meta["step"]
         loop_state = meta["loop_state"]
-        lane_state = [tuple(p) for p in meta["loader"]["lanes"]]
+        lanes = lane_state(meta["loader"], ckpt.path)
         identity = {**identity, "wandb_run_id": meta["wandb_run_id"], "run_id": meta["run_id"]}
     else:
         log.info("fresh start: no checkpoint in %s", ckpt_dir)
 
     docs = DocumentSource(store, tokenizer, num_lanes, range(d.rank * per_rank, (d.rank + 1) * per_rank))
     loader = DistributedTokenLoader(docs, cfg.max_seq_len, device_batch_size, num_lanes, d.rank,
-                                    d.world_size, lane_state, pin_memory=d.device.type == "cuda")
+                                    d.world_size, lanes, pin_memory=d.device.type == "cuda")
     val_rows = validation_rows(store, tokenizer, cfg.max_seq_len, max(1, cfg.eval_tokens // cfg.max_seq_len))
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=d.device)
 
@@ -303,17 +312,25 @@ def train(cfg: TrainConfig, d: Dist) -> int:
              reporter.peak, d.world_size)
     log.info("world_size=%d grad_accum=%d device=%s", d.world_size, loader.grad_accum_steps, d.device)
 
-    def stage_meta(rank_lanes: list[dict[int, tuple[int, int]]]) -> dict[str, Any]:
-        lanes = {lane: pos for entry in rank_lanes for lane, pos in entry.items()}
+    def stage_meta(rank_lanes: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
+        positions = {lane: pos for entry in rank_lanes for lane, pos in entry.items()}
         return {"stage": STAGE, "num_iterations": num_iterations, "total_batch_size": total_batch_size,
                 "max_seq_len": cfg.max_seq_len, "model_config": asdict(model_config), "config": asdict(cfg),
-                "loop_state": loop_state, "loader": {"lanes": [list(lanes[i]) for i in range(num_lanes)]},
+                "loop_state": loop_state, "loader": loader_meta(positions, num_lanes),
                 "run_id": identity["run_id"], "wandb_run_id": identity["wandb_run_id"]}
 
     def evaluate() -> None:
         val_bpb = evaluate_bpb(model, val_rows, token_bytes, device_batch_size, d, autocast)
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         reporter.value(step, "val_bpb", val_bpb)
+
+    # Rank 0, greedy, on the bare model: no RNG drawn and no collective, so the trajectory is untouched.
+    sampler = Engine(model, tokenizer, autocast) if d.is_main and cfg.sample_every > 0 else None
+
+    def sample() -> None:
+        completions = sampler.generate([sampler.text_prompt(p) for p in SAMPLE_PROMPTS], SAMPLE_TOKENS)
+        reporter.samples(step, [(p, sampler.decode(c)) for p, c in zip(SAMPLE_PROMPTS, completions,
+                                                                         strict=True)])
 
     # --- the loop ------------------------------------------------------------------------------------
     if step == 0 and cfg.eval_every > 0:
@@ -349,6 +366,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                      (num_iterations - step) * total_batch_size / tok_per_sec / 3600, f"{tok_per_sec:,.0f}")
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == num_iterations):
             evaluate()
+        if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
+            sample()
         if step % cfg.save_every == 0 or stop_now or step == num_iterations:
             # The final checkpoint is marked done: a relaunch skips the finished stage.
             save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta,
