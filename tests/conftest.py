@@ -52,8 +52,8 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
         }
         for key, value in settings.items():
             monkeypatch.setenv(key, value)
-        unset = ("HF_HUB_DISABLE_XET", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN")
-        for key in unset:
+        for key in ("HF_HUB_DISABLE_XET", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH",
+                    "HUGGING_FACE_HUB_TOKEN"):
             monkeypatch.delenv(key, raising=False)
         patched = {
             "ENDPOINT": server.url,

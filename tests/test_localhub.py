@@ -315,7 +315,7 @@ def test_snapshot_download_honours_allow_patterns(hub, model_repo: str, tmp_path
     )
     files = sorted(p.relative_to(local).as_posix() for p in Path(local).glob("ckpt/*"))
     assert files == ["ckpt/meta.json", "ckpt/model.bin"]
-    resolves = [r.path for r in hub.server.request_log if "/resolve/" in r.path]  # HEAD for all, GET if not Xet
+    resolves = [r.path for r in hub.server.request_log if "/resolve/" in r.path]  # HEADs, GETs if not Xet
     asked = {path.split("/resolve/", 1)[1].split("/", 1)[1] for path in resolves}
     assert sorted(asked) == files
 
