@@ -29,14 +29,32 @@ def _heartbeat(cfg: HubConfig) -> dict[str, Any]:
         return {}
 
 
+def _quota_error(cfg: HubConfig) -> str | None:
+    """The sidecar's last storage-limit error, unless a pass succeeded after it (from its log file)."""
+    try:
+        lines = (cfg.base_dir / "logs" / "hf_sync.log").read_text(errors="replace").splitlines()[-500:]
+    except FileNotFoundError:
+        return None
+    error = None
+    for line in lines:
+        if "storage limit" in line.lower():
+            error = line.split(" phoenix.sync ", 1)[-1].strip()
+        elif "event=pass_done ok=True" in line:
+            error = None
+    return error
+
+
 def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
     """Everything `phoenix status` shows, as plain data."""
     report: dict[str, Any] = {"model_tag": cfg.model_tag, "base_dir": str(cfg.base_dir),
-                              "repo_id": cfg.repo_id, "hub_error": None, "stages": {}}
+                              "repo_id": cfg.repo_id, "hub_error": None, "hub_storage_bytes": None,
+                              "hub_quota_error": _quota_error(cfg), "stages": {}}
     snapshot = None
     if with_hub and cfg.repo_id:
         try:
-            snapshot = Hub(cfg).snapshot()
+            hub = Hub(cfg)
+            snapshot = hub.snapshot()
+            report["hub_storage_bytes"] = hub.used_storage()  # what the history holds, as the Hub bills it
         except HubError as exc:
             report["hub_error"] = redact(str(exc))
     heartbeat = _heartbeat(cfg)
@@ -77,8 +95,12 @@ def status_command(as_json: bool, no_hub: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
+    storage = report["hub_storage_bytes"]
     click.echo(f"run {report['model_tag']} on {report['base_dir']}  hub {report['repo_id'] or 'off'}"
+               + (f"  storage {storage / 1e9:.2f} GB" if storage is not None else "")
                + (f"  (hub unreachable: {report['hub_error']})" if report["hub_error"] else ""))
+    if report["hub_quota_error"]:
+        click.echo(f"hub storage limit hit: {report['hub_quota_error']}")
     click.echo(f"{'stage':6} {'local':>8} {'hub':>8} {'unsynced':>9} {'ckpt age':>9} {'step':>8} "
                f"{'tok/s':>10} {'eta':>8}")
     for stage, e in report["stages"].items():
