@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
+from trainer import fencing
 from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError, load_tensors
 from trainer.data import DataError
-from trainer.optim import HybridOptimizer
+from trainer.optim import OPTIMIZER_RECIPE, HybridOptimizer
 
 log = logging.getLogger("phoenix.train")
 
@@ -159,6 +160,10 @@ def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Di
     except (ConfigError, DataError, CheckpointWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except fencing.FencedStop as exc:
+        if d.is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        return fencing.FENCED_EXIT_CODE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -255,6 +260,16 @@ def check_horizon(ckpt: layout.Checkpoint, meta: dict[str, Any], num_iterations:
                 meta["num_iterations"], num_iterations)
 
 
+def check_optimizer_recipe(ckpt: layout.Checkpoint, meta: dict[str, Any]) -> None:
+    """A checkpoint continues only under the update rule that wrote it: another rule (or a checkpoint from
+    before rules were recorded: Newton-Schulz Muon without NorMuon state) would change the run silently."""
+    written_by = meta.get("optimizer_recipe", "newton-schulz-muon/adamw (unrecorded, before NorMuon)")
+    if written_by != OPTIMIZER_RECIPE:
+        raise ConfigError(f"{ckpt.path} was written by optimizer {written_by}, this trainer runs "
+                          f"{OPTIMIZER_RECIPE}: finish that run with the phoenix version that started it, or "
+                          f"start anew under another MODEL_TAG")
+
+
 def restore_trajectory(ckpt: layout.Checkpoint, meta: dict[str, Any], model: torch.nn.Module,
                        optimizer: HybridOptimizer, d: Dist, seed: int) -> None:
     """Weights, optimizer state and this rank's RNG from a checkpoint, on any world size."""
@@ -276,13 +291,31 @@ def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, mode
                     optimizer: HybridOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
                     rank_state: Any = None) -> float:
     """Every rank contributes its RNG (and `rank_state`); rank 0 writes, since weights and optimizer are
-    replicated. `meta` turns the ranks' states into the stage's metadata. Returns the stall in seconds."""
+    replicated. `meta` turns the ranks' states into the stage's metadata. Returns the stall in seconds.
+
+    Raises FencedStop on every rank, once this checkpoint is written, if the sidecar found that a newer
+    launch took the run over (see trainer.fencing): training on here would only burn GPUs.
+    """
     rng_json, rng_tensors = rng_state()
     contributions = gather({"rng": rng_json, "rng_tensors": rng_tensors, "state": rank_state}, d)
+    stall = _write_checkpoint(checkpointer, step, done, model, optimizer, d, meta, contributions)
+    # One small read on rank 0 per save, its verdict broadcast; the checkpoint is on disk before we stop.
+    stage_dir = checkpointer.directory  # <base_dir>/<stage>_checkpoints/<model_tag>
+    fence = broadcast(fencing.fenced_by(stage_dir.parent.parent, stage_dir.name) if d.is_main else None, d)
+    if fence is not None:
+        checkpointer.wait()
+        raise fencing.FencedStop(fencing.fence_message(fence))
+    return stall
+
+
+def _write_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
+                      optimizer: HybridOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
+                      contributions: list[Any]) -> float:
     if not d.is_main:
         return 0.0
     full_meta = {**meta([c["state"] for c in contributions]), "step": step, "world_size": d.world_size,
                  "rng": [c["rng"] for c in contributions], "torch_version": torch.__version__,
+                 "optimizer_recipe": OPTIMIZER_RECIPE,
                  "saved_at": time.time()}
     rng_file = {f"rank{r}.{name}": tensor for r, c in enumerate(contributions)
                 for name, tensor in c["rng_tensors"].items()}

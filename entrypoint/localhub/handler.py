@@ -64,7 +64,8 @@ class Handler(RepoRoutes, FileRoutes, BaseHTTPRequestHandler):
                 hub._hold(self.command, url.path)
                 if fault := hub._take(hub._faults, self.command, url.path):
                     headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
-                    raise HubError(fault.status, f"Injected failure ({fault.status})", headers=headers)
+                    message = fault.message or f"Injected failure ({fault.status})"
+                    raise HubError(fault.status, message, headers=headers)
                 self._route([unquote(p) for p in url.path.split("/")[1:]])
             except HubError as err:
                 self._drain()
