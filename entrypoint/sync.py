@@ -5,7 +5,9 @@ stops, and once more on SIGTERM, it pushes, oldest first, each local checkpoint 
 `trainer.checkpoint_layout` and not yet complete on the Hub. Each goes up as ONE commit holding every file
 plus MANIFEST.json, so the Hub never shows a partial checkpoint as complete, whatever dies when. Commits
 carry `parent_commit` and are refused when a newer launch has claimed the repo (see
-`hub.claim_generation`). Hub outages are retried and caught up on; the trainer never waits for us.
+`hub.claim_generation`). Checkpoints beyond HF_KEEP_LAST are pruned and the history squashed, which is
+what frees their storage on the Hub. Hub outages are retried and caught up on; the trainer never waits
+for us.
 """
 
 from __future__ import annotations

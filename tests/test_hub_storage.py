@@ -109,9 +109,12 @@ def test_without_pruning_the_quota_answers_the_hubs_403(hub, env) -> None:
     make_checkpoint(base, 2)
     assert syncer.sync_once().ok  # the tokenizer and run files are small: 2 checkpoints fit
     make_checkpoint(base, 3)
-    result = syncer.sync_once()  # a failed pass (retried later), which says the account is full
-    assert not result.ok and "storage limit reached" in result.errors[0]
+    keep_all = env | {"HF_KEEP_LAST": "all"}
+    full = subprocess.run(PHOENIX + ["sync", "--once"], env=keep_all, capture_output=True, text=True,
+                          timeout=60)
+    assert full.returncode == 1 and "storage limit reached" in full.stdout  # a failed pass, retried later
     assert [r.status for r in hub.server.request_log if r.path.endswith("/commit/main")][-1] == 403
+    assert "storage limit reached" in collect(cfg_of(keep_all))["hub_quota_error"]  # `phoenix status`
 
 
 def test_delete_commit_frees_nothing_squash_and_permanent_deletion_do(hub, env) -> None:
