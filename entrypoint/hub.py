@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import httpx2
+try:  # huggingface_hub 2.x's HTTP client; 1.x (a bare GPU image's) uses httpx, with the same names
+    import httpx2
+except ImportError:
+    import httpx as httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, hf_hub_url
 from huggingface_hub.errors import (
     HfHubHTTPError,

@@ -382,6 +382,7 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             return 0
         if stage_done(cfg, stage):
             log.info("%s stage already finished: skipping it", stage)
+            _evaluate_if_asked(cfg, stage, status)
             continue
         status.set(phase=stage)
         if stage == "sft" and cfg.node_rank == 0:
@@ -394,8 +395,18 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
         if not stage_done(cfg, stage):
             log.error("%s stage exited 0 without a final checkpoint", stage)
             return 1
+        _evaluate_if_asked(cfg, stage, status)
     status.set(phase="done")
     return 0
+
+
+def _evaluate_if_asked(cfg: RunConfig, stage: str, status: StatusFile) -> None:
+    """EVAL=1: phoenix eval base/chat on a finished stage, once (see entrypoint.eval)."""
+    if os.environ.get("EVAL") == "1" and cfg.node_rank == 0:
+        from entrypoint.eval import evaluate_finished_stage
+
+        status.set(phase=f"eval_{stage}")
+        evaluate_finished_stage(cfg.base_dir, cfg.model_tag, stage, cfg.device)
 
 
 @click.command("run", context_settings={"ignore_unknown_options": True})
