@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from entrypoint.demo import demo_command
+from entrypoint.preflight import doctor_command
 from entrypoint.restore import restore_command
-from entrypoint.run import doctor_command, health_command, run_command
+from entrypoint.run import run_command
 from entrypoint.status import status_command
 from entrypoint.sync import sync_command
+from entrypoint.volume import health_command
 from trainer import __version__
 
 
