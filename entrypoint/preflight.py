@@ -5,18 +5,24 @@ Every problem is one line saying what to do, found before anything is downloaded
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
-from entrypoint.hub import HubConfig, HubFatal
+from entrypoint.hub import HubConfig, HubFatal, retry_after
 from entrypoint.logs import redact
 from trainer import checkpoint_layout as layout
 
@@ -24,6 +30,13 @@ log = logging.getLogger("phoenix.run")
 
 # Presets' model geometry, for the disk-space estimate without importing torch.
 _PRESET_GEOMETRY = {"tiny": (2, 32, 2048), "d20": (20, 64, 32768), "d26": (26, 64, 32768)}
+
+
+# What a user may edit to fix a failed launch.
+FINGERPRINTED = ("MODEL_TAG", "PRESET", "DEVICE", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RUN_SFT",
+                 "SAVE_EVERY", "KEEP_LAST", "DATASET_REPO", "SFT_DATASET", "SFT_ARGS", "HF_REPO_ID",
+                 "HF_REPO_TYPE", "HF_ENDPOINT", "HF_TOKEN", "WANDB_RUN", "WANDB_MODE", "WANDB_PROJECT",
+                 "WANDB_API_KEY")
 
 
 class PreflightError(Exception):
@@ -46,9 +59,10 @@ class RunConfig:
     hub: HubConfig
     train_args: list[str] = field(default_factory=list)  # base trainer flags (after `--`)
     sft_args: list[str] = field(default_factory=list)  # SFT flags (SFT_ARGS), e.g. "--num-epochs 2"
+    fingerprint: str = ""  # of every setting a fix may change: the crash-loop guard's "same configuration"
 
     @classmethod
-    def from_env(cls, train_args: list[str], environ: dict[str, str] | None = None) -> RunConfig:
+    def from_env(cls, train_args: list[str], environ: Mapping[str, str] | None = None) -> RunConfig:
         env = os.environ if environ is None else environ
         nproc = env.get("NPROC_PER_NODE", "").strip()
         try:
@@ -67,10 +81,18 @@ class RunConfig:
                 hub=HubConfig.from_env(env),
                 train_args=list(train_args),
                 sft_args=shlex.split(env.get("SFT_ARGS", "")),
+                fingerprint=config_fingerprint(env, train_args),
             )
         except ValueError as exc:
             raise PreflightError(f"bad number in the environment ({exc}): fix NPROC_PER_NODE, NNODES, "
                                  "NODE_RANK or MASTER_PORT") from None
+
+
+def config_fingerprint(env: Mapping[str, str], train_args: list[str]) -> str:
+    """A short hash of the settings and flags; secrets enter only the hash (a new W&B key is a change)."""
+    settings = {name: env.get(name, "") for name in FINGERPRINTED}
+    blob = json.dumps([settings, list(train_args)], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def visible_gpus() -> int:
@@ -116,6 +138,10 @@ def preflight(cfg: RunConfig, check_hub: bool = True) -> list[str]:
     elif not os.access(base, os.W_OK | os.X_OK):
         problems.append(f"NANOCHAT_BASE_DIR={base} is not writable by uid {os.getuid()}: fix its ownership "
                         "or permissions")
+    elif bad := unwritable_folders(cfg):
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        problems.append(f"{bad[0]}{more} is not writable by uid {os.getuid()}, and the run writes there: "
+                        f"chown -R {os.getuid()} {bad[0]} (or fix its permissions)")
     else:
         need = 2 * checkpoint_bytes_estimate(cfg)
         free = shutil.disk_usage(base).free
@@ -160,7 +186,7 @@ def hub_problems(hub: HubConfig, volume_has_checkpoint: bool) -> list[str]:
     from huggingface_hub import HfApi
 
     try:
-        me = HfApi(endpoint=hub.endpoint, token=hub.token).whoami()
+        me = whoami(HfApi(endpoint=hub.endpoint, token=hub.token))
     except Exception as exc:  # one line, whatever the client raised
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
@@ -180,6 +206,49 @@ def hub_problems(hub: HubConfig, volume_has_checkpoint: bool) -> list[str]:
     if role == "read":
         return ["HF_TOKEN is read-only: create a token with write access"]
     return []
+
+
+def whoami(api: Any, attempts: int = 5, max_wait: float = 60.0) -> dict[str, Any]:
+    """`api.whoami()`, retried on 429 and 5xx: the Hub rate-limits it heavily, and a launch (or a Docker
+    restart of one) must not fail on a busy minute. Waits follow Retry-After, capped at `max_wait`."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return api.whoami()
+        except Exception as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if attempt == attempts or not (status == 429 or (status or 0) >= 500):
+                raise
+            wait = min(max_wait, retry_after(exc) or 2.0**attempt)
+            log.warning("whoami answered %s: retry %d/%d in %.0fs", status, attempt, attempts - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def unwritable_folders(cfg: RunConfig) -> list[Path]:
+    """Existing folders the run will write into where this uid cannot: a root-owned checkpoint folder
+    would otherwise surface only at the first save, SAVE_EVERY steps into the run."""
+    base, tag = cfg.base_dir, cfg.model_tag
+    folders = [base / name for name in ("logs", "runs", "tokenizer", "base_data", "sft_data", ".restore",
+                                        layout.QUARANTINE_DIR)] + [base / "runs" / tag]
+    step_folders = []
+    for stage in layout.STAGES:
+        directory = layout.stage_dir(base, stage, tag)
+        folders += [directory.parent, directory]
+        step_folders += [path for _, path in layout.step_dirs(directory)]  # pruning deletes their files
+    bad = [folder for folder in folders if folder.is_dir() and not _can_create_file(folder)]
+    return bad + [folder for folder in step_folders if not os.access(folder, os.W_OK | os.X_OK)]
+
+
+def _can_create_file(folder: Path) -> bool:
+    """A real probe (access() misses read-only mounts and immutable folders); the name is a tmp name,
+    which the sidecar and the checkpoint scans ignore."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{layout.TMP_PREFIX}probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 @click.command("doctor")

@@ -1,11 +1,17 @@
 """`phoenix run`: the trainer container's entrypoint; running it again is the whole recovery procedure.
 
 In order: preflight (one line per problem, before any download or launch), an exclusive lock on the
-volume for MODEL_TAG, a new generation on the Hub, restore from the Hub when the volume lacks the
-latest checkpoint, tokenizer and first shards, then base pretraining and (RUN_SFT=1) SFT under
-torchrun, each skipped once its final checkpoint is marked done. SIGTERM/SIGINT go to the workers,
-which write an emergency checkpoint and exit 0. The trainer status file tells the sidecar when to do
-its last push.
+volume for MODEL_TAG, a generation on the Hub (claimed unless this volume's is already the newest),
+damaged checkpoints moved to quarantine, restore from the Hub when the volume lacks the latest
+checkpoint (waiting for the Hub rather than starting over when the volume has nothing to resume),
+tokenizer and first shards, then base pretraining and (RUN_SFT=1) SFT under torchrun, each skipped once
+its final checkpoint is marked done. SIGTERM/SIGINT go to the workers, which write an emergency
+checkpoint and exit 0. The trainer status file tells the sidecar when to do its last push.
+
+How a launch ends, for `restart: on-failure` (compose.yaml): exit 0 when finished, stopped, or held by
+the crash-loop guard (the same failure PHOENIX_MAX_FAILURES launches in a row with the same settings and
+no new checkpoint: Docker stops relaunching); exit 1 on a crash (relaunched, resumes); exit 2 on an error
+the user must fix, printed as one `error:` line (relaunched with Docker's backoff until the guard holds).
 """
 
 from __future__ import annotations
@@ -13,22 +19,49 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
-from entrypoint.hub import HubError, HubFatal, claim_generation, local_generation
+from entrypoint.hub import (
+    Hub,
+    HubError,
+    HubFatal,
+    RepoMissing,
+    claim_generation,
+    kv,
+    local_generation,
+)
 from entrypoint.logs import redact, setup_logging
 from entrypoint.preflight import PreflightError, RunConfig, nproc_for, preflight, visible_gpus
+from entrypoint.prepare import volume_error
 from entrypoint.procs import descendants, signal_pids
-from entrypoint.volume import StatusFile, VolumeLock
+from entrypoint.volume import FailureLog, StatusFile, VolumeLock
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.run")
+
+EXIT_CRASH, EXIT_ERROR = 1, 2
+# Kinds of failure whose cause a plain relaunch cannot change (they are in the checkpoint or the data,
+# not on the machine): a held guard refuses these outright; the others are cheap to check again.
+_REFUSED_KINDS = ("stage", "crash")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, HUB_WAIT_TICK_S = 5.0, 300.0, 30.0
+
+
+class RunFailed(Exception):
+    """The launch ends on a failure. `kind`: preflight | volume | stage (user-fixable) | crash."""
+
+    def __init__(self, line: str, kind: str, printed: bool = False) -> None:
+        super().__init__(line)
+        self.line, self.kind, self.printed = line, kind, printed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,28 +87,81 @@ def _die_with_parent() -> None:
 
 
 class Launcher:
-    """Runs torchrun; a stop signal goes to the workers (not torchrun, which would SIGKILL them in 30 s)."""
+    """Runs a stage's processes and relays their output, through the secret redaction, to our stdout and
+    log file. A stop goes to torchrun's workers (torchrun itself would SIGKILL them in 30 s), and again
+    to every worker that appears later: a stop while torchrun is still starting finds none yet."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_file: Path | None) -> None:
+        self.log_file = log_file
         self.proc: subprocess.Popen | None = None
-        self.stop_requested = False
+        self.stopping = threading.Event()
+        self.error: str | None = None  # the first `error:` line a child printed
+        self.last_exception: str | None = None  # the last line of a child's traceback
+        self._to_workers = True
+        self._signaled: set[int] = set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stopping.is_set()
 
     def on_signal(self, signum: int, _frame: Any) -> None:
-        self.stop_requested = True
-        log.warning("received %s: asking the workers for an emergency checkpoint",
-                    signal.Signals(signum).name)
-        if self.proc is not None and self.proc.poll() is None:
-            signal_pids(descendants(self.proc.pid), signal.SIGTERM)
+        if not self.stopping.is_set():
+            log.warning("received %s: asking the workers for an emergency checkpoint",
+                        signal.Signals(signum).name)
+        self.stopping.set()
+        self._forward_stop()
 
-    def run(self, command: list[str], env: dict[str, str], lock: VolumeLock) -> int:
+    def _forward_stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        # Workers catch SIGTERM and checkpoint; a preparation process has nothing to save and just ends.
+        targets = descendants(proc.pid) if self._to_workers else [proc.pid, *descendants(proc.pid)]
+        fresh = [pid for pid in targets if pid not in self._signaled]
+        self._signaled.update(fresh)
+        signal_pids(fresh, signal.SIGTERM)
+
+    def run(self, command: list[str], env: dict[str, str], lock: VolumeLock, to_workers: bool = True) -> int:
         log.info("launch %s", " ".join(command))
-        # torchrun inherits the lock (held until it exits, even if we die first) and dies with us; its
-        # workers exit when it does (trainer.train's orphan watchdog).
-        self.proc = subprocess.Popen(command, env=env, pass_fds=(lock.fileno(),), preexec_fn=_die_with_parent)
+        self.error = self.last_exception = None
+        self._to_workers, self._signaled = to_workers, set()
+        # The child inherits the lock (held until it exits, even if we die first) and dies with us;
+        # torchrun's workers exit when it does (trainer.runtime's orphan watchdog).
+        self.proc = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, pass_fds=(lock.fileno(),),
+                                     preexec_fn=_die_with_parent)
+        relay = threading.Thread(target=self._relay, args=(self.proc.stdout,), name="relay", daemon=True)
+        relay.start()
         try:
-            return self.proc.wait()
+            while self.proc.poll() is None:
+                if self.stopping.wait(0.2):
+                    self._forward_stop()
+            relay.join()
+            return self.proc.returncode
         finally:
             self.proc = None
+
+    def _relay(self, stream: IO[bytes]) -> None:
+        """Every line, redacted, to our stdout and log file; after a child's first `error:` line only to
+        the file (the other ranks' copies and torchrun's failure report would bury the one line)."""
+        sink = open(self.log_file, "a") if self.log_file else None  # noqa: SIM115 - closed below
+        try:
+            for raw in stream:
+                line = redact(raw.decode(errors="replace"))
+                quiet = self.error is not None
+                if line.startswith("error: ") and self.error is None:
+                    self.error, quiet = line[len("error: "):].strip(), False
+                elif _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
+                    self.last_exception = line.strip()
+                if sink is not None:
+                    sink.write(line)
+                    sink.flush()
+                if not quiet:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        finally:
+            if sink is not None:
+                sink.close()
 
 
 def stage_done(cfg: RunConfig, stage: str) -> bool:
@@ -83,56 +169,146 @@ def stage_done(cfg: RunConfig, stage: str) -> bool:
     return ckpt is not None and ckpt.done
 
 
-def run(cfg: RunConfig) -> int:
+def volume_progress(cfg: RunConfig) -> str:
+    """The volume's newest checkpoint per stage: a failure after progress is not "the same" failure."""
+    steps = []
+    for stage in layout.STAGES:
+        ckpt = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        steps.append(f"{stage}={ckpt.step if ckpt else '-'}")
+    return ",".join(steps)
+
+
+def volume_has_checkpoint(cfg: RunConfig) -> bool:
+    return any(layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag)) for stage in layout.STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The story
+
+
+def run(cfg: RunConfig, max_failures: int = 3) -> int:
+    """One launch, with the crash-loop guard around it; returns the exit code."""
+    failures = FailureLog(cfg.base_dir, cfg.model_tag, max_failures)
+    held = failures.read()
+    if (held and held.get("held") and held.get("kind") in _REFUSED_KINDS
+            and held.get("fingerprint") == cfg.fingerprint and held.get("progress") == volume_progress(cfg)):
+        click.echo(f"error: {held['error']} (the last {held['count']} launches ended so, with these settings "
+                   "and no new checkpoint: not relaunching; fix it, then relaunch)", err=True)
+        return 0
+    try:
+        code = _launch(cfg)
+    except PreflightError as exc:
+        lines = [redact(line) for line in str(exc).splitlines()]
+        for line in lines:
+            click.echo(f"error: {line}", err=True)
+        return _failed(failures, cfg, RunFailed(lines[0], "preflight", printed=True))
+    except HubFatal as exc:
+        return _failed(failures, cfg, RunFailed(redact(str(exc)), "preflight"))
+    except RunFailed as exc:
+        return _failed(failures, cfg, exc)
+    failures.clear()
+    return code
+
+
+def _failed(failures: FailureLog, cfg: RunConfig, failure: RunFailed) -> int:
+    if not failure.printed:
+        click.echo(f"error: {failure.line}", err=True)
+    record = failures.record(failure.line, failure.kind, cfg.fingerprint, volume_progress(cfg))
+    if record["held"]:
+        log.warning(kv(event="crash_loop_guard", failures_in_a_row=record["count"], exit_code=0,
+                       action="not relaunching until the settings or the volume change; phoenix status "
+                              "and phoenix health show it"))
+        return 0
+    return EXIT_CRASH if failure.kind == "crash" else EXIT_ERROR
+
+
+def _launch(cfg: RunConfig) -> int:
     problems = preflight(cfg)
     if problems:
         raise PreflightError("\n".join(problems))
     lock = VolumeLock(cfg.base_dir / "runs" / cfg.model_tag / f"trainer.node{cfg.node_rank}.lock")
     lock.acquire()
-    launcher = Launcher()
+    launcher = Launcher(_log_file())
     signal.signal(signal.SIGTERM, launcher.on_signal)
     signal.signal(signal.SIGINT, launcher.on_signal)
-    generation = local_generation(cfg.hub)
-    if cfg.hub.repo_id and cfg.node_rank == 0:
-        try:
-            generation = claim_generation(cfg.hub)
-        except HubError as exc:
-            log.warning("could not claim a generation on the Hub (%s): the sidecar stays fenced until a "
-                        "relaunch claims one", redact(str(exc)))
-    status = StatusFile(cfg, generation)
+    status = StatusFile(cfg, local_generation(cfg.hub))
+    _take_generation(cfg, status, launcher)
     status.start()
-    outcome = "failed"
+    outcome, error = "failed", None
     try:
         code = _stages(cfg, launcher, status, lock)
-        outcome = "stopped" if launcher.stop_requested else ("finished" if code == 0 else "failed")
+        outcome = "stopped" if launcher.stop_requested else "finished"
         return code
+    except RunFailed as exc:
+        outcome, error = ("stopped", None) if launcher.stop_requested else ("failed", exc.line)
+        if launcher.stop_requested:
+            return 0
+        raise
     finally:
+        status.set(error=error)
         status.close(outcome)
         lock.release()
         log.info("phoenix run %s", outcome)
 
 
-def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: VolumeLock) -> int:
-    if cfg.node_rank == 0:
-        if cfg.hub.repo_id:
-            status.set(phase="restore")
-            from entrypoint.restore import restore
-
+def _take_generation(cfg: RunConfig, status: StatusFile, launcher: Launcher) -> None:
+    """Fence off older launches: claim a new generation unless this volume's is already the Hub's newest
+    (a relaunch on the same volume then adds no Hub commit). A claim the Hub does not answer is retried
+    in the background, so the sidecar is not left fenced for the whole run."""
+    if not cfg.hub.repo_id or cfg.node_rank != 0:
+        return
+    try:
+        hub = Hub(cfg.hub)
+        if status.generation:
             try:
-                restore(cfg.hub)
-            except HubFatal:
-                raise
-            except HubError as exc:
-                log.warning("Hub unreachable for restore (%s): continuing from the volume", redact(str(exc)))
-        else:
-            log.info("HF_REPO_ID not set: Hub sync and restore are off")
-        status.set(phase="prepare")
-        from trainer.train import parse_config, prepare_data
+                newest = hub.generation(hub.snapshot())
+            except RepoMissing:
+                newest = -1
+            if newest == status.generation:
+                log.info(kv(event="generation_kept", generation=newest, reason="still the Hub's newest"))
+                return
+        status.generation = claim_generation(cfg.hub, hub)
+    except HubFatal:
+        raise
+    except HubError as exc:
+        log.warning(kv(event="generation_claim_failed", error=redact(str(exc)),
+                       action="retrying in the background; the sidecar waits for it"))
+        threading.Thread(target=_claim_until_it_lands, args=(cfg, status, launcher), daemon=True,
+                         name="claim").start()
 
-        prepare_data(parse_config(["--preset", cfg.preset, *cfg.train_args]))
-    nproc = nproc_for(cfg, visible_gpus())
+
+def _claim_until_it_lands(cfg: RunConfig, status: StatusFile, launcher: Launcher) -> None:
+    wait = HUB_WAIT_FIRST_S
+    while not launcher.stopping.wait(wait):
+        try:
+            status.generation = claim_generation(cfg.hub)
+        except HubError as exc:
+            wait = min(2 * wait, HUB_WAIT_MAX_S)
+            log.warning(kv(event="generation_claim_failed", error=redact(str(exc)), retry_in_s=round(wait)))
+            continue
+        status.set()
+        return
+
+
+def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: VolumeLock) -> int:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(cfg.base_dir), "MODEL_TAG": cfg.model_tag,
            "DEVICE": cfg.device}
+    if cfg.node_rank == 0:
+        status.set(phase="verify")
+        for stage in layout.STAGES:
+            # A damaged step the run would save again (or a damaged final one) blocks it forever.
+            layout.latest_or_quarantine(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        if cfg.hub.repo_id:
+            status.set(phase="restore")
+            if not _restore_or_wait(cfg, launcher):
+                return 0
+        else:
+            log.info("HF_REPO_ID not set: Hub sync and restore are off")
+        if launcher.stop_requested:
+            return 0
+        status.set(phase="prepare")
+        _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
+    nproc = nproc_for(cfg, visible_gpus())
     stages = [("base", "trainer.train", cfg.train_args)] + ([("sft", "trainer.sft", cfg.sft_args)]
                                                             if cfg.run_sft else [])
     for stage, module, args in stages:
@@ -143,17 +319,64 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             continue
         status.set(phase=stage)
         if stage == "sft" and cfg.node_rank == 0:
-            from trainer.sft import parse_sft_config, prepare_sft_data
-
-            prepare_sft_data(parse_sft_config(["--preset", cfg.preset, *args]))
+            _prepare(cfg, launcher, lock, env, "sft", args)
+            if launcher.stop_requested:
+                return 0
         code = launcher.run(torchrun_command(cfg, module, nproc, args), env, lock)
-        if code != 0 or launcher.stop_requested:
-            return code
+        if launcher.stop_requested:
+            return 0
+        if code != 0 and launcher.error is not None:
+            raise RunFailed(launcher.error, "stage", printed=True)
+        if code != 0:
+            raise RunFailed(launcher.last_exception or f"{stage} stage exited with code {code}", "crash")
         if not stage_done(cfg, stage):
-            log.error("%s stage exited 0 without a final checkpoint", stage)
-            return 1
+            raise RunFailed(f"{stage} stage exited 0 without a final checkpoint", "crash")
     status.set(phase="done")
     return 0
+
+
+def _prepare(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dict[str, str], stage: str,
+             args: list[str]) -> None:
+    """Resume check and data download in a child process: a stop ends it at once, an error is one line."""
+    command = [sys.executable, "-m", "entrypoint.prepare", stage, "--preset", cfg.preset, *args]
+    code = launcher.run(command, env, lock, to_workers=False)
+    if code != 0 and not launcher.stop_requested:
+        if launcher.error is not None:
+            raise RunFailed(launcher.error, "stage", printed=True)
+        crash = launcher.last_exception or f"preparing the {stage} stage failed (code {code})"
+        raise RunFailed(crash, "crash")
+
+
+def _restore_or_wait(cfg: RunConfig, launcher: Launcher) -> bool:
+    """Restore from the Hub. With nothing on the volume to resume, a Hub that cannot be asked (or holds
+    checkpoints it cannot serve now) is waited for, with backoff: starting over from step 0 would later
+    publish a new run over the Hub's. Returns False when a stop came during the wait."""
+    from entrypoint.restore import restore
+
+    wait = HUB_WAIT_FIRST_S
+    while True:
+        try:
+            restore(cfg.hub)
+            return True
+        except HubFatal:
+            raise
+        except OSError as exc:
+            if (line := volume_error(exc)) is None:
+                raise
+            raise RunFailed(f"restoring from the Hub into {cfg.base_dir}: {line}", "volume") from None
+        except HubError as exc:
+            if volume_has_checkpoint(cfg):
+                log.warning("Hub unreachable for restore (%s): continuing from the volume", redact(str(exc)))
+                return True
+            error = redact(str(exc))
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            log.warning(kv(event="hub_wait", retry_in_s=round(left), error=error,
+                           reason="the volume has nothing to resume and the Hub may hold the run: waiting "
+                                  "for it rather than starting over"))
+            if launcher.stopping.wait(min(left, HUB_WAIT_TICK_S)):
+                return False
+        wait = min(2 * wait, HUB_WAIT_MAX_S)
 
 
 @click.command("run", context_settings={"ignore_unknown_options": True})
@@ -174,11 +397,11 @@ def run_command(model_tag: str, preset: str, nproc_per_node: int | None, run_sft
     environ = {**os.environ, "MODEL_TAG": model_tag, "PRESET": preset, "RUN_SFT": str(int(run_sft)),
                "DEVICE": device, "NPROC_PER_NODE": "" if nproc_per_node is None else str(nproc_per_node)}
     try:
-        sys.exit(run(RunConfig.from_env(list(train_args), environ)))
-    except (PreflightError, HubFatal) as exc:
-        for line in str(exc).splitlines():
-            click.echo(f"error: {redact(line)}", err=True)
-        sys.exit(2)
+        cfg = RunConfig.from_env(list(train_args), environ)
+    except PreflightError as exc:
+        click.echo(f"error: {redact(str(exc))}", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(run(cfg, max_failures=int(os.environ.get("PHOENIX_MAX_FAILURES", "3"))))
 
 
 def _log_file() -> Path | None:

@@ -1,4 +1,8 @@
-"""The run's footprint on the volume while it runs: the per-node lock, the status file, `phoenix health`."""
+"""The run's footprint on the volume: per-node lock and status file, the failure record, `phoenix health`.
+
+The failure record (runs/<tag>/failures.json) is the crash-loop guard's memory: the last launch's error
+line and how many launches in a row ended in it with the same configuration and no new checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,8 @@ import click
 from entrypoint.hub import TRAINER_STATUS_FILE
 from entrypoint.preflight import PreflightError, RunConfig
 from trainer import checkpoint_layout as layout
+
+FAILURES_FILE = "failures.json"
 
 
 class VolumeLock:
@@ -53,11 +60,55 @@ class VolumeLock:
             self._file = None
 
 
+def status_path(base_dir: Path, model_tag: str, node_rank: int = 0) -> Path:
+    """Node 0's status is the one the sidecar follows; other nodes of a multi-node run write their own."""
+    name = TRAINER_STATUS_FILE if node_rank == 0 else f"trainer_status.node{node_rank}.json"
+    return base_dir / "runs" / model_tag / name
+
+
+class FailureLog:
+    """runs/<tag>/failures.json: the last failed launch, and how many launches in a row failed the same way.
+
+    "The same way" is the same error line, the same configuration (a fingerprint of the settings) and the
+    same checkpoints on the volume: a crash after progress starts the count again. A launch that ends
+    well (finished or stopped) removes the file.
+    """
+
+    def __init__(self, base_dir: Path, model_tag: str, limit: int) -> None:
+        self.path = base_dir / "runs" / model_tag / FAILURES_FILE
+        self.limit = limit
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def record(self, error: str, kind: str, fingerprint: str, progress: str) -> dict[str, Any]:
+        """Count this failure; returns the record (with `held`: the guard stops relaunching now)."""
+        previous = self.read() or {}
+        same = all(previous.get(k) == v for k, v in
+                   (("error", error), ("fingerprint", fingerprint), ("progress", progress)))
+        now = time.time()
+        record = {"error": error, "kind": kind, "fingerprint": fingerprint, "progress": progress,
+                  "count": previous.get("count", 0) + 1 if same else 1,
+                  "first": previous.get("first", now) if same else now, "last": now, "limit": self.limit}
+        record["held"] = record["count"] >= self.limit
+        with suppress(OSError):  # a volume we cannot write is the error being reported, not a new one
+            layout.write_json_atomic(self.path, record)
+        return record
+
+    def clear(self) -> None:
+        with suppress(OSError):
+            self.path.unlink(missing_ok=True)
+
+
 class StatusFile:
     """runs/<tag>/trainer_status.json: what the sidecar and `phoenix health` read; refreshed while alive."""
 
     def __init__(self, cfg: RunConfig, generation: int) -> None:
-        self.path = cfg.base_dir / "runs" / cfg.model_tag / TRAINER_STATUS_FILE
+        self.path = status_path(cfg.base_dir, cfg.model_tag, cfg.node_rank)
         self.generation = generation
         self.state = {"status": "running", "phase": "preflight"}
         self._stop = threading.Event()
@@ -90,8 +141,13 @@ def health_command(max_age: int) -> None:
     """Container HEALTHCHECK: the entrypoint is alive and, while training, steps keep coming."""
     base = Path(os.environ.get("NANOCHAT_BASE_DIR", "~/.cache/nanochat")).expanduser()
     tag = os.environ.get("MODEL_TAG", "d26-hyperbolic")
+    failure = FailureLog(base, tag, limit=0).read()
+    if failure and failure.get("held"):
+        click.echo(f"unhealthy: not relaunching after {failure['count']} identical failures: "
+                   f"{failure['error']}")
+        sys.exit(1)
     try:
-        status = json.loads((base / "runs" / tag / TRAINER_STATUS_FILE).read_text())
+        status = json.loads(status_path(base, tag, int(os.environ.get("NODE_RANK", "0") or 0)).read_text())
     except (FileNotFoundError, ValueError):
         click.echo("unhealthy: no trainer status yet")
         sys.exit(1)

@@ -68,7 +68,7 @@ def test_fresh_start_finishes_and_a_relaunch_does_not_rerun_the_stage(job):
     code, out = run_phoenix(env, "run", *TRAIN)
     assert code == 0, out
     assert "base stage already finished: skipping it" in out and "torch.distributed.run" not in out
-    assert status(volume)["generation"] == 2  # every launch claims a new generation
+    assert status(volume)["generation"] == 1  # still the Hub's newest: a relaunch adds no Hub commit
 
 
 def test_kill9_of_everything_then_relaunch_resumes_at_the_last_checkpoint(job, tmp_path):

@@ -200,7 +200,7 @@ def compute_setup(model: torch.nn.Module, d: Dist, compile_model: bool, dynamic:
 def find_resume_checkpoint(directory: Path, allow_fresh_start: bool) -> layout.Checkpoint | None:
     """The latest complete checkpoint (sha256-verified), None for a fresh run; refuses a bad volume."""
     layout.clean_tmp(directory)
-    ckpt = layout.latest(directory, full_hash=True)
+    ckpt = layout.latest_or_quarantine(directory, full_hash=True)
     if ckpt is None and layout.step_dirs(directory) and not allow_fresh_start:
         raise ConfigError(f"{directory} has checkpoint directories but none is complete (see warnings "
                           "above): restore from the Hub (phoenix restore) or pass --allow-fresh-start")

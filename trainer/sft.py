@@ -50,7 +50,7 @@ from trainer.runtime import (
     seed_everything,
     stage_main,
 )
-from trainer.tokenizer import load_tokenizer
+from trainer.tokenizer import load_tokenizer, tokenizer_sha256
 from trainer.train import PRESETS
 
 log = logging.getLogger("phoenix.sft")
@@ -173,6 +173,12 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
 
     # --- data and tokenizer (the one base training made) ------------------------------------------------
     tokenizer = load_tokenizer(base_dir / "tokenizer")
+    tokenizer_sha = tokenizer_sha256(base_dir / "tokenizer")
+    trained_with = (meta or base_meta).get("tokenizer_sha256")
+    if trained_with is not None and trained_with != tokenizer_sha:
+        raise ConfigError(f"{(ckpt or base_ckpt).path} was trained with another tokenizer (sha256 "
+                          f"{trained_with[:12]}, the volume has {tokenizer_sha[:12]}): bring back the run's "
+                          "tokenizer/tokenizer.json (phoenix restore) or use a new MODEL_TAG")
     data_cache = base_dir / "sft_data"
     # Rank 0 downloads; the others then load the same files from the cache on the volume.
     dataset = load_chat_dataset(cfg.sft_dataset, cfg.sft_split, data_cache) if d.is_main else None
@@ -256,7 +262,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         return {"stage": STAGE, "num_iterations": num_iterations, "model_config": asdict(model_config),
                 "config": asdict(cfg), "base": origin, "data": data_identity, "loop_state": loop_state,
                 "loader": loader.state_dict(), "run_id": identity["run_id"],
-                "wandb_run_id": identity["wandb_run_id"]}
+                "wandb_run_id": identity["wandb_run_id"], "tokenizer_sha256": tokenizer_sha}
 
     def evaluate() -> None:
         val_loss = evaluate_loss(model, val_batches, d, autocast)

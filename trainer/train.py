@@ -49,7 +49,7 @@ from trainer.runtime import (
     seed_everything,
     stage_main,
 )
-from trainer.tokenizer import ensure_tokenizer, load_tokenizer
+from trainer.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger("phoenix.train")
 STAGE = "base"
@@ -123,6 +123,31 @@ def prepare_data(cfg: TrainConfig) -> None:
     store.path(store.val_shard)
 
 
+# Settings that fix the trajectory: a resume with any of them changed is refused, never silently reshaped.
+RESUME_KEYS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "vocab_size", "total_batch_size",
+               "dataset_repo")
+
+
+def check_resume(cfg: TrainConfig, ckpt: layout.Checkpoint, tokenizer_sha: str | None) -> None:
+    """ConfigError (one line) if this config or tokenizer cannot continue `ckpt`'s run exactly.
+
+    `phoenix run` calls it before launching torchrun too, so a changed PRESET costs no GPU start-up.
+    """
+    meta = ckpt.meta()
+    saved = meta.get("config", {})
+    changed = [key for key in RESUME_KEYS if key in saved and saved[key] != getattr(cfg, key)]
+    if changed:
+        was = ", ".join(f"{key}={saved[key]}" for key in changed)
+        now = ", ".join(f"{key}={getattr(cfg, key)}" for key in changed)
+        raise ConfigError(f"{ckpt.path} was trained with PRESET={saved.get('preset')} {was}; this launch has "
+                          f"PRESET={cfg.preset} {now}: set PRESET and the flags back, or use a new MODEL_TAG")
+    saved_sha = meta.get("tokenizer_sha256")
+    if tokenizer_sha is not None and saved_sha is not None and saved_sha != tokenizer_sha:
+        raise ConfigError(f"{ckpt.path} was trained with another tokenizer (sha256 {saved_sha[:12]}, the "
+                          f"volume has {tokenizer_sha[:12]}): bring back the run's tokenizer/tokenizer.json "
+                          "(phoenix restore) or use a new MODEL_TAG")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -179,6 +204,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         dist.barrier()
     store = ShardStore(base_dir / "base_data", cfg.dataset_repo)
     tokenizer = load_tokenizer(base_dir / "tokenizer")
+    tokenizer_sha = tokenizer_sha256(base_dir / "tokenizer")
+    if ckpt is not None:
+        check_resume(cfg, ckpt, tokenizer_sha)
 
     # --- model ----------------------------------------------------------------------------------------
     model_config = config_for_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.aspect_ratio,
@@ -216,9 +244,6 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     lane_state = None
     identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
     if ckpt is not None:
-        if meta["total_batch_size"] != cfg.total_batch_size or meta["max_seq_len"] != cfg.max_seq_len:
-            raise ConfigError(f"{ckpt.path} was trained with total batch {meta['total_batch_size']} x seq "
-                              f"{meta['max_seq_len']}; keep them to resume exactly")
         restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
         step = meta["step"]
         loop_state = meta["loop_state"]
@@ -248,7 +273,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         return {"stage": STAGE, "num_iterations": num_iterations, "total_batch_size": cfg.total_batch_size,
                 "max_seq_len": cfg.max_seq_len, "model_config": asdict(model_config), "config": asdict(cfg),
                 "loop_state": loop_state, "loader": {"lanes": [list(lanes[i]) for i in range(num_lanes)]},
-                "run_id": identity["run_id"], "wandb_run_id": identity["wandb_run_id"]}
+                "run_id": identity["run_id"], "wandb_run_id": identity["wandb_run_id"],
+                "tokenizer_sha256": tokenizer_sha}
 
     def evaluate() -> None:
         val_bpb = evaluate_bpb(model, val_rows, token_bytes, device_batch_size, d, autocast)
