@@ -11,6 +11,7 @@ import click
 
 from entrypoint.hub import Hub, HubConfig, HubError
 from entrypoint.logs import redact
+from entrypoint.volume import FailureLog
 from trainer import checkpoint_layout as layout
 
 
@@ -60,6 +61,7 @@ def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
             remaining = heartbeat.get("num_iterations", 0) - recent[-1]["step"]
             entry["eta_seconds"] = round(max(0, remaining) * statistics.median(r["dt"] for r in recent))
         report["stages"][stage] = entry
+    report["failures"] = FailureLog(cfg.base_dir, cfg.model_tag, limit=0).read()
     return report
 
 
@@ -81,6 +83,9 @@ def status_command(as_json: bool, no_hub: bool) -> None:
                + (f"  (hub unreachable: {report['hub_error']})" if report["hub_error"] else ""))
     click.echo(f"{'stage':6} {'local':>8} {'hub':>8} {'unsynced':>9} {'ckpt age':>9} {'step':>8} "
                f"{'tok/s':>10} {'eta':>8}")
+    if (failure := report["failures"]) is not None:
+        held = "not relaunching after" if failure.get("held") else "the last"
+        click.echo(f"trainer: {held} {failure['count']} identical failed launches: {failure['error']}")
     for stage, e in report["stages"].items():
         unsynced = ",".join(map(str, e["not_synced"])) or "-"
         age = _fmt(e["seconds_since_checkpoint"], "s")

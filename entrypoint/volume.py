@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -22,6 +23,8 @@ import click
 from entrypoint.hub import TRAINER_STATUS_FILE
 from entrypoint.preflight import PreflightError, RunConfig
 from trainer import checkpoint_layout as layout
+
+log = logging.getLogger("phoenix.run")
 
 FAILURES_FILE = "failures.json"
 
@@ -119,8 +122,11 @@ class StatusFile:
         if new_phase or "phase_started" not in self.state:
             self.state["phase_started"] = time.time()
         self.state.update(fields)
-        layout.write_json_atomic(self.path, {**self.state, "generation": self.generation,
-                                             "updated": time.time(), "pid": os.getpid()})
+        try:
+            layout.write_json_atomic(self.path, {**self.state, "generation": self.generation,
+                                                 "updated": time.time(), "pid": os.getpid()})
+        except OSError as exc:  # a full volume: the run's own error says so; the status waits for room
+            log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
 
     def _refresh(self) -> None:
         while not self._stop.wait(30):
