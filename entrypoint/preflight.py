@@ -163,9 +163,14 @@ def preflight(cfg: RunConfig, check_hub: bool = True) -> list[str]:
         problems.append(f"NODE_RANK={cfg.node_rank} is outside 0..{cfg.nnodes - 1}: set it per node")
     mode = os.environ.get("WANDB_MODE", "")
     wants_wandb = cfg.wandb_run and cfg.wandb_run != "dummy"
-    if wants_wandb and mode == "online" and not os.environ.get("WANDB_API_KEY"):
+    wandb_key = os.environ.get("WANDB_API_KEY", "")
+    if wants_wandb and mode == "online" and not wandb_key:
         problems.append("WANDB_MODE=online but WANDB_API_KEY is not set: add it to .env, or unset WANDB_MODE "
                         "to log offline")
+    elif wants_wandb and mode != "offline" and wandb_key and len(wandb_key) < 40:
+        # wandb's own first check, made here so a mistyped key is one line, not a crash per relaunch.
+        problems.append(f"WANDB_API_KEY is not a W&B API key ({len(wandb_key)} characters, W&B keys have 40 "
+                        "or more): copy yours from wandb.ai/authorize")
     if check_hub and cfg.hub.repo_id:
         on_volume = base.is_dir() and any(layout.latest(layout.stage_dir(base, stage, cfg.model_tag))
                                           for stage in layout.STAGES)

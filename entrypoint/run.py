@@ -43,7 +43,7 @@ from entrypoint.logs import redact, setup_logging
 from entrypoint.preflight import PreflightError, RunConfig, nproc_for, preflight, visible_gpus
 from entrypoint.prepare import volume_error
 from entrypoint.procs import descendants, signal_pids
-from entrypoint.volume import FailureLog, StatusFile, VolumeLock
+from entrypoint.volume import FailureLog, StatusFile, VolumeLock, node0_is_live
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.run")
@@ -169,6 +169,13 @@ def stage_done(cfg: RunConfig, stage: str) -> bool:
     return ckpt is not None and ckpt.done
 
 
+def stopped_elsewhere(cfg: RunConfig, stage: str) -> bool:
+    """The stage's newest checkpoint is an emergency one: the workers were stopped, wherever the signal
+    came from."""
+    ckpt = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+    return ckpt is not None and not ckpt.done and bool(ckpt.meta().get("stopped"))
+
+
 def volume_progress(cfg: RunConfig) -> str:
     """The volume's newest checkpoint per stage: a failure after progress is not "the same" failure."""
     steps = []
@@ -188,7 +195,7 @@ def volume_has_checkpoint(cfg: RunConfig) -> bool:
 
 def run(cfg: RunConfig, max_failures: int = 3) -> int:
     """One launch, with the crash-loop guard around it; returns the exit code."""
-    failures = FailureLog(cfg.base_dir, cfg.model_tag, max_failures)
+    failures = FailureLog(cfg.base_dir, cfg.model_tag, max_failures, cfg.node_rank)
     held = failures.read()
     if (held and held.get("held") and held.get("kind") in _REFUSED_KINDS
             and held.get("fingerprint") == cfg.fingerprint and held.get("progress") == volume_progress(cfg)):
@@ -231,13 +238,15 @@ def _launch(cfg: RunConfig) -> int:
     launcher = Launcher(_log_file())
     signal.signal(signal.SIGTERM, launcher.on_signal)
     signal.signal(signal.SIGINT, launcher.on_signal)
+    if cfg.nnodes > 1 and cfg.node_rank != 0:
+        _wait_for_node0(cfg, launcher)
     status = StatusFile(cfg, local_generation(cfg.hub))
     _take_generation(cfg, status, launcher)
     status.start()
     outcome, error = "failed", None
     try:
         code = _stages(cfg, launcher, status, lock)
-        outcome = "stopped" if launcher.stop_requested else "finished"
+        outcome = "finished" if status.state["phase"] == "done" else "stopped"
         return code
     except RunFailed as exc:
         outcome, error = ("stopped", None) if launcher.stop_requested else ("failed", exc.line)
@@ -249,6 +258,19 @@ def _launch(cfg: RunConfig) -> int:
         status.close(outcome)
         lock.release()
         log.info("phoenix run %s", outcome)
+
+
+def _wait_for_node0(cfg: RunConfig, launcher: Launcher) -> None:
+    """A node other than 0 needs node 0's volume (checkpoints, data): see node 0's status file on ours."""
+    wait_s = float(os.environ.get("PHOENIX_SHARED_WAIT_S", "60"))
+    deadline = time.monotonic() + wait_s
+    while not node0_is_live(cfg.base_dir, cfg.model_tag):
+        if time.monotonic() > deadline:
+            raise PreflightError(f"NANOCHAT_BASE_DIR={cfg.base_dir} is not shared with node 0 (no live "
+                                 f"status of node 0 there after {wait_s:.0f}s): mount the same shared folder "
+                                 "on every node, and start node 0")
+        if launcher.stopping.wait(1.0):
+            return
 
 
 def _take_generation(cfg: RunConfig, status: StatusFile, launcher: Launcher) -> None:
@@ -306,8 +328,9 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             log.info("HF_REPO_ID not set: Hub sync and restore are off")
         if launcher.stop_requested:
             return 0
-        status.set(phase="prepare")
-        _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
+        if not stage_done(cfg, "base"):
+            status.set(phase="prepare")
+            _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
     nproc = nproc_for(cfg, visible_gpus())
     stages = [("base", "trainer.train", cfg.train_args)] + ([("sft", "trainer.sft", cfg.sft_args)]
                                                             if cfg.run_sft else [])
@@ -329,6 +352,11 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             raise RunFailed(launcher.error, "stage", printed=True)
         if code != 0:
             raise RunFailed(launcher.last_exception or f"{stage} stage exited with code {code}", "crash")
+        if stopped_elsewhere(cfg, stage):
+            # A stop that reached another node (or process) first: the ranks agreed on an emergency
+            # checkpoint, and this node's entrypoint ends as stopped too, to resume with the others.
+            log.info("%s stage stopped with an emergency checkpoint: exiting for resume", stage)
+            return 0
         if not stage_done(cfg, stage):
             raise RunFailed(f"{stage} stage exited 0 without a final checkpoint", "crash")
     status.set(phase="done")

@@ -69,6 +69,16 @@ def status_path(base_dir: Path, model_tag: str, node_rank: int = 0) -> Path:
     return base_dir / "runs" / model_tag / name
 
 
+def node0_is_live(base_dir: Path, model_tag: str, max_age_s: float = 120.0) -> bool:
+    """Node 0's status file is fresh on this volume: node 0 refreshes it every 30 s while it runs, so
+    another node seeing it knows the folder is shared (clocks may differ by a minute)."""
+    try:
+        status = json.loads(status_path(base_dir, model_tag, 0).read_text())
+    except (OSError, ValueError):
+        return False
+    return status.get("status") == "running" and time.time() - status.get("updated", 0) < max_age_s
+
+
 class FailureLog:
     """runs/<tag>/failures.json: the last failed launch, and how many launches in a row failed the same way.
 
@@ -77,8 +87,9 @@ class FailureLog:
     well (finished or stopped) removes the file.
     """
 
-    def __init__(self, base_dir: Path, model_tag: str, limit: int) -> None:
-        self.path = base_dir / "runs" / model_tag / FAILURES_FILE
+    def __init__(self, base_dir: Path, model_tag: str, limit: int, node_rank: int = 0) -> None:
+        name = FAILURES_FILE if node_rank == 0 else f"failures.node{node_rank}.json"
+        self.path = base_dir / "runs" / model_tag / name
         self.limit = limit
 
     def read(self) -> dict[str, Any] | None:
@@ -147,13 +158,14 @@ def health_command(max_age: int) -> None:
     """Container HEALTHCHECK: the entrypoint is alive and, while training, steps keep coming."""
     base = Path(os.environ.get("NANOCHAT_BASE_DIR", "~/.cache/nanochat")).expanduser()
     tag = os.environ.get("MODEL_TAG", "d26-hyperbolic")
-    failure = FailureLog(base, tag, limit=0).read()
+    node_rank = int(os.environ.get("NODE_RANK", "0") or 0)
+    failure = FailureLog(base, tag, limit=0, node_rank=node_rank).read()
     if failure and failure.get("held"):
         click.echo(f"unhealthy: not relaunching after {failure['count']} identical failures: "
                    f"{failure['error']}")
         sys.exit(1)
     try:
-        status = json.loads(status_path(base, tag, int(os.environ.get("NODE_RANK", "0") or 0)).read_text())
+        status = json.loads(status_path(base, tag, node_rank).read_text())
     except (FileNotFoundError, ValueError):
         click.echo("unhealthy: no trainer status yet")
         sys.exit(1)

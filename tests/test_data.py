@@ -116,6 +116,20 @@ def test_present_shard_is_not_downloaded_again(hub, tmp_path):
     assert hub.server.request_log[before:] == []
 
 
+def test_a_changed_dataset_repo_is_listed_and_downloaded_anew(hub, tmp_path):
+    publish_corpus(hub.server, tmp_path / "shards", num_shards=2, docs_per_shard=20)
+    ShardStore(tmp_path / "base_data", DATASET_REPO).path("shard_00000.parquet")
+    other = tmp_path / "other_shards"
+    other.mkdir()
+    (other / "shard_00000.parquet").write_bytes((tmp_path / "shards" / "shard_00001.parquet").read_bytes())
+    (other / "shard_00001.parquet").write_bytes((tmp_path / "shards" / "shard_00000.parquet").read_bytes())
+    hub.server.publish_dataset("someone/other-corpus", {p.name: p for p in other.iterdir()})
+    store = ShardStore(tmp_path / "base_data", "someone/other-corpus")
+    assert store.path("shard_00000.parquet").read_bytes() == (other / "shard_00000.parquet").read_bytes()
+    listing = json.loads((tmp_path / "base_data" / "shards.json").read_text())
+    assert listing["repo_id"] == "someone/other-corpus"
+
+
 def test_missing_dataset_repo_is_one_clear_error(hub, tmp_path):
     with pytest.raises(DataError, match="'nobody/no-such-data' not found on the Hub: set DATASET_REPO"):
         ShardStore(tmp_path / "base_data", "nobody/no-such-data").shard_names()

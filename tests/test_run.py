@@ -168,6 +168,7 @@ def test_two_nodes_of_one_process_rendezvous_over_c10d(job):
     ({"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0,1", "NPROC_PER_NODE": "8"},
      "NPROC_PER_NODE=8 but only 2 GPUs are visible"),
     ({"WANDB_RUN": "r1", "WANDB_MODE": "online", "WANDB_API_KEY": ""}, "WANDB_API_KEY is not set"),
+    ({"WANDB_RUN": "r1", "WANDB_MODE": "online", "WANDB_API_KEY": "mistyped"}, "is not a W&B API key"),
     ({"NNODES": "2", "NODE_RANK": "5"}, "NODE_RANK=5 is outside 0..1"),
 ])
 def test_each_preflight_problem_is_one_line_before_anything_starts(job, change, message):

@@ -354,9 +354,14 @@ class StepReporter:
             online = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             mode = os.environ.get("WANDB_MODE") or online
             # The same id on every restart with resume="allow": the dashboard shows one curve per run.
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "phoenix"), name=wandb_name,
-                                    id=wandb_id, resume="allow", mode=mode, dir=str(logs_dir),
-                                    config=wandb_config)
+            try:
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "phoenix"), name=wandb_name,
+                                        id=wandb_id, resume="allow", mode=mode, dir=str(logs_dir),
+                                        config=wandb_config)
+            except (wandb.errors.AuthenticationError, wandb.errors.UsageError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ConfigError(f"W&B refused the run ({first}): fix WANDB_API_KEY (or WANDB_PROJECT), "
+                                  "or unset WANDB_RUN to train without W&B") from None
             log.info("wandb run_id=%s mode=%s", wandb_id, mode)
 
     def step(self, step: int, num_iterations: int, loss: float, loop_state: dict[str, Any], lrm: float,

@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                 "max_seq_len": cfg.max_seq_len, "model_config": asdict(model_config), "config": asdict(cfg),
                 "loop_state": loop_state, "loader": {"lanes": [list(lanes[i]) for i in range(num_lanes)]},
                 "run_id": identity["run_id"], "wandb_run_id": identity["wandb_run_id"],
-                "tokenizer_sha256": tokenizer_sha}
+                "tokenizer_sha256": tokenizer_sha, "stopped": stop_now}
 
     def evaluate() -> None:
         val_bpb = evaluate_bpb(model, val_rows, token_bytes, device_batch_size, d, autocast)
