@@ -29,7 +29,8 @@ from trainer import checkpoint_layout as layout
 log = logging.getLogger("phoenix.run")
 
 # Presets' model geometry, for the disk-space estimate without importing torch.
-_PRESET_GEOMETRY = {"tiny": (2, 32, 2048), "d20": (20, 64, 32768), "d26": (26, 64, 32768)}
+_PRESET_GEOMETRY = {"tiny": (2, 32, 2048), "d20": (20, 64, 32768), "d24": (24, 64, 32768),
+                    "d26": (26, 64, 32768)}
 
 
 # What a user may edit to fix a failed launch.

@@ -50,6 +50,10 @@ def corpus(tmp_path_factory) -> Corpus:
         reference = root / "reference"
         code, out = run_trainer(reference, env, *ARGS)
         assert code == 0, out
+        # The start-of-run line, once; on CPU the time estimate waits for this run's measured tok/s.
+        assert out.count(" plan params=") == 1 and " steps=96 total_batch=1,024 tokens=98,304 " in out, out
+        assert "basis=none_until_measured" in out, out
+        assert " eta steps_left=75 " in out and "basis=measured" in out, out
         yield Corpus(env, reference)
 
 

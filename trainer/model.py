@@ -2,6 +2,7 @@
 
 Build big models on the meta device, then `to_empty(device=...)` and `init_weights()`:
 nothing is allocated or initialised twice, and the weights depend only on torch's seed.
+Generation passes a `KVCache` to `forward`; without one (training) the computation is unchanged.
 """
 
 import math
@@ -56,9 +57,48 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([y1, y2], 3).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, with one length per row, for generation.
+
+    A forward pass with the cache writes its T new tokens of row b at positions lengths[b] .. lengths[b]+T-1
+    and attends to every cached position up to its own. Positions past a row's length are masked out, so
+    a right-padded batch of prompts of different lengths is exact: the caller sets `lengths` to the true
+    prompt lengths after the prefill, and decoding overwrites the padding.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32) -> None:
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self._index: torch.Tensor | None = None  # scatter index of the forward pass under way
+        self.mask: torch.Tensor | None = None  # its (B, 1, T, span) attention mask
+        self.span = 0  # cached positions that pass attends over
+
+    def begin(self, positions: torch.Tensor) -> None:
+        """Prepare a forward pass over tokens at `positions` (B, T); one host sync for the span."""
+        self.span = int(positions.max().item()) + 1
+        if self.span > self.max_len:
+            raise ValueError(f"generation reached {self.span} tokens, past the cache of {self.max_len}")
+        b, t = positions.shape
+        self._index = positions[:, None, :, None].expand(b, self.k.size(2), t, self.k.size(4))
+        keys = torch.arange(self.span, device=positions.device)
+        self.mask = keys[None, None, None, :] <= positions[:, None, :, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this pass's k, v (B, H_kv, T, D) of `layer`; return the layer's k, v up to the span."""
+        self.k[layer].scatter_(2, self._index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, self._index, v.to(self.v.dtype))
+        return self.k[layer, :, :, :self.span].to(k.dtype), self.v[layer, :, :, :self.span].to(v.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # which slice of a KVCache is this layer's
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
@@ -67,7 +107,8 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -75,7 +116,12 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded without a learned scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        gqa = self.n_kv_head != self.n_head
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.update(self.layer_idx, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -90,13 +136,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, cache)
         return x + self.mlp(norm(x))
 
 
@@ -111,7 +158,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(config.vocab_size, config.n_embd),
-                "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             }
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -163,16 +210,30 @@ class GPT(nn.Module):
         return 6 * n_matmul + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab); or the loss, given targets (B, T; -1 = ignore)."""
+        """idx (B, T) token ids -> logits (B, T, vocab); or the loss, given targets (B, T; -1 = ignore).
+
+        With a cache, row b's tokens continue after its cached lengths[b] tokens, and the lengths advance.
+        """
         T = idx.size(1)
-        if self.cos.size(1) < T:
-            raise ValueError(f"sequence of {T} tokens exceeds the rotary cache of {self.cos.size(1)}")
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if cache is None:
+            if self.cos.size(1) < T:
+                raise ValueError(f"sequence of {T} tokens exceeds the rotary cache of {self.cos.size(1)}")
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            positions = cache.lengths[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            cache.begin(positions)
+            if cache.span > self.cos.size(1):
+                raise ValueError(f"sequence of {cache.span} tokens exceeds the rotary cache of "
+                                 f"{self.cos.size(1)}")
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2): a position per row
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.lengths += T
         logits = self.lm_head(norm(x))
         # Soft-cap in float32: tanh keeps logits in (-15, 15) so the loss cannot blow up on outliers.
         logits = LOGIT_SOFTCAP * torch.tanh(logits.float() / LOGIT_SOFTCAP)
@@ -191,6 +252,17 @@ def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    return model
+
+
+def model_from_weights(config: GPTConfig, weights: dict[str, torch.Tensor],
+                       device: torch.device | str) -> GPT:
+    """A model holding saved weights (cast to float32), for inference: no random init, no RNG drawn."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
+    model.cos, model.sin = model._precompute_rotary(torch.device(device))
     return model
 
 # Dense (no sparsity) bf16 tensor-core peak FLOPS per GPU, matched as a case-insensitive substring of

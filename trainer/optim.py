@@ -1,9 +1,11 @@
-"""Hybrid optimizer (Muon for block matrices, AdamW for embedding and lm_head) with nanochat's schedules.
+"""Hybrid optimizer (Muon for block matrices, AdamW for the rest) and schedules, at nanochat's recipe.
 
 One object drives both: `step()`, `zero_grad()`, `set_schedule(step, num_iterations)`. Its state is a
-flat dict of tensors keyed by parameter name (`adamw.<fqn>.exp_avg`, `muon.<fqn>.momentum_buffer`, ...),
-so a checkpoint neither depends on world size nor on parameter order and saves as-is with safetensors.
-Gradients must already be averaged across ranks (DDP does that); the update itself is per-replica.
+flat dict of tensors keyed by parameter name (`adamw.<fqn>.exp_avg`, `muon.<fqn>.momentum_buffer`,
+`muon.<fqn>.second_momentum_buffer`, ...), so a checkpoint neither depends on world size nor on parameter
+order and saves as-is with safetensors. Gradients must already be averaged across ranks (DDP does that).
+Every update reads and writes one parameter and its own state (`update(name)`): a sharded optimizer only
+has to choose which names a rank updates, then gather the updated parameters and the state by name.
 """
 
 import math
@@ -13,64 +15,85 @@ import torch
 import torch.nn as nn
 
 from trainer.model import GPT
+from trainer.muon import muon_update, normuon_buffer_shape
 
-ADAMW_BETAS = (0.8, 0.95)
+# Bumped whenever the update rule or its state changes; a checkpoint records it and a resume under another
+# rule refuses (runtime.restore_trajectory): the trajectory would silently change.
+OPTIMIZER_RECIPE = "muon-polar-express-normuon-cautious-wd/adamw"
+
 ADAMW_EPS = 1e-10
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-NS_STEPS = 5
+ADAMW_WIDTH_REF = 768  # AdamW lrs were tuned at width 768: scaled by (width / 768) ** -0.5 elsewhere
 
 
-def lr_multiplier(
-    step: int,
-    num_iterations: int,
-    warmup_ratio: float = 0.0,
-    warmdown_ratio: float = 0.2,
-    final_lr_frac: float = 0.0,
-) -> float:
-    """Linear warmup, flat, then linear warmdown to final_lr_frac over the last warmdown_ratio of training."""
-    warmup_iters = round(warmup_ratio * num_iterations)
+@dataclass(frozen=True)
+class AdamWGroup:
+    """nanochat's AdamW settings for the parameters whose name starts with `prefix`."""
+
+    prefix: str
+    lr_name: str  # which constructor learning rate: "unembedding_lr", "embedding_lr", "scalar_lr"
+    lr_factor: float
+    betas: tuple[float, float]
+    weight_decay: float  # constant (nanochat schedules only Muon's); applied as p *= 1 - lr * wd
+    width_scaled: bool  # the 1/sqrt(width / 768) transfer of nanochat's embedding and head lrs
+
+
+# nanochat's table (gpt.py setup_optimizer). The last three rows name parameters of nanochat's current
+# model (value embeddings, the per-layer scalar group) that phoenix's model does not have yet: they route
+# them the day the model grows them. nanochat's smear/backout scalars (a fixed lr of 0.2, not batch-scaled)
+# come with that model change.
+ADAMW_GROUPS: tuple[AdamWGroup, ...] = (
+    AdamWGroup("lm_head.", "unembedding_lr", 1.0, (0.8, 0.96), 0.01, True),
+    AdamWGroup("transformer.wte.", "embedding_lr", 1.0, (0.8, 0.995), 0.001, True),
+    AdamWGroup("value_embeds.", "embedding_lr", 0.5, (0.8, 0.995), 0.01, True),
+    AdamWGroup("resid_lambdas", "scalar_lr", 0.01, (0.8, 0.95), 0.05, False),
+    AdamWGroup("x0_lambdas", "scalar_lr", 1.0, (0.96, 0.95), 0.0, False),
+)
+
+# Schedules, all pure functions of the step (exact resume needs nothing else). nanochat's base_train.py.
+WARMUP_STEPS = 40
+WARMDOWN_RATIO = 0.65
+FINAL_LR_FRAC = 0.05
+MOMENTUM_START, MOMENTUM_PEAK, MOMENTUM_END, MOMENTUM_RAMP_STEPS = 0.85, 0.97, 0.90, 400
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_steps: int = WARMUP_STEPS,
+                  warmdown_ratio: float = WARMDOWN_RATIO, final_lr_frac: float = FINAL_LR_FRAC) -> float:
+    """Linear warmup over warmup_steps, flat, then linear warmdown to final_lr_frac over the last
+    warmdown_ratio of training."""
     warmdown_iters = round(warmdown_ratio * num_iterations)
-    if step < warmup_iters:
-        return (step + 1) / warmup_iters
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if step <= num_iterations - warmdown_iters:
         return 1.0
     progress = (num_iterations - step) / warmdown_iters
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(step: int) -> float:
-    """Muon momentum ramps 0.85 -> 0.95 linearly over the first 300 steps, then stays."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float = WARMDOWN_RATIO) -> float:
+    """0.85 -> 0.97 linearly over the first 400 steps, flat, then 0.97 -> 0.90 across the lr warmdown
+    (the ramp wins where the two overlap, as in nanochat)."""
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    warmdown_start = num_iterations - warmdown_iters
+    if step < MOMENTUM_RAMP_STEPS:
+        frac = step / MOMENTUM_RAMP_STEPS
+        return (1 - frac) * MOMENTUM_START + frac * MOMENTUM_PEAK
+    if step >= warmdown_start:
+        progress = (step - warmdown_start) / warmdown_iters
+        return (1 - progress) * MOMENTUM_PEAK + progress * MOMENTUM_END
+    return MOMENTUM_PEAK
 
 
 def weight_decay_multiplier(step: int, num_iterations: int) -> float:
-    """Weight decay fades linearly to zero over training."""
-    return 1 - step / num_iterations
-
-
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
-    """Approximately orthogonalize G (US'V^T with S' ~ 0.5..1.5 instead of USV^T) by a quintic Newton-Schulz.
-
-    bf16 on CUDA (fast, stable enough); float32 elsewhere, where bf16 matmuls are slow and emulated.
-    """
-    a, b, c = NS_COEFFS
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    tall = G.size(-2) > G.size(-1)
-    if tall:  # iterate on the wide orientation: X @ X^T is then the smaller Gram matrix
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    return X.mT if tall else X
+    """Muon's weight decay follows a cosine from 1 at step 0 to 0 at the last step."""
+    return 0.5 * (1 + math.cos(math.pi * step / num_iterations))
 
 
 @dataclass
 class ParamGroup:
     kind: str  # "adamw" or "muon"
     initial_lr: float
+    betas: tuple[float, float] = (0.0, 0.0)  # AdamW only
+    base_weight_decay: float = 0.0  # Muon: the peak of its cosine; AdamW: constant
     params: dict[str, nn.Parameter] = field(default_factory=dict)  # by model.named_parameters() name
     lr: float = 0.0  # lr, weight_decay, momentum: current values, set by HybridOptimizer.set_schedule
     weight_decay: float = 0.0
@@ -78,96 +101,109 @@ class ParamGroup:
 
 
 class HybridOptimizer:
-    """Muon on every 2-D matrix inside transformer blocks, AdamW on transformer.wte and lm_head."""
+    """Muon on every parameter inside transformer blocks (all 2-D), AdamW by ADAMW_GROUPS on the rest."""
 
     def __init__(
         self,
         model: GPT,
-        unembedding_lr: float = 0.004,
-        embedding_lr: float = 0.2,
+        unembedding_lr: float = 0.008,
+        embedding_lr: float = 0.3,
         matrix_lr: float = 0.02,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
-        warmdown_ratio: float = 0.2,
-        final_lr_frac: float = 0.0,
+        scalar_lr: float = 0.5,
+        weight_decay: float = 0.28,
+        warmup_steps: int = WARMUP_STEPS,
+        warmdown_ratio: float = WARMDOWN_RATIO,
+        final_lr_frac: float = FINAL_LR_FRAC,
     ):
-        """model: the bare GPT (not DDP- or compile-wrapped), so names match its state_dict()."""
-        self.base_weight_decay = weight_decay
-        self.warmup_ratio = warmup_ratio
+        """model: the bare GPT (not DDP- or compile-wrapped), so names match its state_dict().
+        Learning rates and weight_decay come already scaled for the batch and horizon (trainer.recipe)."""
+        self.warmup_steps = warmup_steps
         self.warmdown_ratio = warmdown_ratio
         self.final_lr_frac = final_lr_frac
-        # AdamW lrs were tuned at width 768; scale them by 1/sqrt(width) relative to that.
-        adamw_scale = (model.config.n_embd / 768) ** -0.5
-        self.groups = [
-            ParamGroup("adamw", unembedding_lr * adamw_scale),
-            ParamGroup("adamw", embedding_lr * adamw_scale),
-            ParamGroup("muon", matrix_lr),
-        ]
-        unembedding, embedding, matrix = (g.params for g in self.groups)
+        lrs = {"unembedding_lr": unembedding_lr, "embedding_lr": embedding_lr, "scalar_lr": scalar_lr}
+        width_scale = (model.config.n_embd / ADAMW_WIDTH_REF) ** -0.5
+        adamw = {}
+        for rule in ADAMW_GROUPS:
+            lr = lrs[rule.lr_name] * rule.lr_factor * (width_scale if rule.width_scaled else 1.0)
+            adamw[rule.prefix] = ParamGroup("adamw", lr, rule.betas, rule.weight_decay)
+        muon = ParamGroup("muon", matrix_lr, base_weight_decay=weight_decay)
         for name, p in model.named_parameters():
-            if name == "lm_head.weight":
-                unembedding[name] = p
-            elif name == "transformer.wte.weight":
-                embedding[name] = p
-            elif name.startswith("transformer.h.") and p.ndim == 2:
-                matrix[name] = p
-            else:
+            if name.startswith("transformer.h."):
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes matrices; {name} has shape {tuple(p.shape)}")
+                muon.params[name] = p
+                continue
+            rule = next((r for r in ADAMW_GROUPS if name.startswith(r.prefix)), None)
+            if rule is None:
                 raise ValueError(f"no optimizer group for parameter {name} of shape {tuple(p.shape)}")
+            adamw[rule.prefix].params[name] = p
+        self.groups = [g for g in (*adamw.values(), muon) if g.params]
         for g in self.groups:  # un-scheduled values, until the first set_schedule()
-            g.lr, g.weight_decay, g.momentum = g.initial_lr, weight_decay, muon_momentum(0)
+            g.lr, g.weight_decay, g.momentum = g.initial_lr, g.base_weight_decay, MOMENTUM_START
         # Allocated up front (not lazily on first step) so the key set is fixed from construction on:
         # load_state_tensors can then check a checkpoint against it before any step has run.
         self.state: dict[str, torch.Tensor] = {}
-        for name, p in {**unembedding, **embedding}.items():
-            self.state[f"adamw.{name}.step"] = torch.zeros((), dtype=torch.int64)  # CPU: .item() is free
-            self.state[f"adamw.{name}.exp_avg"] = torch.zeros_like(p)
-            self.state[f"adamw.{name}.exp_avg_sq"] = torch.zeros_like(p)
-        for name, p in matrix.items():
-            self.state[f"muon.{name}.momentum_buffer"] = torch.zeros_like(p)
+        for g in self.groups:
+            for name, p in g.params.items():
+                if g.kind == "adamw":
+                    self.state[f"adamw.{name}.step"] = torch.zeros((), dtype=torch.int64)  # CPU: free .item()
+                    self.state[f"adamw.{name}.exp_avg"] = torch.zeros_like(p)
+                    self.state[f"adamw.{name}.exp_avg_sq"] = torch.zeros_like(p)
+                else:
+                    self.state[f"muon.{name}.momentum_buffer"] = torch.zeros_like(p)
+                    # NorMuon's running mean square: one per row (tall/square) or per column (wide).
+                    self.state[f"muon.{name}.second_momentum_buffer"] = p.new_zeros(
+                        normuon_buffer_shape(p.shape))
+        self._group_of = {name: g for g in self.groups for name in g.params}
 
     def set_schedule(self, step: int, num_iterations: int) -> None:
         """Set lr, weight decay and Muon momentum for `step` (pure functions of it, so never checkpointed)."""
-        lr_mult = lr_multiplier(
-            step, num_iterations, self.warmup_ratio, self.warmdown_ratio, self.final_lr_frac
-        )
-        wd = self.base_weight_decay * weight_decay_multiplier(step, num_iterations)
+        lr_mult = lr_multiplier(step, num_iterations, self.warmup_steps, self.warmdown_ratio,
+                                self.final_lr_frac)
         for g in self.groups:
             g.lr = g.initial_lr * lr_mult
-            g.weight_decay = wd
-            g.momentum = muon_momentum(step)
+            if g.kind == "muon":
+                g.weight_decay = g.base_weight_decay * weight_decay_multiplier(step, num_iterations)
+                g.momentum = muon_momentum(step, num_iterations, self.warmdown_ratio)
+            else:
+                g.weight_decay = g.base_weight_decay
+
+    @property
+    def param_names(self) -> list[str]:
+        """Every optimized parameter, in a fixed order: the unit a sharded optimizer assigns to ranks."""
+        return list(self._group_of)
 
     @torch.no_grad()
     def step(self) -> None:
-        for g in self.groups:
-            for name, p in g.params.items():
-                if p.grad is None:
-                    continue
-                if g.kind == "adamw":
-                    self._adamw_update(name, p, g.lr, g.weight_decay)
-                else:
-                    self._muon_update(name, p, g.lr, g.weight_decay, g.momentum)
+        for name in self.param_names:
+            self.update(name)
 
-    def _adamw_update(self, name: str, p: nn.Parameter, lr: float, wd: float) -> None:
+    @torch.no_grad()
+    def update(self, name: str) -> None:
+        """Update one parameter from its gradient; touches only that parameter and its own state keys."""
+        g = self._group_of[name]
+        p = g.params[name]
+        if p.grad is None:
+            return
+        if g.kind == "adamw":
+            self._adamw_update(name, p, g.lr, g.weight_decay, g.betas)
+        else:
+            muon_update(p, p.grad, self.state[f"muon.{name}.momentum_buffer"],
+                        self.state[f"muon.{name}.second_momentum_buffer"], g.lr, g.weight_decay, g.momentum)
+
+    def _adamw_update(self, name: str, p: nn.Parameter, lr: float, wd: float,
+                      betas: tuple[float, float]) -> None:
         s = self.state
         step_t, exp_avg, exp_avg_sq = (s[f"adamw.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq"))
         step_t += 1
         step = int(step_t.item())
-        beta1, beta2 = ADAMW_BETAS
+        beta1, beta2 = betas
         g = p.grad
         p.mul_(1 - lr * wd)  # decoupled weight decay
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(ADAMW_EPS)
         p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-
-    def _muon_update(self, name: str, p: nn.Parameter, lr: float, wd: float, momentum: float) -> None:
-        buf = self.state[f"muon.{name}.momentum_buffer"]
-        buf.lerp_(p.grad, 1 - momentum)
-        update = zeropower_via_newtonschulz5(p.grad.lerp(buf, momentum))  # Nesterov
-        p.mul_(1 - lr * wd)
-        # Orthogonalized updates have unit-ish singular values; tall matrices get a larger step so their
-        # per-element RMS matches wide ones.
-        p.add_(update, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for g in self.groups:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from trainer import checkpoint_layout as layout
 from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError, load_tensors
 from trainer.data import DataError
-from trainer.optim import HybridOptimizer
+from trainer.optim import OPTIMIZER_RECIPE, HybridOptimizer
 
 log = logging.getLogger("phoenix.train")
 
@@ -255,6 +255,16 @@ def check_horizon(ckpt: layout.Checkpoint, meta: dict[str, Any], num_iterations:
                 meta["num_iterations"], num_iterations)
 
 
+def check_optimizer_recipe(ckpt: layout.Checkpoint, meta: dict[str, Any]) -> None:
+    """A checkpoint continues only under the update rule that wrote it: another rule (or a checkpoint from
+    before rules were recorded: Newton-Schulz Muon without NorMuon state) would change the run silently."""
+    written_by = meta.get("optimizer_recipe", "newton-schulz-muon/adamw (unrecorded, before NorMuon)")
+    if written_by != OPTIMIZER_RECIPE:
+        raise ConfigError(f"{ckpt.path} was written by optimizer {written_by}, this trainer runs "
+                          f"{OPTIMIZER_RECIPE}: finish that run with the phoenix version that started it, or "
+                          f"start anew under another MODEL_TAG")
+
+
 def restore_trajectory(ckpt: layout.Checkpoint, meta: dict[str, Any], model: torch.nn.Module,
                        optimizer: HybridOptimizer, d: Dist, seed: int) -> None:
     """Weights, optimizer state and this rank's RNG from a checkpoint, on any world size."""
@@ -283,6 +293,7 @@ def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, mode
         return 0.0
     full_meta = {**meta([c["state"] for c in contributions]), "step": step, "world_size": d.world_size,
                  "rng": [c["rng"] for c in contributions], "torch_version": torch.__version__,
+                 "optimizer_recipe": OPTIMIZER_RECIPE,
                  "saved_at": time.time()}
     rng_file = {f"rank{r}.{name}": tensor for r, c in enumerate(contributions)
                 for name, tensor in c["rng_tensors"].items()}

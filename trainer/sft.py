@@ -42,6 +42,7 @@ from trainer.runtime import (
     agree,
     broadcast,
     check_horizon,
+    check_optimizer_recipe,
     compute_setup,
     config_from_flags,
     find_resume_checkpoint,
@@ -63,6 +64,7 @@ BASE_STAGE = "base"
 SFT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(conversations_per_step=8, eval_every=20, eval_conversations=32),
     "d20": dict(conversations_per_step=32, eval_every=100, eval_conversations=1024),
+    "d24": dict(conversations_per_step=32, eval_every=100, eval_conversations=1024),
     "d26": dict(conversations_per_step=32, eval_every=100, eval_conversations=1024),
 }
 
@@ -235,12 +237,15 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's rotary cache of "
                           f"{model.rotary_seq_len}")
     lrs = {name: lr * cfg.init_lr_frac for name, lr in origin["lrs"].items()}
-    # warmdown_ratio=1: the lr decays linearly from the first step to 0 at the last, as in nanochat.
-    optimizer = HybridOptimizer(model, **lrs, weight_decay=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    # No warmup, warmdown_ratio=1: the lr decays linearly from the first step to 0 at the last. No weight
+    # decay: base training's cosine ended it at 0 (nanochat's chat_sft does the same).
+    optimizer = HybridOptimizer(model, **lrs, weight_decay=0.0, warmup_steps=0, warmdown_ratio=1.0,
+                                final_lr_frac=0.0)
     num_iterations = cfg.num_iterations
     if num_iterations <= 0:
         num_iterations = cfg.num_epochs * num_train // cfg.conversations_per_step
     if ckpt is not None:
+        check_optimizer_recipe(ckpt, meta)
         check_horizon(ckpt, meta, num_iterations)
 
     # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------

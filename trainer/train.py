@@ -29,8 +29,9 @@ from trainer.data import (
     ShardStore,
     validation_rows,
 )
-from trainer.model import build_model, config_for_depth
+from trainer.model import GPT, build_model, config_for_depth
 from trainer.optim import HybridOptimizer
+from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
 from trainer.runtime import (
     ENV_NAMES,
     ConfigError,
@@ -40,6 +41,7 @@ from trainer.runtime import (
     agree,
     broadcast,
     check_horizon,
+    check_optimizer_recipe,
     compute_setup,
     config_from_flags,
     find_resume_checkpoint,
@@ -54,18 +56,21 @@ from trainer.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_sha256
 log = logging.getLogger("phoenix.train")
 STAGE = "base"
 
-# Presets: tiny trains on 2 CPU cores in seconds; d20 / d26 are nanochat's speedrun sizes.
+# Presets: tiny trains on 2 CPU cores in seconds and is its own reference (its lrs and weight decay are
+# used as given); d20 / d24 / d26 are nanochat's sizes with its defaults: 12 tokens per scaling parameter,
+# the batch derived from that (2^20 tokens for all three), device batches as nanochat's miniseries runs.
+_GPU = dict(aspect_ratio=64, head_dim=128, max_seq_len=2048, total_batch_size=-1, vocab_size=32768,
+            num_iterations=-1, target_param_data_ratio=12.0, eval_every=250, eval_tokens=10 * 524288,
+            tokenizer_chars=2_000_000_000)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=128, device_batch_size=4,
                  total_batch_size=1024, vocab_size=2048, num_iterations=200, eval_every=50,
-                 eval_tokens=4096, tokenizer_chars=2_000_000),
-    "d20": dict(depth=20, aspect_ratio=64, head_dim=128, max_seq_len=2048, device_batch_size=32,
-                total_batch_size=524288, vocab_size=32768, num_iterations=-1, eval_every=250,
-                eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000),
-    "d26": dict(depth=26, aspect_ratio=64, head_dim=128, max_seq_len=2048, device_batch_size=16,
-                total_batch_size=524288, vocab_size=32768, num_iterations=-1, eval_every=250,
-                eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000),
+                 eval_tokens=4096, tokenizer_chars=2_000_000, reference_depth=2, reference_batch_size=1024),
+    "d20": dict(depth=20, device_batch_size=32, **_GPU),
+    "d24": dict(depth=24, device_batch_size=16, **_GPU),
+    "d26": dict(depth=26, device_batch_size=16, **_GPU),
 }
+ETA_AFTER_STEPS = 20  # steps this process times before it logs a measured time estimate
 
 
 @dataclass
@@ -77,17 +82,24 @@ class TrainConfig:
     max_seq_len: int = 2048
     vocab_size: int = 32768
     device_batch_size: int = 16
-    total_batch_size: int = 524288
-    num_iterations: int = -1  # -1: derive from target_param_data_ratio
-    target_param_data_ratio: float = 20.0
+    total_batch_size: int = -1  # -1: nanochat's batch for the horizon (trainer.recipe)
+    num_iterations: int = -1  # -1: target_param_data_ratio x scaling parameters / total batch
+    target_param_data_ratio: float = 12.0  # tokens per scaling parameter (nanochat's default)
     eval_every: int = 250
     eval_tokens: int = 10 * 524288
     tokenizer_chars: int = 2_000_000_000
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
+    # Learning rates and weight decay as tuned at the reference (d12, 2^19-token batches); the run
+    # scales them to its batch and horizon.
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.008
     matrix_lr: float = 0.02
-    weight_decay: float = 0.0
-    warmdown_ratio: float = 0.2
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.28  # Muon's cautious weight decay
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    reference_depth: int = REFERENCE_DEPTH
+    reference_batch_size: int = REFERENCE_BATCH
     seed: int = 42
     save_every: int = 250
     keep_last: int = 3
@@ -104,7 +116,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < preset < environment (the seed script's names) < flags."""
     env_names = {**ENV_NAMES, "dataset_repo": "DATASET_REPO"}
     cfg = config_from_flags(TrainConfig, argv, "trainer.train", PRESETS, env_names)
-    if cfg.total_batch_size % cfg.max_seq_len:
+    if cfg.total_batch_size > 0 and cfg.total_batch_size % cfg.max_seq_len:
         raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --max-seq-len "
                           f"{cfg.max_seq_len}: pick a multiple")
     return cfg
@@ -124,8 +136,7 @@ def prepare_data(cfg: TrainConfig) -> None:
 
 
 # Settings that fix the trajectory: a resume with any of them changed is refused, never silently reshaped.
-RESUME_KEYS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "vocab_size", "total_batch_size",
-               "dataset_repo")
+RESUME_KEYS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "vocab_size", "dataset_repo")
 
 
 def check_resume(cfg: TrainConfig, ckpt: layout.Checkpoint, tokenizer_sha: str | None) -> None:
@@ -136,6 +147,11 @@ def check_resume(cfg: TrainConfig, ckpt: layout.Checkpoint, tokenizer_sha: str |
     meta = ckpt.meta()
     saved = meta.get("config", {})
     changed = [key for key in RESUME_KEYS if key in saved and saved[key] != getattr(cfg, key)]
+    # A derived batch (-1) is checked by the trainer once it has the plan; an explicit one here.
+    trained_batch = meta.get("total_batch_size", cfg.total_batch_size)
+    if cfg.total_batch_size > 0 and trained_batch != cfg.total_batch_size:
+        changed.append("total_batch_size")
+        saved = {**saved, "total_batch_size": trained_batch}
     if changed:
         was = ", ".join(f"{key}={saved[key]}" for key in changed)
         now = ", ".join(f"{key}={getattr(cfg, key)}" for key in changed)
@@ -171,6 +187,29 @@ def evaluate_bpb(model: torch.nn.Module, rows: torch.Tensor, token_bytes: torch.
         dist.all_reduce(nats)
         dist.all_reduce(nbytes)
     return (nats / (math.log(2) * nbytes)).item()
+
+
+def log_plan(run_plan: Plan, num_params: int, flops_per_token: int, step: int, train_time: float,
+             peak_flops: float | None, world_size: int) -> None:
+    """The start-of-run line: what the run will cost before paying for it. The time estimate uses this run's
+    own tok/s when resuming, else ASSUMED_MFU of the GPU's peak; on CPU the measured `eta` line follows."""
+    tokens_left = (run_plan.num_iterations - step) * run_plan.total_batch_size
+    if step > 0 and train_time > 0:
+        tok_per_sec, basis = step * run_plan.total_batch_size / train_time, "measured_before_resume"
+    elif peak_flops:
+        tok_per_sec = ASSUMED_MFU * peak_flops * world_size / flops_per_token
+        basis = f"assumed_mfu_{ASSUMED_MFU:.0%}"
+    else:
+        tok_per_sec, basis = None, "none_until_measured"
+    log.info("plan params=%s scaling_params=%s steps=%d total_batch=%s tokens=%s "
+             "tokens_per_scaling_param=%.2f flops=%.3e lr_scale=%.4f muon_weight_decay=%.4f "
+             "est_hours_left=%s est_tok_per_sec=%s basis=%s",
+             f"{num_params:,}", f"{run_plan.scaling_params:,}", run_plan.num_iterations,
+             f"{run_plan.total_batch_size:,}", f"{run_plan.tokens:,}",
+             run_plan.tokens / run_plan.scaling_params,
+             flops_per_token * run_plan.tokens, run_plan.lr_scale, run_plan.weight_decay,
+             f"{tokens_left / tok_per_sec / 3600:.2f}" if tok_per_sec else "-",
+             f"{tok_per_sec:,.0f}" if tok_per_sec else "-", basis)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,20 +253,33 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     if meta is not None and meta["model_config"] != asdict(model_config):
         raise ConfigError(f"{ckpt.path} holds a model {meta['model_config']}, this run asks for "
                           f"{asdict(model_config)}: use the same preset/flags or another MODEL_TAG")
+    if meta is not None:
+        check_optimizer_recipe(ckpt, meta)
     seed_everything(cfg.seed)
     model = build_model(model_config, d.device)
-    optimizer = HybridOptimizer(model, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
-                                warmdown_ratio=cfg.warmdown_ratio)
     num_params = model.num_params()
-    num_iterations = cfg.num_iterations
-    if num_iterations <= 0:
-        num_iterations = int(cfg.target_param_data_ratio * num_params) // cfg.total_batch_size
+    with torch.device("meta"):  # shapes only: the model nanochat's hyperparameters were tuned on
+        reference = GPT(config_for_depth(cfg.reference_depth, tokenizer.vocab_size, cfg.max_seq_len,
+                                         cfg.aspect_ratio, cfg.head_dim))
+    run_plan = plan(scaling_params((n, p.numel()) for n, p in model.named_parameters()),
+                    scaling_params((n, p.numel()) for n, p in reference.named_parameters()),
+                    cfg.target_param_data_ratio, cfg.total_batch_size, cfg.num_iterations, cfg.weight_decay,
+                    cfg.reference_batch_size)
+    total_batch_size, num_iterations = run_plan.total_batch_size, run_plan.num_iterations
+    if total_batch_size % cfg.max_seq_len:
+        raise ConfigError(f"the derived total batch {total_batch_size} is not a multiple of --max-seq-len "
+                          f"{cfg.max_seq_len}: set --total-batch-size")
+    lr_scale = run_plan.lr_scale
+    optimizer = HybridOptimizer(model, unembedding_lr=cfg.unembedding_lr * lr_scale,
+                                embedding_lr=cfg.embedding_lr * lr_scale, matrix_lr=cfg.matrix_lr * lr_scale,
+                                scalar_lr=cfg.scalar_lr * lr_scale, weight_decay=run_plan.weight_decay,
+                                warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
+                                final_lr_frac=cfg.final_lr_frac)
     if ckpt is not None:
         check_horizon(ckpt, meta, num_iterations)
 
     # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
-    num_lanes = cfg.total_batch_size // cfg.max_seq_len
+    num_lanes = total_batch_size // cfg.max_seq_len
     if num_lanes % d.world_size:
         raise ConfigError(f"{num_lanes} sequences per step do not split over {d.world_size} processes: "
                           f"set NPROC_PER_NODE to a divisor of {num_lanes}")
@@ -244,6 +296,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     lane_state = None
     identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
     if ckpt is not None:
+        if meta["total_batch_size"] != total_batch_size or meta["max_seq_len"] != cfg.max_seq_len:
+            raise ConfigError(f"{ckpt.path} was trained with total batch {meta['total_batch_size']} x seq "
+                              f"{meta['max_seq_len']}; keep them to resume exactly")
         restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
         step = meta["step"]
         loop_state = meta["loop_state"]
@@ -264,13 +319,13 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                             wandb_config={**asdict(cfg), "num_params": num_params})
     checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, stage=STAGE, model_tag=cfg.model_tag,
                                      run_id=identity["run_id"])
-    log.info("model params=%s flops_per_token=%.3e horizon=%d steps tokens=%s world_size=%d grad_accum=%d "
-             "device=%s", f"{num_params:,}", model.estimate_flops_per_token(), num_iterations,
-             f"{num_iterations * cfg.total_batch_size:,}", d.world_size, loader.grad_accum_steps, d.device)
+    log_plan(run_plan, num_params, model.estimate_flops_per_token(), step, loop_state["train_time"],
+             reporter.peak, d.world_size)
+    log.info("world_size=%d grad_accum=%d device=%s", d.world_size, loader.grad_accum_steps, d.device)
 
     def stage_meta(rank_lanes: list[dict[int, tuple[int, int]]]) -> dict[str, Any]:
         lanes = {lane: pos for entry in rank_lanes for lane, pos in entry.items()}
-        return {"stage": STAGE, "num_iterations": num_iterations, "total_batch_size": cfg.total_batch_size,
+        return {"stage": STAGE, "num_iterations": num_iterations, "total_batch_size": total_batch_size,
                 "max_seq_len": cfg.max_seq_len, "model_config": asdict(model_config), "config": asdict(cfg),
                 "loop_state": loop_state, "loader": {"lanes": [list(lanes[i]) for i in range(num_lanes)]},
                 "run_id": identity["run_id"], "wandb_run_id": identity["wandb_run_id"],
@@ -286,6 +341,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         evaluate()
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
+    timed_from: tuple[int, float] | None = None  # (step, time) after this process's first step
     while step < num_iterations and not stop_now:
         t0 = time.perf_counter()
         optimizer.set_schedule(step, num_iterations)
@@ -305,7 +361,13 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         loop_state["train_time"] = time.time() - train_start
         lrm = optimizer.groups[0].lr / optimizer.groups[0].initial_lr
         reporter.step(step, num_iterations, loss_total / d.world_size, loop_state, lrm,
-                      time.perf_counter() - t0, cfg.total_batch_size)
+                      time.perf_counter() - t0, total_batch_size)
+        if timed_from is None:  # the first step pays for compilation and warm-up: time the next ones
+            timed_from = (step, time.perf_counter())
+        elif step == timed_from[0] + ETA_AFTER_STEPS:
+            tok_per_sec = ETA_AFTER_STEPS * total_batch_size / (time.perf_counter() - timed_from[1])
+            log.info("eta steps_left=%d est_hours=%.2f tok_per_sec=%s basis=measured", num_iterations - step,
+                     (num_iterations - step) * total_batch_size / tok_per_sec / 3600, f"{tok_per_sec:,.0f}")
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == num_iterations):
             evaluate()
         if step % cfg.save_every == 0 or stop_now or step == num_iterations:
