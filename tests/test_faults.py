@@ -91,11 +91,15 @@ def test_an_empty_volume_waits_for_the_hub_instead_of_starting_over(job, tmp_pat
 
     fresh = tmp_path / "redeploy"
     fresh.mkdir()
-    # Checkpoint downloads answer 503 for longer than one restore's retries (4 tries): an outage, then
-    # recovery.
+    # A rate-limited whoami, a generation claim and checkpoint downloads answering 503 for longer than
+    # their retries (4 tries each): an outage, then recovery.
+    hub.server.fail_next(1, status=429, path_contains="whoami")
+    hub.server.fail_next(4, status=503, path_contains="/commit/main", method="POST")
     hub.server.fail_next(5, status=503, path_contains="/base_checkpoints/")
     code, out = run_phoenix({**env, "NANOCHAT_BASE_DIR": str(fresh)}, "run", *TRAIN)
     assert code == 0, out
+    assert "whoami answered 429: retry 1/4" in out
+    assert "event=generation_claim_failed" in out and status(fresh)["generation"] == 2  # landed later
     assert "event=hub_wait" in out and "retry_in_s=" in out
     assert "fresh start" not in out and "resuming from step=10" in out
     assert "checkpoint published step=5 " not in out  # nothing below the Hub's step was ever written
