@@ -84,8 +84,11 @@ def status_command(as_json: bool, no_hub: bool) -> None:
     click.echo(f"{'stage':6} {'local':>8} {'hub':>8} {'unsynced':>9} {'ckpt age':>9} {'step':>8} "
                f"{'tok/s':>10} {'eta':>8}")
     if (failure := report["failures"]) is not None:
-        held = "not relaunching after" if failure.get("held") else "the last"
-        click.echo(f"trainer: {held} {failure['count']} identical failed launches: {failure['error']}")
+        if failure.get("held"):
+            click.echo(f"trainer: not relaunching after {failure['count']} identical failed launches: "
+                       f"{failure['error']}")
+        else:
+            click.echo(f"trainer: the last launch failed ({failure['count']} in a row): {failure['error']}")
     for stage, e in report["stages"].items():
         unsynced = ",".join(map(str, e["not_synced"])) or "-"
         age = _fmt(e["seconds_since_checkpoint"], "s")
