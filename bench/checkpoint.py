@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,24 +24,15 @@ from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
-    model = build_model(config_for_depth(args.depth, args.vocab_size, 2048), device)
+def measure_stall(depth: int, vocab_size: int, device: torch.device, root: Path, repeats: int = 3
+                  ) -> dict[str, Any]:
+    """Best of `repeats`: the sync save's time, the async stall, and the async background total."""
+    model = build_model(config_for_depth(depth, vocab_size, 2048), device)
     optimizer = HybridOptimizer(model)
     files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer.state_tensors()}
     nbytes = sum(t.numel() * t.element_size() for ts in files.values() for t in ts.values())
-    root = args.dir or Path(tempfile.mkdtemp(prefix="phoenix-bench-"))
-
     sync_times, stalls, totals = [], [], []
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         target = root / f"sync_{repeat}.pt"
         start = time.perf_counter()
         torch.save(files, target)
@@ -55,13 +47,28 @@ def main() -> None:
         checkpointer.wait()
         totals.append(time.perf_counter() - start)
     shutil.rmtree(root / "async", ignore_errors=True)
-
     best_sync, best_stall = min(sync_times), min(stalls)
-    print(f"state={nbytes / 2**30:.2f} GiB device={device} depth={args.depth}")
-    print(f"sync torch.save + fsync:   {best_sync * 1000:8.1f} ms stall")
-    print(f"async checkpoint stall:    {best_stall * 1000:8.1f} ms  (background write+hash+publish "
-          f"{min(totals) * 1000:.0f} ms)")
-    print(f"stall ratio async/sync:    {best_stall / best_sync:8.3f}  (target <= 0.15)")
+    return {"depth": depth, "device": str(device), "state_gib": round(nbytes / 2**30, 3),
+            "sync_save_ms": round(best_sync * 1000, 1), "async_stall_ms": round(best_stall * 1000, 1),
+            "async_total_ms": round(min(totals) * 1000, 1), "stall_ratio": round(best_stall / best_sync, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    root = args.dir or Path(tempfile.mkdtemp(prefix="phoenix-bench-"))
+    r = measure_stall(args.depth, args.vocab_size, torch.device(args.device), root, args.repeats)
+    print(f"state={r['state_gib']:.2f} GiB device={r['device']} depth={r['depth']}")
+    print(f"sync torch.save + fsync:   {r['sync_save_ms']:8.1f} ms stall")
+    print(f"async checkpoint stall:    {r['async_stall_ms']:8.1f} ms  (background write+hash+publish "
+          f"{r['async_total_ms']:.0f} ms)")
+    print(f"stall ratio async/sync:    {r['stall_ratio']:8.3f}  (target <= 0.15)")
 
 
 if __name__ == "__main__":

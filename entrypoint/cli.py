@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from entrypoint.demo import demo_command
+from entrypoint.eval import eval_command
 from entrypoint.preflight import doctor_command
+from entrypoint.report import report_command
 from entrypoint.restore import restore_command
 from entrypoint.run import run_command
 from entrypoint.status import status_command
@@ -27,3 +29,5 @@ main.add_command(health_command)
 main.add_command(status_command)
 main.add_command(sync_command)
 main.add_command(restore_command)
+main.add_command(eval_command)
+main.add_command(report_command)

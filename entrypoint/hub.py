@@ -14,14 +14,20 @@ import json
 import logging
 import os
 import random
+import re
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import httpx2
+try:  # huggingface_hub 2.x's HTTP client; 1.x (a bare GPU image's) uses httpx, with the same names
+    import httpx2
+except ImportError:
+    import httpx as httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, hf_hub_url
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -42,7 +48,7 @@ from huggingface_hub.utils import (
 from huggingface_hub.utils.sha import git_hash
 
 from entrypoint.logs import redact, setup_logging
-from trainer import __version__
+from trainer import __version__, fencing
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.hub")
@@ -52,9 +58,16 @@ DEFAULT_MODEL_TAG = "d26-hyperbolic"
 DEFAULT_SYNC_INTERVAL = 1200.0
 TOKENIZER_PATH = "tokenizer/tokenizer.json"
 RUN_FILE = "run.json"
-GENERATION_FILE = "generation.json"
+GENERATION_FILE = fencing.GENERATION_FILE
 TRAINER_STATUS_FILE = "trainer_status.json"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# The Hub's rate limits count over 5-minute windows, so no honest Retry-After is longer; a bigger one (an
+# hour was seen) would park the sidecar, and its final push, past any stop grace period.
+MAX_RETRY_AFTER_S = 300.0
+# How the Hub words a full account (403): "Private repository storage limit reached, please upgrade your
+# plan...", "Your storage patterns tripped our internal systems! Please contact us...".
+_QUOTA_MESSAGE = re.compile(r"storage limit|storage patterns|quota", re.IGNORECASE)
+_URL_QUERY = re.compile(r"\?[^\s'\"]*")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -80,6 +93,31 @@ class HeadMoved(HubError):
 
 class Fenced(HubError):
     """A newer launch claimed the repo: this process must not push or delete anything."""
+
+
+class QuotaExceeded(HubError):
+    """The account's storage is full (403): not the token's fault, and space may be freed, so retried."""
+
+
+class Pause:
+    """How retries wait in one process: SIGTERM (`stop`) ends a wait at once; once stopping, a wait must
+    end before `deadline` (the final push has to fit the stop grace period) or it is not started."""
+
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop or threading.Event()
+        self.deadline: float | None = None  # time.monotonic() by which the process must be done
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait `seconds`; False if the wait was cut short or would overrun the deadline: give up."""
+        if self.deadline is None:
+            return not self.stop.wait(seconds)
+        if time.monotonic() + seconds > self.deadline:
+            return False
+        time.sleep(seconds)
+        return True
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 def kv(**fields: Any) -> str:
@@ -257,10 +295,29 @@ def retry_after(exc: BaseException) -> float | None:
     return None
 
 
+def _server_message(exc: BaseException) -> str:
+    response = _response(exc)
+    header = response.headers.get("X-Error-Message", "") if response is not None else ""
+    return " ".join([header, *(str(err) for err in _chain(exc))])
+
+
+def _is_hub_api(exc: BaseException) -> bool:
+    """Whether the failed request went to the Hub's API (token checked there), not to file storage."""
+    response = _response(exc)
+    try:
+        path = response.request.url.path if response is not None else ""
+    except RuntimeError:  # a response built without its request
+        return True
+    return path.startswith("/api/") and "/xet-" not in path
+
+
 def short_error(exc: BaseException) -> str:
-    """First line of the error, prefixed by its status if it has one: enough for a log line."""
+    """First line of the error (the server's, under a client wrapper), prefixed by its status if it has
+    one, without URL queries (upload URLs carry signatures): enough for a log line."""
     status = _status(exc)
-    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    source = next((err for err in _chain(exc) if isinstance(err, HfHubHTTPError)), exc)
+    line = (str(source).strip().splitlines() or [type(exc).__name__])[0]
+    line = _URL_QUERY.sub("", line)
     return f"{status} {line}" if status is not None and str(status) not in line else line
 
 
@@ -279,9 +336,19 @@ def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
     not_found = any(isinstance(err, RepositoryNotFoundError) for err in _chain(exc))
     if status == 412:
         return HeadMoved("the repo moved on while we were committing (412)")
+    if status == 403 and _QUOTA_MESSAGE.search(_server_message(exc)):
+        return QuotaExceeded(
+            f"the Hub account's storage is full ({short_error(exc)}): nothing new is backed up until space "
+            "is freed; lower HF_KEEP_LAST, delete old checkpoints with their history, or get a bigger plan "
+            "(retried every pass)"
+        )
+    if status in (401, 403) and not _is_hub_api(exc):
+        # The API accepted the token (every pass starts with repo_info), so a refusal from the storage
+        # side (an expired upload URL, a Xet token refresh) is not a settings problem: try again later.
+        return HubError(f"the Hub's storage refused an upload: {short_error(exc)}")
+    if status == 401 and not cfg.token:  # anonymous callers get 401 for any private or missing repo
+        return HubFatal("HF_TOKEN is not set (401 unauthenticated): set it to a token with write access")
     if status == 401 and not not_found:
-        if not cfg.token:
-            return HubFatal("HF_TOKEN is not set (401 unauthenticated): set it to a token with write access")
         return HubFatal(
             "the Hub rejected HF_TOKEN (401 invalid credentials): set HF_TOKEN to a valid access token"
         )
@@ -307,13 +374,15 @@ def call(
     *,
     attempts: int = 4,
     max_wait: float = 30.0,
-    sleep: Callable[[float], Any] = time.sleep,
+    pause: Pause | None = None,
 ) -> T:
-    """Run `fn`, retrying transient Hub errors with exponential backoff; Retry-After is honoured as given.
+    """Run `fn`, retrying transient Hub errors with exponential backoff; Retry-After is honoured up to
+    MAX_RETRY_AFTER_S, and `pause` ends the waits at SIGTERM.
 
     Raises a HubError subclass (HubFatal, HubUnavailable, HeadMoved, ...) instead of library exceptions,
-    and lets anything unrecognised through: that is a bug and deserves its traceback.
+    and lets anything unrecognised through (a sync pass reports it as a failed pass).
     """
+    pause = pause or Pause()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -325,7 +394,9 @@ def call(
                 raise err from exc
             asked = retry_after(exc)
             wait = (
-                asked if asked is not None else min(max_wait, 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+                min(asked, MAX_RETRY_AFTER_S)
+                if asked is not None
+                else min(max_wait, 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
             )
             log.warning(
                 kv(
@@ -337,7 +408,8 @@ def call(
                     error=short_error(exc),
                 )
             )
-            sleep(wait)
+            if not pause.sleep(wait):
+                raise HubUnavailable(f"{err} (stopping: no time left to retry)") from exc
     raise AssertionError("unreachable")
 
 
@@ -379,20 +451,30 @@ class HubSnapshot:
 class Hub:
     """A Hub repo seen through huggingface_hub's HfApi, with phoenix's retries and error lines."""
 
-    def __init__(self, cfg: HubConfig, api: HfApi | None = None):
+    def __init__(self, cfg: HubConfig, api: HfApi | None = None, pause: Pause | None = None):
         if cfg.repo_id is None:
             raise ValueError("Hub needs HF_REPO_ID")
         self.cfg = cfg
+        self.pause = pause or Pause()
         self.repo_id: str = cfg.repo_id
         self.api = api or HfApi(
             endpoint=cfg.endpoint, token=cfg.token, library_name="phoenix", library_version=__version__
         )
 
     def call(self, what: str, fn: Callable[[], T], **kw: Any) -> T:
-        return call(what, fn, self.cfg, **kw)
+        return call(what, fn, self.cfg, pause=self.pause, **kw)
 
     def ensure_repo(self) -> None:
-        """Create the repo if missing (private unless HF_PRIVATE=false); an existing one is left as it is."""
+        """Create the repo if missing (private unless HF_PRIVATE=false); an existing one is left as it is.
+
+        Looked up first: create_repo is rate limited, and on the Hub it needs the right to create repos in
+        the namespace even when the repo exists (exist_ok), which a token scoped to one repo lacks.
+        """
+        try:
+            self.head()
+            return
+        except RepoMissing:
+            pass
         self.call(
             "create_repo",
             lambda: self.api.create_repo(
@@ -460,8 +542,13 @@ class Hub:
             log.warning(kv(event="bad_json", path=path_in_repo))
             return None
 
+    def claim_record(self, snapshot: HubSnapshot) -> dict[str, Any]:
+        """The Hub's generation.json (generation, claimed_at, host), {} if absent or unreadable."""
+        record = self.read_json(snapshot, self.cfg.run_path(GENERATION_FILE))
+        return record if isinstance(record, dict) else {}
+
     def generation(self, snapshot: HubSnapshot) -> int:
-        return _generation_of(self.read_json(snapshot, self.cfg.run_path(GENERATION_FILE)))
+        return generation_of(self.claim_record(snapshot))
 
     def commit(self, operations: list[Any], message: str, parent: str) -> str:
         """One commit on top of `parent` (412: HeadMoved); returns the new head; LFS uploads are parallel."""
@@ -501,17 +588,14 @@ def _fresh(op: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- fencing
 
 
-def _generation_of(obj: Any) -> int:
+def generation_of(obj: Any) -> int:
     value = obj.get("generation") if isinstance(obj, dict) else None
     return value if isinstance(value, int) and value >= 0 else 0
 
 
 def local_generation(cfg: HubConfig) -> int:
     """This volume's launch generation (0 before the first claim)."""
-    try:
-        return _generation_of(json.loads(cfg.local(cfg.run_path(GENERATION_FILE)).read_text()))
-    except (FileNotFoundError, ValueError):
-        return 0
+    return fencing.local_generation(cfg.base_dir, cfg.model_tag)
 
 
 def claim_generation(cfg: HubConfig, hub: Hub | None = None, *, attempts: int = 5) -> int:
@@ -527,7 +611,10 @@ def claim_generation(cfg: HubConfig, hub: Hub | None = None, *, attempts: int = 
     for _ in range(attempts):
         snapshot = hub.snapshot()
         generation = max(hub.generation(snapshot), local_generation(cfg)) + 1
-        body = json.dumps({"generation": generation}, indent=1, sort_keys=True).encode() + b"\n"
+        # When and where, for the one line a fenced instance prints (trainer.fencing).
+        claim = {"generation": generation, "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "host": socket.gethostname()}
+        body = json.dumps(claim, indent=1, sort_keys=True).encode() + b"\n"
         try:
             hub.commit(
                 [CommitOperationAdd(path_in_repo=path, path_or_fileobj=body)],

@@ -83,6 +83,7 @@ class _Fault:
     status: int = 500
     retry_after: int | None = None
     cut_after: int = 0
+    message: str | None = None
 
     def matches(self, method: str, path: str) -> bool:
         return self.method in (None, method) and (self.path_contains is None or self.path_contains in path)
@@ -217,10 +218,13 @@ class LocalHub:
         path_contains: str | None = None,
         method: str | None = None,
         retry_after: int | None = None,
+        message: str | None = None,
     ) -> None:
-        """Answer the next `n` matching requests with `status` (plus `Retry-After` when given)."""
+        """Answer the next `n` matching requests with `status` (plus `Retry-After` when given) and the error
+        `message` (the Hub's wording, e.g. "Private repository storage limit reached, ...")."""
+        fault = _Fault(n, path_contains, method, status=status, retry_after=retry_after, message=message)
         with self._obs_lock:
-            self._faults.append(_Fault(n, path_contains, method, status=status, retry_after=retry_after))
+            self._faults.append(fault)
 
     def cut_next(self, after_bytes: int, n: int = 1, path_contains: str | None = None) -> None:
         """Close the connection of the next `n` matching resolve GETs after `after_bytes` body bytes."""
@@ -501,7 +505,8 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 if fault := hub._take(hub._faults, self.command, url.path):
                     headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
-                    raise HubError(fault.status, f"Injected failure ({fault.status})", headers=headers)
+                    message = fault.message or f"Injected failure ({fault.status})"
+                    raise HubError(fault.status, message, headers=headers)
                 self._route([unquote(p) for p in url.path.split("/")[1:]])
             except HubError as err:
                 self._drain()

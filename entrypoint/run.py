@@ -234,6 +234,7 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             return 0
         if stage_done(cfg, stage):
             log.info("%s stage already finished: skipping it", stage)
+            _evaluate_if_asked(cfg, stage, status)
             continue
         status.set(phase=stage)
         if stage == "sft" and cfg.node_rank == 0:
@@ -254,6 +255,7 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             return 0
         if not stage_done(cfg, stage):
             raise RunFailed(f"{stage} stage exited 0 without a final checkpoint", "crash")
+        _evaluate_if_asked(cfg, stage, status)
     status.set(phase="done")
     return 0
 
@@ -300,6 +302,15 @@ def _restore_or_wait(cfg: RunConfig, launcher: Launcher) -> bool:
             if launcher.stopping.wait(min(left, HUB_WAIT_TICK_S)):
                 return False
         wait = min(2 * wait, HUB_WAIT_MAX_S)
+
+
+def _evaluate_if_asked(cfg: RunConfig, stage: str, status: StatusFile) -> None:
+    """EVAL=1: phoenix eval base/chat on a finished stage, once (see entrypoint.eval)."""
+    if os.environ.get("EVAL") == "1" and cfg.node_rank == 0:
+        from entrypoint.eval import evaluate_finished_stage
+
+        status.set(phase=f"eval_{stage}")
+        evaluate_finished_stage(cfg.base_dir, cfg.model_tag, stage, cfg.device)
 
 
 @click.command("run", context_settings={"ignore_unknown_options": True})

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,17 +35,25 @@ from entrypoint.hub import (
     HubError,
     HubFatal,
     HubSnapshot,
+    Pause,
     add_operation,
+    generation_of,
     kv,
     local_generation,
     setup_hub_logging,
+    short_error,
 )
+from entrypoint.logs import redact
 from trainer import checkpoint_layout as layout
+from trainer import fencing
 
 log = logging.getLogger("phoenix.sync")
 
 _PASS_ATTEMPTS = 3  # a pass restarts from a fresh snapshot when someone else committed meanwhile
 _FIRST_FAILURE_DELAY = 5.0
+# compose.yaml gives the sidecar a 15 min stop_grace_period; a minute less leaves time to exit cleanly.
+DEFAULT_GRACE_SECONDS = 840.0
+_FINAL_PUSH_THREAD = "final-push"
 
 
 @dataclass
@@ -63,13 +73,17 @@ class PassResult:
 class Syncer:
     """Pushes what is complete locally and missing on the Hub; one instance per sidecar process."""
 
-    def __init__(self, cfg: HubConfig, hub: Hub | None = None):
+    def __init__(self, cfg: HubConfig, hub: Hub | None = None, pause: Pause | None = None):
         self.cfg = cfg
-        self.hub = hub or Hub(cfg)
+        self.hub = hub or Hub(cfg, pause=pause)
+        self.pause = self.hub.pause
         self._repo_ready = False
+        self._bad_extras: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) already warned about
 
     def sync_once(self) -> PassResult:
-        """One pass. Raises HubFatal (bad token, no access, bad repo id); every other problem is reported."""
+        """One pass. Raises HubFatal (bad token, no access, bad repo id); anything else, whatever raised it
+        (the Hub, Xet, a file the trainer pruned meanwhile), is a failed pass: one log line, and the loop
+        retries. The sidecar must outlive every fault, or the final push on SIGTERM is lost too."""
         result = PassResult()
         try:
             if not self._repo_ready:
@@ -88,9 +102,10 @@ class Syncer:
         except Fenced as exc:
             result.fenced = True
             log.error(kv(event="fenced", detail=str(exc), action="not pushing or deleting anything"))
-        except HubError as exc:
-            result.errors.append(str(exc))
-            log.error(kv(event="sync_failed", error=str(exc)))
+        except Exception as exc:
+            error = redact(str(exc) if isinstance(exc, HubError) else short_error(exc))
+            result.errors.append(error)
+            log.error(kv(event="sync_failed", error_type=type(exc).__name__, error=error))
         log.info(
             kv(
                 event="pass_done",
@@ -104,9 +119,12 @@ class Syncer:
 
     def _pass(self, result: PassResult) -> None:
         snapshot = self.hub.snapshot()
-        own, theirs = local_generation(self.cfg), self.hub.generation(snapshot)
+        claim = self.hub.claim_record(snapshot)
+        own, theirs = local_generation(self.cfg), generation_of(claim)
         if theirs > own:
             hint = " (this volume has not claimed one yet: the entrypoint does at launch)" if own == 0 else ""
+            if own > 0:  # a launch elsewhere took the run over: the trainer here stops at its next save
+                fencing.write_marker(self.cfg.base_dir, self.cfg.model_tag, own, claim)
             raise Fenced(f"fenced: generation {own} < {theirs}{hint}")
         # Every commit below names the head it was planned on: if anyone (a newer launch claiming the repo)
         # commits in between, the Hub answers 412 and the pass starts over from a fresh snapshot.
@@ -118,8 +136,12 @@ class Syncer:
                 try:
                     ckpt = layout.verify(ckpt.path, full_hash=True)
                     head = self._push(snapshot, stage, ckpt, extras, head)
-                except (layout.CheckpointInvalid, OSError, ValueError) as exc:
-                    if not ckpt.path.is_dir():  # pruned by the trainer meanwhile: nothing to push
+                except (HeadMoved, Fenced, HubFatal):
+                    raise
+                except Exception as exc:
+                    # Pruned by the trainer while we hashed or uploaded it (the client then raises
+                    # FileNotFoundError, ValueError or RuntimeError): nothing to push.
+                    if not ckpt.path.is_dir():
                         log.warning(kv(event="skip_vanished", stage=stage, step=ckpt.step))
                         continue
                     if not isinstance(exc, layout.CheckpointInvalid):
@@ -179,13 +201,23 @@ class Syncer:
         return head
 
     def _changed_extras(self, snapshot: HubSnapshot) -> list[Any]:
-        """Tokenizer and run identity, when they differ from the Hub's copy."""
-        paths = [TOKENIZER_PATH, self.cfg.run_path(RUN_FILE)]
-        return [
-            add_operation(path, self.cfg.local(path))
-            for path in paths
-            if self.cfg.local(path).is_file() and not snapshot.same(path, self.cfg.local(path))
-        ]
+        """Tokenizer and run identity, when they differ from the Hub's copy and are sound: a corrupt or
+        truncated local file never replaces the Hub's good one (a restore would bring it back)."""
+        ops = []
+        for path in (TOKENIZER_PATH, self.cfg.run_path(RUN_FILE)):
+            local = self.cfg.local(path)
+            if not local.is_file() or snapshot.same(path, local):
+                continue
+            problem = _json_problem(local, "model" if path == TOKENIZER_PATH else None)
+            if problem is None:
+                ops.append(add_operation(path, local))
+                continue
+            stat = local.stat()
+            if self._bad_extras.get(path) != (stat.st_size, stat.st_mtime_ns):  # once per version of it
+                self._bad_extras[path] = (stat.st_size, stat.st_mtime_ns)
+                log.warning(kv(event="skip_bad_file", path=path, problem=problem,
+                               action="not pushed; the Hub keeps its copy"))
+        return ops
 
     def _prune(self, on_hub: dict[str, set[int]], head: str, result: PassResult) -> str:
         """Delete, in one commit, complete checkpoints older than the newest HF_KEEP_LAST of each stage."""
@@ -206,6 +238,17 @@ class Syncer:
             result.pruned.append((stage, step))
             log.info(kv(event="pruned", stage=stage, step=step, commit=head[:12]))
         return head
+
+
+def _json_problem(path: Path, required_key: str | None) -> str | None:
+    """Why `path` is not a sound JSON object (with `required_key`), or None if it is."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({str(exc).splitlines()[0]})"
+    if not isinstance(obj, dict) or (required_key is not None and required_key not in obj):
+        return f"not a JSON object with {required_key!r}" if required_key else "not a JSON object"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -239,17 +282,21 @@ def run_loop(
     exit_when_stopped: bool = False,
     poll_seconds: float = 5.0,
     stop_wait_seconds: float = 600.0,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
     stop: threading.Event | None = None,
     syncer: Syncer | None = None,
 ) -> int:
     """Sync every HF_SYNC_INTERVAL seconds and as soon as the trainer stops; returns an exit code.
 
-    A failed pass is retried sooner (5 s, doubling, capped at the interval). With `exit_when_stopped`,
-    returns after the final pass once the trainer has stopped. When `stop` is set (SIGTERM), waits up to
-    `stop_wait_seconds` for a running trainer to stop (its emergency checkpoint), pushes once more, returns.
+    A failed pass is retried sooner (5 s, doubling, capped at the interval). A setting only the user can
+    fix (HubFatal) is logged once per interval and checked again, never an exit: `restart: unless-stopped`
+    would relaunch the sidecar in a loop. With `exit_when_stopped`, returns after the final pass once the
+    trainer has stopped. When `stop` is set (SIGTERM), every wait ends at once; it then waits up to
+    `stop_wait_seconds` for a running trainer to stop (its emergency checkpoint) and pushes once more, all
+    within `grace_seconds` of the stop.
     """
     stop = stop or threading.Event()
-    syncer = syncer or Syncer(cfg)
+    syncer = syncer or Syncer(cfg, pause=Pause(stop))
     log.info(
         kv(
             event="start",
@@ -262,6 +309,7 @@ def run_loop(
         )
     )
     failures = 0
+    fatal = False  # the last pass hit a setting only the user can fix
     next_pass = time.monotonic()
     seen, generation = read_trainer_status(cfg), local_generation(cfg)
     while not stop.is_set():
@@ -275,7 +323,16 @@ def run_loop(
         current = local_generation(cfg)
         claimed, generation = current != generation, current
         if just_stopped or claimed or time.monotonic() >= next_pass:
-            result = syncer.sync_once()
+            try:
+                result = syncer.sync_once()
+            except HubFatal as exc:
+                _log_fatal(exc, f"pushing nothing; checking again in {cfg.sync_interval:.0f}s")
+                fatal = True
+                if exit_when_stopped and trainer_stopped:
+                    return 2
+                next_pass = time.monotonic() + cfg.sync_interval
+                continue
+            fatal = False
             failures = 0 if result.ok or result.fenced else failures + 1
             delay = cfg.sync_interval if failures == 0 else _FIRST_FAILURE_DELAY * 2 ** (failures - 1)
             next_pass = time.monotonic() + min(delay, cfg.sync_interval)
@@ -283,21 +340,65 @@ def run_loop(
                 log.info(kv(event="exit", reason="the trainer stopped and the final sync is done"))
                 return 0 if result.ok else 1
         stop.wait(max(0.0, min(poll_seconds, next_pass - time.monotonic())))
-    return _final_push(cfg, syncer, poll_seconds, stop_wait_seconds)
+    if fatal:  # already said; a final push would only fail the same way
+        return 2
+    return _final_push(cfg, syncer, poll_seconds, stop_wait_seconds, grace_seconds)
 
 
-def _final_push(cfg: HubConfig, syncer: Syncer, poll_seconds: float, stop_wait_seconds: float) -> int:
-    """On SIGTERM: let a running trainer finish its emergency checkpoint (both may be stopped at once)."""
-    deadline = time.monotonic() + stop_wait_seconds
+def _log_fatal(exc: HubFatal, action: str) -> None:
+    log.error(kv(event="fatal", error=redact(str(exc)), action=action))
+
+
+def _final_push(
+    cfg: HubConfig, syncer: Syncer, poll_seconds: float, stop_wait_seconds: float, grace_seconds: float
+) -> int:
+    """On SIGTERM: let a running trainer finish its emergency checkpoint (both may be stopped at once),
+    then push once more; all of it bounded by `grace_seconds`, after which Docker would SIGKILL us."""
+    deadline = time.monotonic() + grace_seconds
+    syncer.pause.deadline = deadline  # retry waits that would overrun it are not started
+    trainer_deadline = min(time.monotonic() + stop_wait_seconds, deadline)
     while (status := read_trainer_status(cfg)) is not None and status["status"] == "running":
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= trainer_deadline:
             log.warning(
                 kv(event="trainer_still_running", waited_s=stop_wait_seconds, action="pushing anyway")
             )
             break
         time.sleep(poll_seconds)
-    log.info(kv(event="stopping", action="final sync"))
-    return 0 if syncer.sync_once().ok else 1
+    log.info(kv(event="stopping", action="final sync", seconds_left=round(deadline - time.monotonic(), 1)))
+    outcome: dict[str, Any] = {}
+
+    def push() -> None:
+        try:
+            outcome["result"] = syncer.sync_once()
+        except HubFatal as exc:
+            outcome["fatal"] = exc
+
+    # An upload cannot be interrupted from outside: the pass runs in a thread we may leave behind (the
+    # Hub shows a commit whole or not at all, so nothing half-pushed is left either way).
+    pusher = threading.Thread(target=push, name=_FINAL_PUSH_THREAD, daemon=True)
+    pusher.start()
+    pusher.join(max(0.0, deadline - time.monotonic()))
+    if pusher.is_alive():
+        log.error(
+            kv(
+                event="final_push_timeout",
+                grace_s=grace_seconds,
+                action="exiting within the stop grace period; the next sidecar pushes what is left",
+            )
+        )
+        return 1
+    if "fatal" in outcome:
+        _log_fatal(outcome["fatal"], "exiting")
+        return 2
+    return 0 if outcome["result"].ok else 1
+
+
+def _exit(code: int) -> None:
+    """sys.exit, unless a final push was left running: then leave at once rather than wait for it."""
+    if any(t.name == _FINAL_PUSH_THREAD and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 @click.command("sync")
@@ -313,7 +414,16 @@ def _final_push(cfg: HubConfig, syncer: Syncer, poll_seconds: float, stop_wait_s
     show_default=True,
     help="On SIGTERM, how long to wait for a running trainer to stop before the final push.",
 )
-def sync_command(once: bool, exit_when_stopped: bool, poll_seconds: float, stop_wait_seconds: float) -> None:
+@click.option(
+    "--grace-seconds",
+    type=float,
+    default=DEFAULT_GRACE_SECONDS,
+    show_default=True,
+    help="On SIGTERM, exit within this many seconds, final push done or not (under the stop grace period).",
+)
+def sync_command(
+    once: bool, exit_when_stopped: bool, poll_seconds: float, stop_wait_seconds: float, grace_seconds: float
+) -> None:
     """Push every complete checkpoint to the Hub repo HF_REPO_ID, one commit each (the sidecar)."""
     cfg = HubConfig.from_env_or_exit()
     setup_hub_logging(cfg.base_dir / "logs" / "hf_sync.log")
@@ -324,17 +434,18 @@ def sync_command(once: bool, exit_when_stopped: bool, poll_seconds: float, stop_
         if not (once or exit_when_stopped):
             stop.wait()  # idle rather than exit, so a restart policy does not loop on us
         sys.exit(0)
-    try:
-        if once:
-            sys.exit(0 if Syncer(cfg).sync_once().ok else 1)
-        code = run_loop(
-            cfg,
-            exit_when_stopped=exit_when_stopped,
-            poll_seconds=poll_seconds,
-            stop_wait_seconds=stop_wait_seconds,
-            stop=stop,
-        )
-        sys.exit(code)
-    except HubFatal as exc:
-        log.error(kv(event="fatal", error=str(exc)))
-        sys.exit(2)
+    if once:
+        try:
+            sys.exit(0 if Syncer(cfg, pause=Pause(stop)).sync_once().ok else 1)
+        except HubFatal as exc:
+            _log_fatal(exc, "exiting")
+            sys.exit(2)
+    code = run_loop(
+        cfg,
+        exit_when_stopped=exit_when_stopped,
+        poll_seconds=poll_seconds,
+        stop_wait_seconds=stop_wait_seconds,
+        grace_seconds=grace_seconds,
+        stop=stop,
+    )
+    _exit(code)

@@ -34,6 +34,11 @@ def make_checkpoint(base: Path, step: int, stage: str = "base", nbytes: int = 64
 
 @pytest.fixture
 def env(hub, tmp_path: Path) -> dict[str, str]:
+    return sidecar_env(hub, tmp_path)
+
+
+def sidecar_env(hub, tmp_path: Path) -> dict[str, str]:
+    """A sidecar's environment and a volume holding a tokenizer and the run's identity."""
     base = tmp_path / "volume"
     (base / "tokenizer").mkdir(parents=True)
     (base / "tokenizer" / "tokenizer.json").write_text('{"model": "bpe"}')

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
+from trainer import fencing
 from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError, load_tensors
 from trainer.data import DataError
 from trainer.optim import OPTIMIZER_RECIPE, HybridOptimizer
@@ -55,7 +56,12 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
     for field in fields(config_class):
         if field.name not in ("preset", "compile", "allow_fresh_start"):
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (CUDA only anyway)")
+    compile_flags = parser.add_mutually_exclusive_group()
+    compile_flags.add_argument("--compile", dest="compile", action="store_const", const="on",
+                               help="torch.compile on CPU too (default: on CUDA only, where it pays; a tiny "
+                                    "CPU run would spend longer compiling than training)")
+    compile_flags.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                               help="skip torch.compile, on CUDA too")
     parser.add_argument("--allow-fresh-start", action="store_true",
                         help="start over even though checkpoints exist and none is valid")
     args = parser.parse_args(argv)
@@ -69,7 +75,7 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
         value = getattr(args, field.name, None)
         if value is not None and field.name != "preset":
             setattr(cfg, field.name, value)
-    cfg.compile = not args.no_compile
+    cfg.compile = args.compile or "auto"
     cfg.allow_fresh_start = args.allow_fresh_start
     cfg.base_dir = str(Path(cfg.base_dir).expanduser())
     if cfg.save_every <= 0:
@@ -159,6 +165,10 @@ def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Di
     except (ConfigError, DataError, CheckpointWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except fencing.FencedStop as exc:
+        if d.is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        return fencing.FENCED_EXIT_CODE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -178,9 +188,15 @@ class StopSignal:
                     signal.Signals(signum).name)
 
 
-def compute_setup(model: torch.nn.Module, d: Dist, compile_model: bool, dynamic: bool = False
+def compiles(compile_mode: str, device: torch.device) -> bool:
+    """--compile (on) / --no-compile (off) / neither (auto): compile on CUDA only, where it pays."""
+    return compile_mode == "on" or (compile_mode == "auto" and device.type == "cuda")
+
+
+def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: bool = False
                   ) -> tuple[torch.nn.Module, Any]:
-    """(the module to train through, the autocast context): DDP across ranks, bf16 and compile on CUDA."""
+    """(the module to train through, the autocast context): bf16 autocast on CUDA, DDP across ranks, then
+    torch.compile over the DDP wrapper (its optimizer splits graphs at gradient buckets), on any device."""
     autocast: Any = nullcontext()
     if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] >= 8:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
@@ -188,7 +204,7 @@ def compute_setup(model: torch.nn.Module, d: Dist, compile_model: bool, dynamic:
     if d.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if compile_model and d.device.type == "cuda":
+    if compiles(compile_mode, d.device):
         train_model = torch.compile(train_model, dynamic=dynamic)
     return train_model, autocast
 
@@ -286,9 +302,26 @@ def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, mode
                     optimizer: HybridOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
                     rank_state: Any = None) -> float:
     """Every rank contributes its RNG (and `rank_state`); rank 0 writes, since weights and optimizer are
-    replicated. `meta` turns the ranks' states into the stage's metadata. Returns the stall in seconds."""
+    replicated. `meta` turns the ranks' states into the stage's metadata. Returns the stall in seconds.
+
+    Raises FencedStop on every rank, once this checkpoint is written, if the sidecar found that a newer
+    launch took the run over (see trainer.fencing): training on here would only burn GPUs.
+    """
     rng_json, rng_tensors = rng_state()
     contributions = gather({"rng": rng_json, "rng_tensors": rng_tensors, "state": rank_state}, d)
+    stall = _write_checkpoint(checkpointer, step, done, model, optimizer, d, meta, contributions)
+    # One small read on rank 0 per save, its verdict broadcast; the checkpoint is on disk before we stop.
+    stage_dir = checkpointer.directory  # <base_dir>/<stage>_checkpoints/<model_tag>
+    fence = broadcast(fencing.fenced_by(stage_dir.parent.parent, stage_dir.name) if d.is_main else None, d)
+    if fence is not None:
+        checkpointer.wait()
+        raise fencing.FencedStop(fencing.fence_message(fence))
+    return stall
+
+
+def _write_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
+                      optimizer: HybridOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
+                      contributions: list[Any]) -> float:
     if not d.is_main:
         return 0.0
     full_meta = {**meta([c["state"] for c in contributions]), "step": step, "world_size": d.world_size,
@@ -358,6 +391,7 @@ class StepReporter:
         # Per-step numbers for `phoenix status` and the tests; kept open for the whole run.
         metrics_path = logs_dir / f"train_{stage}_{model_tag}.jsonl"
         self.metrics = open(metrics_path, "a") if self.enabled else None  # noqa: SIM115
+        self.first_step = True
         self.wandb = None
         if self.enabled and wandb_name and wandb_name != "dummy":
             import wandb
@@ -387,9 +421,14 @@ class StepReporter:
                  "total time %.2fm", step, num_iterations, 100 * step / num_iterations, debiased, lrm,
                  dt * 1000, f"{tok_per_sec:,.0f}", f"{mfu:.2f}" if mfu is not None else "-",
                  loop_state["train_time"] / 60)
+        now = time.time()
+        if self.first_step and step > 1:  # this process resumed from the checkpoint of step - 1
+            self.metrics.write(json.dumps({"step": step - 1, "event": "resume", "time": now}) + "\n")
+        self.first_step = False
+        # Wall-clock time lets `phoenix report` line steps up with the sidecar's pushes (sync lag).
         self.metrics.write(json.dumps({"step": step, "loss": loss, "lrm": lrm, "dt": dt,
                                        "tok_per_sec": tok_per_sec, "mfu": mfu,
-                                       "elapsed": loop_state["train_time"]}) + "\n")
+                                       "elapsed": loop_state["train_time"], "time": now}) + "\n")
         self.metrics.flush()
         if self.wandb:
             self.wandb.log({"train/loss": loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,

@@ -88,7 +88,7 @@ class SFTConfig:
     sft_dataset: str = DEFAULT_SFT_DATASET
     sft_split: str = "train"
     wandb_run: str = ""
-    compile: bool = True
+    compile: str = "auto"  # auto (CUDA only) | on (--compile) | off (--no-compile)
     device: str = "auto"
     allow_fresh_start: bool = False
 

@@ -1,0 +1,70 @@
+"""The compile path the GPUs take, run on the CPU: inductor through the trainer's compute_setup.
+
+torch.compile is on by default only on CUDA, so without these a graph break, a compile error or a
+recompile per SFT batch length would first show on a rented GPU. The probes are the ones
+scripts/gpu_check.sh runs there (bench/gpu_probes.py), at the CPU's small geometry; a cold inductor
+cache makes the module fixture take ~60 s on 2 cores (warm: ~15 s).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.gpu_probes import COMPILE_RTOL, bf16_check, compile_check
+from trainer.runtime import compiles
+from trainer.sft import parse_sft_config
+from trainer.train import parse_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    return compile_check(CPU)
+
+
+def test_compiled_base_steps_match_eager_in_one_graph(compiled):
+    base = compiled["base"]
+    # fp32 on CPU: inductor only fuses and reorders reductions, so 5 optimizer steps stay within 1e-5.
+    assert base["max_rel_diff"] <= COMPILE_RTOL["cpu"], (base["compiled"], base["eager"])
+    assert base["graphs"] == 1, "a graph break or recompile in the base step"
+
+
+def test_sft_lengths_share_one_dynamic_graph_and_match_eager(compiled):
+    sft = compiled["sft"]
+    assert len(set(sft["lengths"])) == len(sft["lengths"]) > 4  # a new length every step
+    assert sft["graphs"] == 1, f"{sft['graphs']} graphs for {len(sft['lengths'])} lengths: a recompile each"
+    assert sft["max_rel_diff"] <= COMPILE_RTOL["cpu"], (sft["compiled"], sft["eager"])
+
+
+@pytest.mark.parametrize("dynamic,graphs", [(False, 3), (True, 1)])
+def test_the_graph_count_sees_a_recompile_per_length(dynamic, graphs):
+    """The counter the two tests above rely on, on this torch: static shapes compile a graph per length,
+    dynamic ones (what sft.py asks for) one for all."""
+    from bench.gpu_probes import _graph_count
+
+    torch._dynamo.reset()
+    before = _graph_count()
+    step = torch.compile(lambda x: (x * 2).sum(), backend="eager", dynamic=dynamic)
+    for length in (8, 13, 21):
+        step(torch.ones(2, length))
+    assert _graph_count() - before == graphs
+
+
+def test_bf16_autocast_steps_run_in_bf16_and_stay_near_fp32():
+    result = bf16_check(CPU)
+    assert result["bfloat16"]["matmul_dtypes"] == ["torch.bfloat16"]
+    assert result["float32"]["matmul_dtypes"] == ["torch.float32"]
+    assert result["passed"], result
+
+
+def test_compile_flag_is_honest_on_every_device():
+    cuda, cpu = torch.device("cuda"), CPU
+    assert parse_config(["--preset", "tiny"]).compile == "auto"
+    assert parse_config(["--preset", "tiny", "--compile"]).compile == "on"
+    assert parse_sft_config(["--preset", "tiny", "--no-compile"]).compile == "off"
+    assert compiles("auto", cuda) and not compiles("auto", cpu)  # the tiny CPU demo stays quick
+    assert compiles("on", cpu) and not compiles("off", cuda)
+    with pytest.raises(SystemExit):
+        parse_config(["--preset", "tiny", "--compile", "--no-compile"])
