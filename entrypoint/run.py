@@ -41,6 +41,7 @@ from entrypoint.preflight import PreflightError, RunConfig, nproc_for, preflight
 from entrypoint.prepare import volume_error
 from entrypoint.volume import FailureLog, StatusFile, VolumeLock, node0_is_live
 from trainer import checkpoint_layout as layout
+from trainer import fencing
 
 log = logging.getLogger("phoenix.run")
 
@@ -141,7 +142,7 @@ def _launch(cfg: RunConfig) -> int:
     outcome, error = "failed", None
     try:
         code = _stages(cfg, launcher, status, lock)
-        outcome = "finished" if status.state["phase"] == "done" else "stopped"
+        outcome = {"done": "finished", "fenced": "fenced"}.get(status.state["phase"], "stopped")
         return code
     except RunFailed as exc:
         outcome, error = ("stopped", None) if launcher.stop_requested else ("failed", exc.line)
@@ -243,6 +244,10 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
                 return 0
         code = launcher.run(torchrun_command(cfg, module, nproc, args), env, lock)
         if launcher.stop_requested:
+            return 0
+        if fencing.fenced_by(cfg.base_dir, cfg.model_tag) is not None:
+            # The workers printed the one line; exit 0, since a relaunch would take the run back.
+            status.set(phase="fenced")
             return 0
         if code != 0 and launcher.error is not None:
             raise RunFailed(launcher.error, "stage", printed=True)
