@@ -25,6 +25,7 @@ from tests.helpers import (
     weights_sha256,
 )
 from trainer import checkpoint_layout as layout
+from trainer import fencing
 
 STEPS = 20
 TRAIN = ("--", "--num-iterations", str(STEPS), "--save-every", "5", "--eval-every", "0")
@@ -152,6 +153,13 @@ def test_permanent_errors_are_one_line_and_relaunches_do_not_loop(job, hub, tmp_
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
     assert code == 2 and f"{folder} is not writable" in line and commits == 0
+
+    # Fenced (the sidecar saw a newer launch elsewhere): the trainer stops at its next checkpoint and the
+    # launch exits 0, since a relaunch here would take the run back.
+    fencing.write_marker(volume, MODEL_TAG, generation=1, claim={"generation": 2, "host": "elsewhere"})
+    code, line, _ = launch({})
+    assert code == 0 and "fenced: generation 1 was taken over by generation 2" in line
+    assert status(volume)["status"] == "fenced"
 
 
 def test_a_full_disk_during_restore_is_one_line(job, hub, tmp_path):
