@@ -1,4 +1,4 @@
-"""Data loader throughput: tokens per second one rank's DistributedTokenLoader hands out.
+"""Data loader throughput: tokens per second one rank's DistributedTokenLoader hands out, and its crop rate.
 
     python bench/loader.py --seq-len 2048 --lanes 256 --world-size 8     # one rank of an 8-GPU d20 run
 
@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from entrypoint.synthetic import synthetic_document, write_shards
-from trainer.data import DistributedTokenLoader, DocumentSource, ShardStore
+from trainer.data import ShardStore
+from trainer.dataloader import DistributedTokenLoader, DocumentSource
 from trainer.tokenizer import train_tokenizer
 
 
@@ -49,7 +50,8 @@ def main() -> None:
     loader.close()
     tokens = args.steps * per_rank * args.seq_len
     print(f"rank 0 of {args.world_size}: {per_rank} rows x {args.seq_len} per step, "
-          f"{seconds / args.steps * 1000:.0f} ms/step, {tokens / seconds:,.0f} tok/s")
+          f"{seconds / args.steps * 1000:.0f} ms/step, {tokens / seconds:,.0f} tok/s, "
+          f"cropped {loader.crop_fraction():.1%} of the documents' tokens")
 
 
 if __name__ == "__main__":

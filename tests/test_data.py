@@ -1,20 +1,33 @@
-"""The data pipeline: shards from the (local) Hub, and a loader whose global batch ignores world size."""
+"""The data pipeline: shards from the (local) Hub or the volume, and best-fit packed rows whose global
+batch and position ignore the world size."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
+import shutil
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from entrypoint.synthetic import synthetic_document, write_shards
-from tests.helpers import DATASET_REPO, publish_corpus
-from trainer.data import DataError, DistributedTokenLoader, DocumentSource, ShardStore, validation_rows
+from tests.helpers import DATASET_REPO, publish_corpus, run_trainer
+from trainer.data import CLIMBMIX_DATASET_REPO, DataError, ShardStore, dataset_dir
+from trainer.dataloader import (
+    DistributedTokenLoader,
+    DocumentSource,
+    lane_state,
+    loader_meta,
+    validation_rows,
+)
 from trainer.tokenizer import train_tokenizer
 
-SEQ_LEN = 32
+SEQ_LEN = 256  # the generated documents are 22-517 tokens: some fit a row whole, some are cropped
 LANES = 8  # rows per global step
+BUFFER = 8  # small, so that the buffer's bound shapes the packing
 
 
 @pytest.fixture(scope="module")
@@ -28,66 +41,162 @@ def local_data(tmp_path_factory):
     return root, tokenizer
 
 
+@pytest.fixture(scope="module")
+def train_documents(local_data) -> list[list[int]]:
+    """Every training document (BOS + tokens) in stream order, tokenized here, not by the loader."""
+    root, tokenizer = local_data
+    texts = [t for name in ("shard_00000.parquet", "shard_00001.parquet")
+             for t in pq.read_table(root / "base_data" / name).column("text").to_pylist()]
+    return tokenizer.encode_batch(texts, prepend_bos=True)
+
+
 def make_loader(local_data, rank, world_size, device_batch_size=2, lane_state=None):
     root, tokenizer = local_data
     per_rank = LANES // world_size
     docs = DocumentSource(ShardStore(root / "base_data"), tokenizer, LANES,
                           range(rank * per_rank, (rank + 1) * per_rank))
-    return DistributedTokenLoader(docs, SEQ_LEN, device_batch_size, LANES, rank, world_size, lane_state)
+    return DistributedTokenLoader(docs, SEQ_LEN, device_batch_size, LANES, rank, world_size, lane_state,
+                                  buffer_docs=BUFFER)
 
 
 def global_batch(loaders) -> torch.Tensor:
-    """Inputs of one optimizer step across all ranks and micro-batches, in lane order."""
-    return torch.cat([x for loader in loaders for x, _ in loader.next_step()])
+    """Inputs and last targets of one optimizer step across all ranks and micro-batches, in lane order."""
+    return torch.cat([torch.cat([x, y[:, -1:]], dim=1) for loader in loaders for x, y in loader.next_step()])
 
 
-def test_global_batch_is_identical_for_world_size_1_and_2(local_data):
+def merged_state(loaders) -> list[dict]:
+    """Every rank's lanes merged, written as in meta.json and read back as a resume does."""
+    positions = {lane: pos for loader in loaders for lane, pos in loader.state_dict().items()}
+    return lane_state(json.loads(json.dumps(loader_meta(positions, LANES))), "checkpoint")
+
+
+def nanochat_best_fit(documents, row_len, buffer_size, num_rows):
+    """nanochat's algorithm, written as it is there: top the list up, scan for the largest document that
+    fits (the first on ties), else crop the shortest (the first on ties). Returns rows and dropped tokens."""
+    stream = iter(documents)
+    buffer, rows, dropped = [], [], 0
+    for _ in range(num_rows):
+        row = []
+        while len(row) < row_len:
+            while len(buffer) < buffer_size:
+                buffer.append(next(stream))
+            room = row_len - len(row)
+            best, best_len = -1, 0
+            for i, doc in enumerate(buffer):
+                if best_len < len(doc) <= room:
+                    best, best_len = i, len(doc)
+            if best >= 0:
+                row += buffer.pop(best)
+            else:
+                doc = buffer.pop(min(range(len(buffer)), key=lambda i: len(buffer[i])))
+                row += doc[:room]
+                dropped += len(doc) - room
+        rows.append(row)
+    return rows, dropped
+
+
+def test_each_lane_packs_its_documents_as_nanochat_does_across_epochs(local_data, train_documents, caplog):
+    steps = 40  # 240 documents, 30 per lane: lanes go through 2 wraps
+    loader = make_loader(local_data, 0, 1, device_batch_size=LANES)
+    with caplog.at_level(logging.INFO, logger="phoenix.data"):
+        rows = torch.stack([global_batch([loader]) for _ in range(steps)], dim=1)  # lane, step, token
+    loader.close()
+    bos = local_data[1].bos_id
+    assert bool((rows[:, :, 0] == bos).all())  # every row starts at a document start
+    dropped = 0
+    for lane in range(LANES):
+        stream = (train_documents[(lane + k * LANES) % len(train_documents)] for k in range(10**6))
+        expected, lane_dropped = nanochat_best_fit(stream, SEQ_LEN + 1, BUFFER, steps)
+        assert rows[lane].tolist() == expected
+        dropped += lane_dropped
+    assert dropped > 0  # some documents were cropped, and the loader counted exactly those tokens
+    assert loader.crop_fraction() == pytest.approx(dropped / (dropped + rows.numel()))
+    wraps = [r.getMessage() for r in caplog.records if "event=epoch_wrap" in r.getMessage()]
+    assert wraps == [f"event=epoch_wrap epoch={e} documents_per_epoch=240" for e in (2, 3)]
+
+
+def test_no_token_is_lost_but_the_cropped_tails(local_data, train_documents):
+    loader = make_loader(local_data, 0, 1, device_batch_size=LANES)
+    rows = torch.stack([global_batch([loader]) for _ in range(12)], dim=1).tolist()
+    state = merged_state([loader])
+    loader.close()
+    bos = local_data[1].bos_id
+    dropped = 0
+    for lane in range(LANES):
+        document = {k: train_documents[(lane + k * LANES) % len(train_documents)]
+                    for k in range(state[lane]["next"])}
+        segments = []  # each row split where a document starts (at every BOS): (tokens, ends the row)
+        for row in rows[lane]:
+            starts = [i for i, token in enumerate(row) if token == bos] + [len(row)]
+            segments += [(row[a:b], b == len(row)) for a, b in zip(starts, starts[1:], strict=False)]
+        unmatched = {k: d for k, d in document.items() if k not in state[lane]["buffer"]}
+        cut = []
+        for segment, ends_row in segments:  # documents packed whole
+            k = next((k for k, d in unmatched.items() if d == segment), None)
+            if k is None:
+                assert ends_row  # only a row's last document may be cut, and only at the row's end
+                cut.append(segment)
+            else:
+                del unmatched[k]
+        for segment in sorted(cut, key=len, reverse=True):  # crops: each a prefix of one taken document
+            k = next(k for k, d in unmatched.items() if d[:len(segment)] == segment)
+            dropped += len(unmatched.pop(k)) - len(segment)
+        assert not unmatched  # every document taken is in the rows, whole or cropped, or still buffered
+        assert len(state[lane]["buffer"]) == BUFFER - 1
+    assert dropped > 0  # and the loader's count of dropped tokens is exactly the tails found here
+    assert dropped / (dropped + LANES * 12 * (SEQ_LEN + 1)) == pytest.approx(loader.crop_fraction())
+
+
+def test_global_batch_is_identical_on_1_2_and_4_ranks(local_data):
     single = make_loader(local_data, 0, 1)
     pair = [make_loader(local_data, rank, 2) for rank in range(2)]
-    assert (single.grad_accum_steps, pair[0].grad_accum_steps) == (4, 2)  # accumulation adjusts
+    quad = [make_loader(local_data, rank, 4) for rank in range(4)]
+    assert (single.grad_accum_steps, pair[0].grad_accum_steps, quad[0].grad_accum_steps) == (4, 2, 1)
     for _ in range(6):
-        assert torch.equal(global_batch([single]), global_batch(pair))
+        expected = global_batch([single])
+        assert torch.equal(global_batch(pair), expected)
+        assert torch.equal(global_batch(quad), expected)
+    # Ranks read disjoint documents: each tokenizes only its own lanes' ones.
+    seen = [{i for cached in loader.docs._cache.values() for i in cached} for loader in pair]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert all(i % LANES < 4 for i in seen[0]) and all(i % LANES >= 4 for i in seen[1])
+    for loader in [single, *pair, *quad]:
+        loader.close()
 
 
-def test_targets_are_inputs_shifted_by_one_and_rows_continue(local_data):
-    loader = make_loader(local_data, 0, 1, device_batch_size=LANES)
-    (x1, y1), = loader.next_step()
-    (x2, _), = loader.next_step()
-    assert torch.equal(x1[:, 1:], y1[:, :-1])
-    # The last target of a row is the first input of the same lane's next row: no token is skipped.
-    assert torch.equal(y1[:, -1], x2[:, 0])
-
-
-def test_ranks_read_disjoint_documents(local_data):
-    loaders = [make_loader(local_data, rank, 2) for rank in range(2)]
-    for _ in range(5):
-        global_batch(loaders)
-    seen = [{doc for cached in loader.docs._cache.values() for doc in cached} for loader in loaders]
-    assert seen[0] and seen[1]
-    assert not seen[0] & seen[1]
-    assert all(doc % LANES < 4 for doc in seen[0]) and all(doc % LANES >= 4 for doc in seen[1])
-
-
-def test_state_names_the_exact_next_token_across_world_sizes(local_data):
+def test_state_names_every_rows_continuation_across_world_sizes_and_epochs(local_data):
     reference = make_loader(local_data, 0, 1)
-    expected = [global_batch([reference]) for _ in range(7)]
+    expected = [global_batch([reference]) for _ in range(100)]  # ~2.5 epochs of these documents
+    reference.close()
 
-    pair = [make_loader(local_data, rank, 2) for rank in range(2)]
-    for _ in range(4):
-        global_batch(pair)
-    merged = {lane: pos for loader in pair for lane, pos in loader.state_dict().items()}
-    lane_state = [merged[lane] for lane in range(LANES)]
+    for stop in (4, 57):  # within the first epoch; after the wrap, lanes' buffers holding both epochs
+        pair = [make_loader(local_data, rank, 2) for rank in range(2)]
+        for _ in range(stop):
+            global_batch(pair)
+        state = merged_state(pair)
+        for loader in pair:
+            loader.close()
+        resumed = make_loader(local_data, 0, 1, lane_state=state)  # 2 ranks -> 1 rank
+        quad = [make_loader(local_data, rank, 4, lane_state=state) for rank in range(4)]  # 2 -> 4
+        for step in range(stop, stop + 3):
+            assert torch.equal(global_batch([resumed]), expected[step])
+            assert torch.equal(global_batch(quad), expected[step])
+        for loader in [resumed, *quad]:
+            loader.close()
 
-    resumed = make_loader(local_data, 0, 1, lane_state=lane_state)  # resume 2 ranks -> 1 rank
-    for step in range(4, 7):
-        assert torch.equal(global_batch([resumed]), expected[step])
+
+def test_a_checkpoint_of_another_packing_cannot_resume(tmp_path):
+    old = {"lanes": [[3, 17]] * LANES}  # written by the concatenating loader
+    with pytest.raises(DataError, match="written with data packing concatenated rows .* start anew"):
+        lane_state(old, tmp_path)
 
 
-def test_validation_rows_are_fixed(local_data):
+def test_validation_rows_are_fixed_and_start_at_documents(local_data):
     root, tokenizer = local_data
     store = ShardStore(root / "base_data")
     rows = validation_rows(store, tokenizer, SEQ_LEN, 5)
     assert rows.shape == (5, SEQ_LEN + 1)
+    assert bool((rows[:, 0] == tokenizer.bos_id).all())
     assert torch.equal(rows, validation_rows(store, tokenizer, SEQ_LEN, 5))
     with pytest.raises(DataError, match="lower --eval-tokens"):
         validation_rows(store, tokenizer, SEQ_LEN, 10**6)
@@ -128,6 +237,60 @@ def test_a_changed_dataset_repo_is_listed_and_downloaded_anew(hub, tmp_path):
     assert store.path("shard_00000.parquet").read_bytes() == (other / "shard_00000.parquet").read_bytes()
     listing = json.loads((tmp_path / "base_data" / "shards.json").read_text())
     assert listing["repo_id"] == "someone/other-corpus"
+
+
+def test_climbmix_is_selectable_and_kept_apart_from_fineweb(hub, tmp_path):
+    fineweb = write_shards(tmp_path / "fineweb", 2, 10, seed=1)
+    climbmix = write_shards(tmp_path / "climbmix", 3, 10, seed=2)
+    hub.server.publish_dataset(DATASET_REPO, {p.name: p for p in fineweb})
+    hub.server.publish_dataset(CLIMBMIX_DATASET_REPO, {p.name: p for p in climbmix})
+    base = tmp_path / "volume"
+    stores = {repo: ShardStore(dataset_dir(base, repo), repo)
+              for repo in (DATASET_REPO, CLIMBMIX_DATASET_REPO)}
+    assert stores[DATASET_REPO].data_dir == base / "base_data"  # the seed's folder, unchanged
+    assert stores[CLIMBMIX_DATASET_REPO].data_dir == base / "base_data_climbmix"  # nanochat's folder
+    for repo, paths in ((DATASET_REPO, fineweb), (CLIMBMIX_DATASET_REPO, climbmix)):
+        store = stores[repo]
+        assert store.val_shard == paths[-1].name  # the last shard is validation, as in nanochat
+        assert store.path(store.train_shards[0]).read_bytes() == paths[0].read_bytes()
+
+
+def test_offline_or_failing_hub_lists_the_shards_on_the_volume_with_one_warning(hub, tmp_path, caplog):
+    from huggingface_hub import constants
+
+    paths = write_shards(tmp_path / "base_data", 3, 10)
+    names = [p.name for p in paths]
+    with caplog.at_level(logging.WARNING, logger="phoenix.data"):
+        hub.server.fail_next(1, status=501, path_contains="/tree/")  # a proxy in the way: nothing cached
+        assert ShardStore(tmp_path / "base_data", DATASET_REPO, attempts=1).shard_names() == names
+        before = len(hub.server.request_log)
+        with pytest.MonkeyPatch.context() as offline:
+            offline.setattr(constants, "HF_HUB_OFFLINE", True)
+            store = ShardStore(tmp_path / "base_data", DATASET_REPO)
+            assert store.train_shards == names[:2] and store.val_shard == names[2]
+            paths[0].unlink()
+            with pytest.raises(DataError, match="shard_00000.parquet is not in .* HF_HUB_OFFLINE=1: unset"):
+                store.path("shard_00000.parquet")
+        assert hub.server.request_log[before:] == []  # offline means no request at all
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "reason=HfHubHTTPError" in warnings[0] and "reason=HF_HUB_OFFLINE=1" in warnings[1]
+    assert all("event=offline_shards repo=karpathy/fineweb-edu-100b-shuffle shards=3" in w for w in warnings)
+    assert not (tmp_path / "base_data" / "shards.json").exists()  # a partial listing is not pinned
+
+
+def test_trainer_runs_offline_from_the_shards_on_the_volume(local_data, tmp_path):
+    root, _ = local_data
+    base = tmp_path / "volume"
+    shutil.copytree(root / "tokenizer", base / "tokenizer")
+    shutil.copytree(root / "base_data", base / "base_data", ignore=shutil.ignore_patterns("shards.json"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens
+           "HF_HOME": str(tmp_path / "hf_home"), "WANDB_MODE": "offline"}
+    code, out = run_trainer(base, env, "--vocab-size", "512", "--num-iterations", "3", "--eval-every", "3",
+                            "--save-every", "3")
+    assert code == 0, out
+    assert out.count("event=offline_shards") == 1 and "reason=HF_HUB_OFFLINE=1" in out
+    assert "base stage finished at step 3" in out and "Traceback" not in out
 
 
 def test_missing_dataset_repo_is_one_clear_error(hub, tmp_path):

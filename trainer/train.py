@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
 from trainer.checkpoint import AsyncCheckpointer
-from trainer.data import (
-    DEFAULT_DATASET_REPO,
+from trainer.data import DEFAULT_DATASET_REPO, ShardStore, dataset_dir
+from trainer.dataloader import (
     DistributedTokenLoader,
     DocumentSource,
-    ShardStore,
+    lane_state,
+    loader_meta,
     validation_rows,
 )
 from trainer.model import GPT, build_model, config_for_depth
@@ -122,17 +123,18 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def prepare_data(cfg: TrainConfig) -> None:
+def prepare_data(cfg: TrainConfig) -> ShardStore:
     """The tokenizer and the first train and validation shards on the volume (idempotent).
 
     `phoenix run` calls this before launching torchrun, so GPU processes never sit in a barrier (and
     its NCCL timeout) while rank 0 trains a tokenizer.
     """
-    store = ShardStore(Path(cfg.base_dir) / "base_data", cfg.dataset_repo)
+    store = ShardStore(dataset_dir(Path(cfg.base_dir), cfg.dataset_repo), cfg.dataset_repo)
     ensure_tokenizer(Path(cfg.base_dir) / "tokenizer", lambda: store.iter_texts(cfg.tokenizer_chars),
                      cfg.vocab_size)
     store.path(store.train_shards[0])
     store.path(store.val_shard)
+    return store
 
 
 # Settings that fix the trajectory: a resume with any of them changed is refused, never silently reshaped.
@@ -238,10 +240,11 @@ def train(cfg: TrainConfig, d: Dist) -> int:
 
     # --- data and tokenizer ---------------------------------------------------------------------------
     if d.is_main:
-        prepare_data(cfg)
+        store = prepare_data(cfg)
     if d.world_size > 1:
         dist.barrier()
-    store = ShardStore(base_dir / "base_data", cfg.dataset_repo)
+    if not d.is_main:  # reads the listing rank 0 cached; an offline fallback is announced by rank 0 alone
+        store = ShardStore(dataset_dir(base_dir, cfg.dataset_repo), cfg.dataset_repo, announce=False)
     tokenizer = load_tokenizer(base_dir / "tokenizer")
     tokenizer_sha = tokenizer_sha256(base_dir / "tokenizer")
     if ckpt is not None:
@@ -293,7 +296,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     # --- restore the trajectory state -----------------------------------------------------------------
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_bpb": float("inf"), "train_time": 0.0}
-    lane_state = None
+    lanes = None
     identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
     if ckpt is not None:
         if meta["total_batch_size"] != total_batch_size or meta["max_seq_len"] != cfg.max_seq_len:
@@ -302,14 +305,14 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
         step = meta["step"]
         loop_state = meta["loop_state"]
-        lane_state = [tuple(p) for p in meta["loader"]["lanes"]]
+        lanes = lane_state(meta["loader"], ckpt.path)
         identity = {**identity, "wandb_run_id": meta["wandb_run_id"], "run_id": meta["run_id"]}
     else:
         log.info("fresh start: no checkpoint in %s", ckpt_dir)
 
     docs = DocumentSource(store, tokenizer, num_lanes, range(d.rank * per_rank, (d.rank + 1) * per_rank))
     loader = DistributedTokenLoader(docs, cfg.max_seq_len, device_batch_size, num_lanes, d.rank,
-                                    d.world_size, lane_state, pin_memory=d.device.type == "cuda")
+                                    d.world_size, lanes, pin_memory=d.device.type == "cuda")
     val_rows = validation_rows(store, tokenizer, cfg.max_seq_len, max(1, cfg.eval_tokens // cfg.max_seq_len))
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=d.device)
 
@@ -323,11 +326,11 @@ def train(cfg: TrainConfig, d: Dist) -> int:
              reporter.peak, d.world_size)
     log.info("world_size=%d grad_accum=%d device=%s", d.world_size, loader.grad_accum_steps, d.device)
 
-    def stage_meta(rank_lanes: list[dict[int, tuple[int, int]]]) -> dict[str, Any]:
-        lanes = {lane: pos for entry in rank_lanes for lane, pos in entry.items()}
+    def stage_meta(rank_lanes: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
+        positions = {lane: pos for entry in rank_lanes for lane, pos in entry.items()}
         return {"stage": STAGE, "num_iterations": num_iterations, "total_batch_size": total_batch_size,
                 "max_seq_len": cfg.max_seq_len, "model_config": asdict(model_config), "config": asdict(cfg),
-                "loop_state": loop_state, "loader": {"lanes": [list(lanes[i]) for i in range(num_lanes)]},
+                "loop_state": loop_state, "loader": loader_meta(positions, num_lanes),
                 "run_id": identity["run_id"], "wandb_run_id": identity["wandb_run_id"],
                 "tokenizer_sha256": tokenizer_sha, "stopped": stop_now}
 
