@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from entrypoint.chat import chat_command
 from entrypoint.demo import demo_command
 from entrypoint.eval import eval_command
+from entrypoint.export import export_command
 from entrypoint.preflight import doctor_command
 from entrypoint.report import report_command
 from entrypoint.restore import restore_command
@@ -29,5 +31,7 @@ main.add_command(health_command)
 main.add_command(status_command)
 main.add_command(sync_command)
 main.add_command(restore_command)
+main.add_command(chat_command)
+main.add_command(export_command)
 main.add_command(eval_command)
 main.add_command(report_command)

@@ -235,6 +235,71 @@ def _restore_side_files(hub: Hub, snapshot: HubSnapshot, *, overwrite: bool) -> 
         log.info(kv(event="restored_file", path=path, bytes=remote.size))
 
 
+# Inference needs the weights and the model config, never the optimizer or RNG state.
+WEIGHT_FILES = ("model.safetensors", layout.META_NAME)
+WEIGHTS_DIR = "weights"
+
+
+def fetch_weights(cfg: HubConfig, hub: Hub | None = None) -> tuple[str, Path] | None:
+    """The Hub's newest complete checkpoint's weights for inference (SFT if any, else base): (stage, folder).
+
+    The folder, `$NANOCHAT_BASE_DIR/weights/<stage>_checkpoints/<tag>/step_NNNNNN/`, holds MANIFEST.json,
+    meta.json and model.safetensors, each sha256-checked against the manifest. It lies outside the
+    checkpoint directories on purpose: without its optimizer it is not a complete checkpoint, and training
+    must never resume from it. A rerun resumes a cut download and reuses finished files. The tokenizer
+    comes along if the volume lacks it. None when the Hub holds no checkpoint (or no repo).
+    """
+    hub = hub or Hub(cfg)
+    try:
+        snapshot = hub.snapshot()
+    except RepoMissing:
+        return None
+    for stage in reversed(layout.STAGES):  # the finished product first: SFT, then base
+        for step in snapshot.complete_steps(cfg, stage):
+            try:
+                folder = _fetch_weight_files(hub, snapshot, stage, step)
+            except CorruptOnHub as exc:
+                log.warning(kv(event="hub_checkpoint_corrupt", stage=stage, step=step, error=str(exc),
+                               action="trying the previous checkpoint"))
+                continue
+            tokenizer = cfg.local(TOKENIZER_PATH)
+            if not tokenizer.exists() and TOKENIZER_PATH in snapshot.files:
+                tokenizer.parent.mkdir(parents=True, exist_ok=True)
+                staged = tokenizer.with_name(f"{layout.TMP_PREFIX}{tokenizer.name}")
+                _fetch(hub, snapshot, TOKENIZER_PATH, staged, snapshot.files[TOKENIZER_PATH].size)
+                os.replace(staged, tokenizer)
+            return stage, folder
+    return None
+
+
+def _fetch_weight_files(hub: Hub, snapshot: HubSnapshot, stage: str, step: int) -> Path:
+    cfg = hub.cfg
+    folder = cfg.checkpoint_path(stage, step)
+    local = cfg.base_dir / WEIGHTS_DIR / folder
+    remote = snapshot.checkpoint_files(cfg, stage, step)
+    local.mkdir(parents=True, exist_ok=True)
+    _fetch(hub, snapshot, f"{folder}/{layout.MANIFEST_NAME}", local / layout.MANIFEST_NAME,
+           remote[layout.MANIFEST_NAME].size)
+    try:
+        manifest = layout.read_manifest(local)
+    except layout.CheckpointInvalid as exc:
+        shutil.rmtree(local)
+        raise CorruptOnHub(str(exc)) from None
+    for name in WEIGHT_FILES:
+        entry = manifest["files"].get(name)
+        if entry is None or name not in remote:
+            raise CorruptOnHub(f"{folder}/{name}: missing from the manifest or the Hub")
+        _fetch(hub, snapshot, f"{folder}/{name}", local / name, entry["size"])
+        if layout.sha256_file(local / name) != entry["sha256"]:
+            (local / name).unlink()
+            raise CorruptOnHub(f"{folder}/{name}: sha256 does not match the manifest")
+    for older in local.parent.iterdir():  # only the newest weights are worth their disk space
+        if older != local:
+            shutil.rmtree(older, ignore_errors=True)
+    log.info(kv(event="weights_fetched", stage=stage, step=step, path=local))
+    return local
+
+
 @click.command("restore")
 def restore_command() -> None:
     """Bring the latest complete checkpoints back from the Hub repo HF_REPO_ID, if the volume lacks them."""

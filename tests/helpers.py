@@ -170,3 +170,25 @@ def publish_chat_dataset(server, count: int = 200) -> None:
     buffer = io.BytesIO()
     pq.write_table(pa.table({"messages": chat_conversations(count)}), buffer)
     server.publish_dataset(SFT_DATASET_REPO, {"data/train-00000-of-00001.parquet": buffer.getvalue()})
+
+
+def train_chat_model(server, root: Path, base_steps: int, sft_steps: int,
+                     base_env: dict[str, str] | None = None, base_args: tuple[str, ...] = (),
+                     sft_args: tuple[str, ...] = ()) -> tuple[dict[str, str], Path, str, str]:
+    """A volume (root/volume) with a finished tiny base stage and a finished SFT stage, trained on corpus and
+    chats published on `server`: (client env, volume, base output, SFT output)."""
+    import os
+
+    publish_corpus(server, root / "shards")
+    publish_chat_dataset(server)
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(root / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
+    volume = root / "volume"
+    code, base_out = run_trainer(volume, {**env, **(base_env or {})}, "--num-iterations", str(base_steps),
+                                 "--eval-every", "0", *base_args)
+    assert code == 0, base_out
+    # The tiny base has seen few steps: a larger lr fraction than nanochat's 0.02 shows learning quickly.
+    code, sft_out = run_sft(volume, env, "--num-iterations", str(sft_steps), "--init-lr-frac", "0.2",
+                            "--eval-every", "0", *sft_args)
+    assert code == 0, sft_out
+    return env, volume, base_out, sft_out

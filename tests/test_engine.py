@@ -26,6 +26,15 @@ class StubTokenizer:
         return {"<|bos|>": BOS, "<|assistant_end|>": END}[name]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small gain nothing from threads, and on a busy machine their spin-waits cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = build_model(CONFIG, "cpu")
@@ -49,16 +58,16 @@ def greedy_without_cache(model: GPT, prompt: list[int], max_tokens: int, stop_id
 PROMPTS = [[BOS, 5, 6, 7], [BOS, 9], [BOS, *range(20, 33)], [BOS, 40, 41, 42, 43, 44, 45]]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_batched_greedy_with_cache_equals_full_recompute_per_prompt(seed):
     model = random_model(seed)
     engine = Engine(model, StubTokenizer())
-    batched = engine.generate(PROMPTS, max_tokens=40)
-    reference = [greedy_without_cache(model, p, 40, [BOS, END]) for p in PROMPTS]
+    batched = engine.generate(PROMPTS, max_tokens=32)
+    reference = [greedy_without_cache(model, p, 32, [BOS, END]) for p in PROMPTS]
     assert batched == reference
-    assert sum(len(c) for c in batched) > 40  # long decodes, not rows that stopped at once
+    assert sum(len(c) for c in batched) > 32  # long decodes, not rows that stopped at once
     # A row's result does not depend on what shares its batch.
-    assert engine.generate(PROMPTS[1:2], max_tokens=40) == reference[1:2]
+    assert engine.generate(PROMPTS[1:2], max_tokens=32) == reference[1:2]
 
 
 def test_cached_logits_match_the_full_forward_at_every_position():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ class Engine:
         """Weights from a safetensors file (any float dtype) with the model config given as a dict."""
         from safetensors.torch import load_file
 
-        names = {f for f in GPTConfig.__dataclass_fields__}
+        names = {field.name for field in fields(GPTConfig)}  # config.json carries other keys too
         model_config = GPTConfig(**{k: v for k, v in config.items() if k in names})
         return cls(model_from_weights(model_config, load_file(str(weights), device="cpu"), device),
                    load_tokenizer(tokenizer_dir))

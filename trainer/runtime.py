@@ -393,6 +393,7 @@ class StepReporter:
         self.metrics = open(metrics_path, "a") if self.enabled else None  # noqa: SIM115
         self.first_step = True
         self.wandb = None
+        self.sample_rows: list[list[Any]] = []
         if self.enabled and wandb_name and wandb_name != "dummy":
             import wandb
 
@@ -443,6 +444,18 @@ class StepReporter:
             self.metrics.write(json.dumps({"step": step, name: value}) + "\n")
         if self.wandb:
             self.wandb.log({name.replace("_", "/", 1): value}, step=step)
+
+    def samples(self, step: int, completions: list[tuple[str, str]]) -> None:
+        """Completions of the fixed sample prompts: one line each (JSON-quoted, so newlines stay on it)."""
+        for prompt, completion in completions:
+            log.info("step %05d | sample %s -> %s", step, json.dumps(prompt), json.dumps(completion))
+        if self.wandb:
+            import wandb
+
+            # A W&B table is immutable: log the whole history so the latest one shows every step so far.
+            self.sample_rows += [[step, prompt, completion] for prompt, completion in completions]
+            self.wandb.log({"samples": wandb.Table(columns=["step", "prompt", "completion"],
+                                                   data=self.sample_rows)}, step=step)
 
     def close(self) -> None:
         if self.metrics:

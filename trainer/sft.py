@@ -31,6 +31,7 @@ from trainer.chat_data import (
     load_chat_dataset,
 )
 from trainer.checkpoint import AsyncCheckpointer, load_tensors
+from trainer.engine import Engine
 from trainer.model import GPTConfig, build_model
 from trainer.optim import HybridOptimizer
 from trainer.runtime import (
@@ -58,14 +59,17 @@ from trainer.train import PRESETS
 log = logging.getLogger("phoenix.sft")
 STAGE = "sft"
 BASE_STAGE = "base"
+# Answered greedily during SFT, each as a one-turn chat rendered as training renders it.
+SAMPLE_QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "What is 7 times 6?"]
+SAMPLE_TOKENS = 32
 
 # SFT settings per preset, on top of the base preset's max_seq_len and device_batch_size.
 # nanochat's chat_sft takes 32 conversations per step and evaluates every 100 steps.
 SFT_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(conversations_per_step=8, eval_every=20, eval_conversations=32),
-    "d20": dict(conversations_per_step=32, eval_every=100, eval_conversations=1024),
-    "d24": dict(conversations_per_step=32, eval_every=100, eval_conversations=1024),
-    "d26": dict(conversations_per_step=32, eval_every=100, eval_conversations=1024),
+    "tiny": dict(conversations_per_step=8, eval_every=20, sample_every=20, eval_conversations=32),
+    "d20": dict(conversations_per_step=32, eval_every=100, sample_every=100, eval_conversations=1024),
+    "d24": dict(conversations_per_step=32, eval_every=100, sample_every=100, eval_conversations=1024),
+    "d26": dict(conversations_per_step=32, eval_every=100, sample_every=100, eval_conversations=1024),
 }
 
 
@@ -79,6 +83,7 @@ class SFTConfig:
     num_iterations: int = -1  # -1: num_epochs passes over the training conversations
     init_lr_frac: float = 0.02  # of the base run's learning rates
     eval_every: int = 100
+    sample_every: int = 100  # answer SAMPLE_QUESTIONS every this many steps and at the end; 0 = off
     eval_conversations: int = 1024  # held out: the last rows of the split
     seed: int = 42
     save_every: int = 250
@@ -299,6 +304,15 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         loop_state["min_val_loss"] = min(loop_state["min_val_loss"], val_loss)
         reporter.value(step, "val_loss", val_loss)
 
+    # Rank 0, greedy, on the bare model: no RNG drawn and no collective, so the trajectory is untouched.
+    sampler = Engine(model, tokenizer, autocast) if d.is_main and cfg.sample_every > 0 else None
+
+    def sample() -> None:
+        prompts = [sampler.chat_prompt([{"role": "user", "content": q}]) for q in SAMPLE_QUESTIONS]
+        completions = sampler.generate(prompts, SAMPLE_TOKENS)
+        reporter.samples(step, [(q, sampler.decode(c)) for q, c in zip(SAMPLE_QUESTIONS, completions,
+                                                                         strict=True)])
+
     # --- the loop ------------------------------------------------------------------------------------
     evaluating = cfg.eval_every > 0 and cfg.eval_conversations > 0
     if step == 0 and evaluating:
@@ -334,6 +348,8 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
                       counts[1].item())
         if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
             evaluate()
+        if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
+            sample()
         if step % cfg.save_every == 0 or stop_now or step == num_iterations:
             # The final checkpoint is marked done: a relaunch skips the finished stage.
             save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta)

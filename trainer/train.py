@@ -30,6 +30,7 @@ from trainer.dataloader import (
     loader_meta,
     validation_rows,
 )
+from trainer.engine import Engine
 from trainer.model import GPT, build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
@@ -56,16 +57,20 @@ from trainer.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger("phoenix.train")
 STAGE = "base"
+# Completed greedily during training (nanochat's choice of prompts): a glance at what the model knows.
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
+SAMPLE_TOKENS = 16
 
 # Presets: tiny trains on 2 CPU cores in seconds and is its own reference (its lrs and weight decay are
 # used as given); d20 / d24 / d26 are nanochat's sizes with its defaults: 12 tokens per scaling parameter,
 # the batch derived from that (2^20 tokens for all three), device batches as nanochat's miniseries runs.
 _GPU = dict(aspect_ratio=64, head_dim=128, max_seq_len=2048, total_batch_size=-1, vocab_size=32768,
-            num_iterations=-1, target_param_data_ratio=12.0, eval_every=250, eval_tokens=10 * 524288,
-            tokenizer_chars=2_000_000_000)
+            num_iterations=-1, target_param_data_ratio=12.0, eval_every=250, sample_every=250,
+            eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=128, device_batch_size=4,
-                 total_batch_size=1024, vocab_size=2048, num_iterations=200, eval_every=50,
+                 total_batch_size=1024, vocab_size=2048, num_iterations=200, eval_every=50, sample_every=50,
                  eval_tokens=4096, tokenizer_chars=2_000_000, reference_depth=2, reference_batch_size=1024),
     "d20": dict(depth=20, device_batch_size=32, **_GPU),
     "d24": dict(depth=24, device_batch_size=16, **_GPU),
@@ -87,6 +92,7 @@ class TrainConfig:
     num_iterations: int = -1  # -1: target_param_data_ratio x scaling parameters / total batch
     target_param_data_ratio: float = 12.0  # tokens per scaling parameter (nanochat's default)
     eval_every: int = 250
+    sample_every: int = 250  # complete SAMPLE_PROMPTS every this many steps and at the end; 0 = off
     eval_tokens: int = 10 * 524288
     tokenizer_chars: int = 2_000_000_000
     # Learning rates and weight decay as tuned at the reference (d12, 2^19-token batches); the run
@@ -339,6 +345,14 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         reporter.value(step, "val_bpb", val_bpb)
 
+    # Rank 0, greedy, on the bare model: no RNG drawn and no collective, so the trajectory is untouched.
+    sampler = Engine(model, tokenizer, autocast) if d.is_main and cfg.sample_every > 0 else None
+
+    def sample() -> None:
+        completions = sampler.generate([sampler.text_prompt(p) for p in SAMPLE_PROMPTS], SAMPLE_TOKENS)
+        reporter.samples(step, [(p, sampler.decode(c)) for p, c in zip(SAMPLE_PROMPTS, completions,
+                                                                         strict=True)])
+
     # --- the loop ------------------------------------------------------------------------------------
     if step == 0 and cfg.eval_every > 0:
         evaluate()
@@ -373,6 +387,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                      (num_iterations - step) * total_batch_size / tok_per_sec / 3600, f"{tok_per_sec:,.0f}")
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == num_iterations):
             evaluate()
+        if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
+            sample()
         if step % cfg.save_every == 0 or stop_now or step == num_iterations:
             # The final checkpoint is marked done: a relaunch skips the finished stage.
             save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta,
