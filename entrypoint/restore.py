@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -227,9 +226,7 @@ def _publish(cfg: HubConfig, stage: str, staging: Path, manifest: dict) -> layou
     final = directory / layout.step_dir_name(manifest["step"])
     if final.exists():
         # An incomplete local copy of this step (else we would not be restoring it): keep it for inspection.
-        aside = final.with_name(f"{final.name}.invalid-{uuid.uuid4().hex[:8]}")
-        log.warning(kv(event="moved_aside", path=final, to=aside.name, reason="incomplete on the volume"))
-        os.rename(final, aside)
+        layout.quarantine(final, "incomplete on the volume, replaced by the Hub's copy")
     tmp = layout.new_tmp_dir(directory, manifest["step"])
     for name in manifest["files"]:
         os.replace(staging / name, tmp / name)

@@ -11,6 +11,7 @@ import click
 
 from entrypoint.hub import Hub, HubConfig, HubError
 from entrypoint.logs import redact
+from entrypoint.volume import FailureLog
 from trainer import checkpoint_layout as layout
 
 
@@ -90,6 +91,7 @@ def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
             remaining = heartbeat.get("num_iterations", 0) - recent[-1]["step"]
             entry["eta_seconds"] = round(max(0, remaining) * statistics.median(r["dt"] for r in recent))
         report["stages"][stage] = entry
+    report["failures"] = FailureLog(cfg.base_dir, cfg.model_tag, limit=0).read()
     return report
 
 
@@ -115,6 +117,12 @@ def status_command(as_json: bool, no_hub: bool) -> None:
         click.echo(f"hub storage limit hit: {report['hub_quota_error']}")
     click.echo(f"{'stage':6} {'local':>8} {'hub':>8} {'unsynced':>9} {'ckpt age':>9} {'step':>8} "
                f"{'tok/s':>10} {'eta':>8}")
+    if (failure := report["failures"]) is not None:
+        if failure.get("held"):
+            click.echo(f"trainer: not relaunching after {failure['count']} identical failed launches: "
+                       f"{failure['error']}")
+        else:
+            click.echo(f"trainer: the last launch failed ({failure['count']} in a row): {failure['error']}")
     for stage, e in report["stages"].items():
         unsynced = ",".join(map(str, e["not_synced"])) or "-"
         age = _fmt(e["seconds_since_checkpoint"], "s")
