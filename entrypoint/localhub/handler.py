@@ -169,6 +169,10 @@ class Handler(RepoRoutes, FileRoutes, BaseHTTPRequestHandler):
                 return self._whoami()
             if parts[1:] == ["repos", "create"] and cmd == "POST":
                 return self._create_repo()
+            if parts[1:] == ["validate-yaml"] and cmd == "POST":
+                # The client asks before committing a README.md; this double accepts any model card.
+                self._json_body()
+                return self._json(200, {"errors": [], "warnings": []})
             if len(parts) >= 4 and parts[1] in API_TYPES:
                 repo, tail = (API_TYPES[parts[1]], f"{parts[2]}/{parts[3]}"), parts[4:]
                 action, rev = (tail + ["", ""])[:2]
