@@ -89,6 +89,7 @@ class FailureLog:
 
     def __init__(self, base_dir: Path, model_tag: str, limit: int, node_rank: int = 0) -> None:
         name = FAILURES_FILE if node_rank == 0 else f"failures.node{node_rank}.json"
+        self.base_dir = base_dir
         self.path = base_dir / "runs" / model_tag / name
         self.limit = limit
 
@@ -109,8 +110,10 @@ class FailureLog:
                   "count": previous.get("count", 0) + 1 if same else 1,
                   "first": previous.get("first", now) if same else now, "last": now, "limit": self.limit}
         record["held"] = record["count"] >= self.limit
-        with suppress(OSError):  # a volume we cannot write is the error being reported, not a new one
-            layout.write_json_atomic(self.path, record)
+        # A missing volume is the error being reported: creating its folder here would hide it next launch.
+        if self.base_dir.is_dir():
+            with suppress(OSError):  # a volume we cannot write is the error being reported, not a new one
+                layout.write_json_atomic(self.path, record)
         return record
 
     def clear(self) -> None:
