@@ -65,6 +65,7 @@ DEFAULT_SYNC_INTERVAL = 1200.0
 DEFAULT_HUB_KEEP_LAST = 2
 TOKENIZER_PATH = "tokenizer/tokenizer.json"
 RUN_FILE = "run.json"
+EVAL_DIR = "eval"  # runs/<tag>/eval/<stage>_stepNNNNNN.json: `phoenix eval` results
 GENERATION_FILE = fencing.GENERATION_FILE
 TRAINER_STATUS_FILE = "trainer_status.json"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}

@@ -27,6 +27,7 @@ import click
 from huggingface_hub import CommitOperationDelete
 
 from entrypoint.hub import (
+    EVAL_DIR,
     RUN_FILE,
     TOKENIZER_PATH,
     TRAINER_STATUS_FILE,
@@ -205,10 +206,13 @@ class Syncer:
         return head
 
     def _changed_extras(self, snapshot: HubSnapshot) -> list[Any]:
-        """Tokenizer and run identity, when they differ from the Hub's copy and are sound: a corrupt or
+        """Tokenizer, run identity and evaluation results (`runs/<tag>/eval/*.json`, which restore brings
+        back with the other run files), when they differ from the Hub's copy and are sound: a corrupt or
         truncated local file never replaces the Hub's good one (a restore would bring it back)."""
         ops = []
-        for path in (TOKENIZER_PATH, self.cfg.run_path(RUN_FILE)):
+        eval_dir = self.cfg.local(self.cfg.run_path(EVAL_DIR))
+        evals = sorted(p.relative_to(self.cfg.base_dir).as_posix() for p in eval_dir.glob("*.json"))
+        for path in (TOKENIZER_PATH, self.cfg.run_path(RUN_FILE), *evals):
             local = self.cfg.local(path)
             if not local.is_file() or snapshot.same(path, local):
                 continue

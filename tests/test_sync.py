@@ -117,6 +117,11 @@ def test_pushes_exactly_the_complete_checkpoints_one_commit_each(hub, env) -> No
     assert phoenix(env, "sync", "--once").returncode == 0
     assert commit_titles(hub, env)[4:] == [f"update tokenizer/tokenizer.json of {TAG}"]
 
+    # `phoenix eval` results travel with the run files, so a redeployed run keeps its scores.
+    layout.write_json_atomic(base / "runs" / TAG / "eval" / "base_step000750.json", {"core_metric": 0.21})
+    assert phoenix(env, "sync", "--once").returncode == 0
+    assert commit_titles(hub, env)[5:] == [f"update runs/{TAG}/eval/base_step000750.json of {TAG}"]
+
 
 def test_checkpoint_corrupted_on_the_volume_is_never_pushed(hub, env) -> None:
     good, bad = make_checkpoint(base_dir(env), 250), make_checkpoint(base_dir(env), 500)
