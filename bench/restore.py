@@ -1,8 +1,10 @@
-"""Benchmark `phoenix restore` against `snapshot_download` of the whole repo, on a local Hub.
+"""Benchmark `phoenix restore` through Xet and through plain HTTP, and `snapshot_download`, on a local Hub.
 
 The Hub holds N checkpoints of --mb MB each (model + optimizer safetensors), a tokenizer and run.json, as
-the sidecar lays them out. Both clients run as separate processes on an empty volume; the server (in this
-process) counts the bytes it sends.
+the sidecar lays them out: once uploaded through Xet (hf_xet, as the sidecar does) and once as classic LFS
+files. Every client runs as a separate process on an empty volume. The server (in this process) counts
+the bytes it sends over HTTP; a Xet download reads the Hub's local CAS folder directly, so for it the
+table shows the bytes restored instead.
 
     python bench/restore.py --mb 200 [--checkpoints 3] [--keep DIR]
 """
@@ -30,6 +32,7 @@ from trainer import checkpoint_layout as layout  # noqa: E402
 
 TOKEN, USER, TAG = "hf_benchLocalToken0123", "bench", "d26-hyperbolic"
 REPO_ID = f"{USER}/phoenix-bench"
+XET_REPO_ID = f"{USER}/phoenix-bench-xet"
 MB = 1_000_000
 RESTORE = "from entrypoint.cli import main; main()"
 SNAPSHOT = (
@@ -53,11 +56,27 @@ def build_volume(base: Path, mb: int, checkpoints: int) -> None:
     layout.write_json_atomic(base / "runs" / TAG / "run.json", {"run_id": "bench", "wandb_run_id": "bench"})
 
 
-def timed(hub: LocalHub, cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+def timed(
+    hub: LocalHub, cmd: list[str], env: dict[str, str], restored: Path | None = None
+) -> tuple[float, int]:
+    """Seconds and bytes of one client run: HTTP bytes the server sent, or (Xet) the bytes restored."""
     before = hub.bytes_downloaded
     start = time.monotonic()
     subprocess.run(cmd, env=env, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
-    return time.monotonic() - start, hub.bytes_downloaded - before
+    seconds = time.monotonic() - start
+    if restored is not None:
+        files = [p for p in restored.rglob("*") if p.is_file() and "logs" not in p.parts]
+        return seconds, sum(p.stat().st_size for p in files)
+    return seconds, hub.bytes_downloaded - before
+
+
+def upload_through_xet(url: str, source: Path, repo_id: str) -> None:
+    """The sidecar's way: one commit per checkpoint, large files through hf_xet."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=url, token=TOKEN)
+    api.create_repo(repo_id, private=True)
+    api.upload_folder(repo_id=repo_id, folder_path=source, commit_message="checkpoints")
 
 
 def main() -> None:
@@ -73,32 +92,39 @@ def main() -> None:
             source = work / "source"
             files = {p.relative_to(source).as_posix(): p for p in sorted(source.rglob("*")) if p.is_file()}
             hub.publish(REPO_ID, files, private=True)
+            upload_through_xet(hub.url, source, XET_REPO_ID)
             env = os.environ | {
                 "HF_ENDPOINT": hub.url,
                 "HF_TOKEN": TOKEN,
-                "HF_HUB_DISABLE_XET": "1",
                 "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                 "HF_HOME": str(work / "hf_home"),
-                "NANOCHAT_BASE_DIR": str(work / "restored"),
                 "MODEL_TAG": TAG,
-                "HF_REPO_ID": REPO_ID,
             }
+            env.pop("HF_HUB_DISABLE_XET", None)
+            http = env | {"HF_HUB_DISABLE_XET": "1", "HF_REPO_ID": REPO_ID}
+            restore_cmd = [sys.executable, "-c", RESTORE, "restore"]
+            volumes = {name: work / f"restored_{name}" for name in ("xet", "http")}
+            xet = env | {"HF_REPO_ID": XET_REPO_ID, "NANOCHAT_BASE_DIR": str(volumes["xet"])}
+            http_volume = http | {"NANOCHAT_BASE_DIR": str(volumes["http"])}
             rows = [
-                ("phoenix restore", *timed(hub, [sys.executable, "-c", RESTORE, "restore"], env)),
+                ("restore, Xet", *timed(hub, restore_cmd, xet, volumes["xet"])),
+                ("restore, HTTP", *timed(hub, restore_cmd, http_volume)),
                 (
                     "snapshot_download",
-                    *timed(hub, [sys.executable, "-c", SNAPSHOT, REPO_ID, str(work / "snap")], env),
+                    *timed(hub, [sys.executable, "-c", SNAPSHOT, REPO_ID, str(work / "snap")], http),
                 ),
             ]
-        latest = layout.latest(layout.stage_dir(work / "restored", "base", TAG), full_hash=True)
-        if latest is None or latest.step != 250 * args.checkpoints:
-            sys.exit("error: the restored checkpoint is missing or does not verify")
-        print(f"{args.checkpoints} checkpoints of {args.mb} MB on a local Hub, latest verified")
-        print(f"{'method':<20}{'seconds':>9}{'MB down':>10}{'MB/s':>8}")
+        for volume in volumes.values():
+            latest = layout.latest(layout.stage_dir(volume, "base", TAG), full_hash=True)
+            if latest is None or latest.step != 250 * args.checkpoints:
+                sys.exit(f"error: the checkpoint restored in {volume} is missing or does not verify")
+        print(f"{args.checkpoints} checkpoints of {args.mb} MB on a local Hub, latest verified on both paths")
+        print(f"{'method':<20}{'seconds':>9}{'MB':>10}{'MB/s':>8}")
         for name, seconds, nbytes in rows:
             print(f"{name:<20}{seconds:>9.2f}{nbytes / MB:>10.1f}{nbytes / MB / seconds:>8.0f}")
-        (_, t_restore, b_restore), (_, t_snap, b_snap) = rows
-        print(f"restore: {b_restore / b_snap:.0%} of the bytes, {t_restore / t_snap:.0%} of the time")
+        (_, t_xet, _), (_, t_http, b_http), (_, t_snap, b_snap) = rows
+        print(f"restore over HTTP: {b_http / b_snap:.0%} of the bytes, {t_http / t_snap:.0%} of the time "
+              f"of snapshot_download; through Xet: {t_xet / t_http:.0%} of the HTTP restore's time")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

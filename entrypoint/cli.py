@@ -8,11 +8,13 @@ from entrypoint.chat import chat_command
 from entrypoint.demo import demo_command
 from entrypoint.eval import eval_command
 from entrypoint.export import export_command
+from entrypoint.preflight import doctor_command
 from entrypoint.report import report_command
 from entrypoint.restore import restore_command
-from entrypoint.run import doctor_command, health_command, run_command
+from entrypoint.run import run_command
 from entrypoint.status import status_command
 from entrypoint.sync import sync_command
+from entrypoint.volume import health_command
 from trainer import __version__
 
 

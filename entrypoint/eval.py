@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from entrypoint.hub import kv
+from entrypoint.hub import EVAL_DIR, kv
 from entrypoint.logs import redact, setup_logging
 from trainer import checkpoint_layout as layout
 
@@ -47,7 +47,7 @@ def base_dir_from_env() -> Path:
 
 def results_path(base_dir: Path, model_tag: str, stage: str, step: int) -> Path:
     """Where an evaluation of checkpoint (stage, step) is kept; the model card reads this folder."""
-    return base_dir / "runs" / model_tag / "eval" / f"{stage}_step{step:06d}.json"
+    return base_dir / "runs" / model_tag / EVAL_DIR / f"{stage}_step{step:06d}.json"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,17 +34,20 @@ from huggingface_hub.errors import (
     HFValidationError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
+    RevisionNotFoundError,
 )
 
 # `http_get` is the library's own resumable download loop (Range requests from `resume_size`); the
-# higher-level hf_hub_download restarts a killed download from byte 0 (see restore.py).
-from huggingface_hub.file_download import http_get
+# higher-level hf_hub_download restarts a killed download from byte 0 (see restore.py). `xet_get` is its
+# Xet download of one file (hf_xet reconstructs it from CAS chunks).
+from huggingface_hub.file_download import get_hf_file_metadata, http_get, xet_get
 from huggingface_hub.utils import (
     build_hf_headers,
     disable_progress_bars,
     parse_ratelimit_headers,
     validate_repo_id,
 )
+from huggingface_hub.utils._runtime import is_xet_available
 from huggingface_hub.utils.sha import git_hash
 
 from entrypoint.logs import redact, setup_logging
@@ -56,8 +59,13 @@ T = TypeVar("T")
 
 DEFAULT_MODEL_TAG = "d26-hyperbolic"
 DEFAULT_SYNC_INTERVAL = 1200.0
+# Checkpoints per stage kept on the Hub: a pass may push this many before pruning, so a stage peaks at
+# twice it; with base's last ones kept while SFT runs, a d26 run (~9 GB each) peaks at 6 x 9 = 54 GB,
+# inside a free account's 100 GB of private storage (README, "Hub storage").
+DEFAULT_HUB_KEEP_LAST = 2
 TOKENIZER_PATH = "tokenizer/tokenizer.json"
 RUN_FILE = "run.json"
+EVAL_DIR = "eval"  # runs/<tag>/eval/<stage>_stepNNNNNN.json: `phoenix eval` results
 GENERATION_FILE = fencing.GENERATION_FILE
 TRAINER_STATUS_FILE = "trainer_status.json"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -89,6 +97,10 @@ class HubUnavailable(HubError):
 
 class HeadMoved(HubError):
     """Someone committed between our read of the head and our commit (HTTP 412 on parent_commit)."""
+
+
+class RevisionGone(HubError):
+    """The commit we read from is no longer on the Hub (the history was squashed): re-read the head."""
 
 
 class Fenced(HubError):
@@ -160,7 +172,7 @@ class HubConfig:
     token: str | None = None
     endpoint: str | None = None
     sync_interval: float = DEFAULT_SYNC_INTERVAL
-    keep_last: int | None = None
+    keep_last: int | None = DEFAULT_HUB_KEEP_LAST  # None keeps every checkpoint (HF_KEEP_LAST=all)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HubConfig:
@@ -191,13 +203,13 @@ class HubConfig:
             ) from None
         keep_text = env.get("HF_KEEP_LAST", "").strip()
         try:
-            keep_last = int(keep_text) if keep_text else None
+            keep_last = None if keep_text == "all" else int(keep_text or DEFAULT_HUB_KEEP_LAST)
             if keep_last is not None and keep_last < 1:
                 raise ValueError
         except ValueError:
             raise HubFatal(
-                f"HF_KEEP_LAST={keep_text!r} is not a positive integer: set it to e.g. 3, or leave it "
-                "empty to keep every checkpoint on the Hub"
+                f"HF_KEEP_LAST={keep_text!r} is not a positive integer: set it to e.g. 2, or to 'all' to "
+                "keep every checkpoint on the Hub"
             ) from None
         return cls(
             base_dir=Path(env.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat"),
@@ -336,6 +348,8 @@ def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
     not_found = any(isinstance(err, RepositoryNotFoundError) for err in _chain(exc))
     if status == 412:
         return HeadMoved("the repo moved on while we were committing (412)")
+    if any(isinstance(err, RevisionNotFoundError) for err in _chain(exc)):
+        return RevisionGone("the commit being read is gone from the Hub (history squashed)")
     if status == 403 and _QUOTA_MESSAGE.search(_server_message(exc)):
         return QuotaExceeded(
             f"the Hub account's storage is full ({short_error(exc)}): nothing new is backed up until space "
@@ -500,6 +514,21 @@ class Hub:
         )
         return HubSnapshot(head=head, files={e.path: e for e in entries if isinstance(e, RepoFile)})
 
+    def commits(self) -> list[Any]:
+        return self.call("list_repo_commits", lambda: self.api.list_repo_commits(
+            self.repo_id, repo_type=self.cfg.repo_type))
+
+    def used_storage(self) -> int | None:
+        """Bytes of large files the repo's history holds, as the Hub counts them (None if not reported)."""
+        info = self.call("repo_info", lambda: self.api.repo_info(
+            self.repo_id, repo_type=self.cfg.repo_type, expand=["usedStorage"]))
+        return info.used_storage
+
+    def squash(self, message: str) -> None:
+        """Squash the history of `main` into one commit with the same tree: frees what nothing keeps."""
+        self.call("super_squash_history", lambda: self.api.super_squash_history(
+            self.repo_id, repo_type=self.cfg.repo_type, commit_message=message))
+
     def url(self, path_in_repo: str, revision: str) -> str:
         return hf_hub_url(
             self.repo_id,
@@ -523,6 +552,20 @@ class Hub:
             expected_size=size,
             displayed_filename=path_in_repo,
         )
+
+    def fetch_xet(self, path_in_repo: str, dest: Path, *, revision: str, size: int) -> bool:
+        """Download a Xet-backed file into `dest` through hf_xet; False (nothing done) for other files,
+        or when Xet is off (HF_HUB_DISABLE_XET=1, no hf_xet)."""
+        if not is_xet_available():
+            return False
+        headers = build_hf_headers(token=self.cfg.token, library_name="phoenix", library_version=__version__)
+        url = self.url(path_in_repo, revision)
+        meta = get_hf_file_metadata(url, token=self.cfg.token, headers=headers, endpoint=self.cfg.endpoint)
+        if meta.xet_file_data is None:
+            return False
+        xet_get(incomplete_path=dest, xet_file_data=meta.xet_file_data, headers=headers, expected_size=size,
+                displayed_filename=path_in_repo)
+        return True
 
     def read_json(self, snapshot: HubSnapshot, path_in_repo: str) -> Any:
         """A small JSON file at the snapshot's commit, or None if it is not in the repo."""

@@ -6,7 +6,10 @@ import logging
 import os
 import re
 import sys
+import threading
+import traceback
 from pathlib import Path
+from types import TracebackType
 
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 # Tokens can reach a message without passing through the environment (an exception echoing a header).
@@ -44,4 +47,11 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> lo
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
+    sys.excepthook = _print_redacted  # an uncaught error's message may quote a token (a URL, a header)
+    threading.excepthook = lambda args: _print_redacted(args.exc_type, args.exc_value, args.exc_traceback)
     return logger
+
+
+def _print_redacted(exc_type: type[BaseException], exc: BaseException | None,
+                    tb: TracebackType | None) -> None:
+    sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))

@@ -5,7 +5,9 @@ and newer than the volume's own, plus the tokenizer and `runs/<tag>/` files. Fil
 `$NANOCHAT_BASE_DIR/.restore/<stage>_checkpoints/<tag>/step_NNNNNN/`, each first as `<name>.incomplete`,
 renamed once its size is right. A killed restore resumes there: finished files are kept, a partial one
 continues with an HTTP Range request (huggingface_hub's `http_get`; `hf_hub_download` would restart it
-from byte 0 in a new process). Every sha256 is checked against the manifest in staging, then
+from byte 0 in a new process); a Xet-backed file comes through hf_xet (`xet_get`), which rebuilds it whole.
+If the history is squashed while we read (the commit we pinned vanishes), restore starts over on the new
+head, keeping what it staged. Every sha256 is checked against the manifest in staging, then
 `checkpoint_layout.publish_copy` publishes atomically, as the trainer does. A checkpoint that is corrupt
 or partial on the Hub is skipped, with a warning naming the file, for the one before it.
 """
@@ -17,7 +19,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from entrypoint.hub import (
     HubFatal,
     HubSnapshot,
     RepoMissing,
+    RevisionGone,
     kv,
     setup_hub_logging,
 )
@@ -42,6 +44,7 @@ log = logging.getLogger("phoenix.restore")
 INCOMPLETE_SUFFIX = ".incomplete"
 STAGING_DIR = ".restore"
 DOWNLOAD_WORKERS = 8
+SNAPSHOT_ATTEMPTS = 3
 
 
 class CorruptOnHub(HubError):
@@ -60,6 +63,20 @@ def restore(cfg: HubConfig | None = None, hub: Hub | None = None) -> dict[str, i
         log.info("HF_REPO_ID not set: Hub sync and restore are off")
         return _local_steps(cfg)
     hub = hub or Hub(cfg)
+    for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
+        try:
+            return _restore_from_head(cfg, hub)
+        except RevisionGone:
+            if attempt == SNAPSHOT_ATTEMPTS:
+                raise
+            # The history was squashed under us (the sidecar frees pruned checkpoints): files already
+            # downloaded stay in staging, so reading the new head costs only what is still missing.
+            log.warning(kv(event="restore_retry", reason="the commit being restored was squashed away",
+                           action="re-reading the Hub"))
+    raise AssertionError("unreachable")
+
+
+def _restore_from_head(cfg: HubConfig, hub: Hub) -> dict[str, int | None]:
     try:
         snapshot = hub.snapshot()
     except RepoMissing:
@@ -190,6 +207,9 @@ def _fetch(hub: Hub, snapshot: HubSnapshot, path_in_repo: str, dest: Path, size:
     before = partial.stat().st_size if partial.is_file() else 0
 
     def attempt() -> None:
+        # Xet: hf_xet rebuilds the whole file (a killed one restarts, finished files are kept); else Range.
+        if hub.fetch_xet(path_in_repo, partial, revision=snapshot.head, size=size):
+            return
         with open(partial, "ab") as f:
             hub.fetch(path_in_repo, f, revision=snapshot.head, size=size, resume_size=f.tell())
             f.flush()
@@ -206,9 +226,7 @@ def _publish(cfg: HubConfig, stage: str, staging: Path, manifest: dict) -> layou
     final = directory / layout.step_dir_name(manifest["step"])
     if final.exists():
         # An incomplete local copy of this step (else we would not be restoring it): keep it for inspection.
-        aside = final.with_name(f"{final.name}.invalid-{uuid.uuid4().hex[:8]}")
-        log.warning(kv(event="moved_aside", path=final, to=aside.name, reason="incomplete on the volume"))
-        os.rename(final, aside)
+        layout.quarantine(final, "incomplete on the volume, replaced by the Hub's copy")
     tmp = layout.new_tmp_dir(directory, manifest["step"])
     for name in manifest["files"]:
         os.replace(staging / name, tmp / name)

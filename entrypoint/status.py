@@ -11,6 +11,7 @@ import click
 
 from entrypoint.hub import Hub, HubConfig, HubError
 from entrypoint.logs import redact
+from entrypoint.volume import FailureLog
 from trainer import checkpoint_layout as layout
 
 
@@ -29,14 +30,44 @@ def _heartbeat(cfg: HubConfig) -> dict[str, Any]:
         return {}
 
 
+def _quota_error(cfg: HubConfig) -> str | None:
+    """The sidecar's last storage-limit error, unless a pass succeeded after it (from its log file)."""
+    try:
+        lines = (cfg.base_dir / "logs" / "hf_sync.log").read_text(errors="replace").splitlines()[-500:]
+    except FileNotFoundError:
+        return None
+    error = None
+    for line in lines:
+        if "storage limit" in line.lower():
+            error = line.split(" phoenix.sync ", 1)[-1].strip()
+        elif "event=pass_done ok=True" in line:
+            error = None
+    return error
+
+
+def _not_synced(cfg: HubConfig, local: list[int], hub_steps: list[int] | None) -> list[int]:
+    """Local checkpoints the sidecar still has to push: missing on the Hub and among the newest
+    HF_KEEP_LAST (an older one is pruned from the Hub on purpose, not waiting)."""
+    if hub_steps is None:
+        return []
+    missing = [step for step in local if step not in hub_steps]
+    if cfg.keep_last is not None:
+        kept = sorted(set(hub_steps) | set(missing), reverse=True)[: cfg.keep_last]
+        missing = [step for step in missing if step in kept]
+    return sorted(missing)
+
+
 def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
     """Everything `phoenix status` shows, as plain data."""
     report: dict[str, Any] = {"model_tag": cfg.model_tag, "base_dir": str(cfg.base_dir),
-                              "repo_id": cfg.repo_id, "hub_error": None, "stages": {}}
+                              "repo_id": cfg.repo_id, "hub_error": None, "hub_storage_bytes": None,
+                              "hub_quota_error": _quota_error(cfg), "stages": {}}
     snapshot = None
     if with_hub and cfg.repo_id:
         try:
-            snapshot = Hub(cfg).snapshot()
+            hub = Hub(cfg)
+            snapshot = hub.snapshot()
+            report["hub_storage_bytes"] = hub.used_storage()  # what the history holds, as the Hub bills it
         except HubError as exc:
             report["hub_error"] = redact(str(exc))
     heartbeat = _heartbeat(cfg)
@@ -50,7 +81,7 @@ def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
             "local_step": latest.step if latest else None,
             "done": bool(latest and latest.done),
             "hub_step": max(hub_steps) if hub_steps else None,
-            "not_synced": sorted(c.step for c in local if hub_steps is not None and c.step not in hub_steps),
+            "not_synced": _not_synced(cfg, [c.step for c in local], hub_steps),
             "seconds_since_checkpoint": round(now - latest.path.stat().st_mtime) if latest else None,
             "train_step": recent[-1]["step"] if recent else None,
             "tok_per_sec": round(statistics.median(r["tok_per_sec"] for r in recent)) if recent else None,
@@ -60,6 +91,7 @@ def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
             remaining = heartbeat.get("num_iterations", 0) - recent[-1]["step"]
             entry["eta_seconds"] = round(max(0, remaining) * statistics.median(r["dt"] for r in recent))
         report["stages"][stage] = entry
+    report["failures"] = FailureLog(cfg.base_dir, cfg.model_tag, limit=0).read()
     return report
 
 
@@ -77,10 +109,20 @@ def status_command(as_json: bool, no_hub: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
+    storage = report["hub_storage_bytes"]
     click.echo(f"run {report['model_tag']} on {report['base_dir']}  hub {report['repo_id'] or 'off'}"
+               + (f"  storage {storage / 1e9:.2f} GB" if storage is not None else "")
                + (f"  (hub unreachable: {report['hub_error']})" if report["hub_error"] else ""))
+    if report["hub_quota_error"]:
+        click.echo(f"hub storage limit hit: {report['hub_quota_error']}")
     click.echo(f"{'stage':6} {'local':>8} {'hub':>8} {'unsynced':>9} {'ckpt age':>9} {'step':>8} "
                f"{'tok/s':>10} {'eta':>8}")
+    if (failure := report["failures"]) is not None:
+        if failure.get("held"):
+            click.echo(f"trainer: not relaunching after {failure['count']} identical failed launches: "
+                       f"{failure['error']}")
+        else:
+            click.echo(f"trainer: the last launch failed ({failure['count']} in a row): {failure['error']}")
     for stage, e in report["stages"].items():
         unsynced = ",".join(map(str, e["not_synced"])) or "-"
         age = _fmt(e["seconds_since_checkpoint"], "s")

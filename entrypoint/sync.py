@@ -5,7 +5,9 @@ stops, and once more on SIGTERM, it pushes, oldest first, each local checkpoint 
 `trainer.checkpoint_layout` and not yet complete on the Hub. Each goes up as ONE commit holding every file
 plus MANIFEST.json, so the Hub never shows a partial checkpoint as complete, whatever dies when. Commits
 carry `parent_commit` and are refused when a newer launch has claimed the repo (see
-`hub.claim_generation`). Hub outages are retried and caught up on; the trainer never waits for us.
+`hub.claim_generation`). Checkpoints beyond HF_KEEP_LAST are pruned and the history squashed, which is
+what frees their storage on the Hub. Hub outages are retried and caught up on; the trainer never waits
+for us.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import click
 from huggingface_hub import CommitOperationDelete
 
 from entrypoint.hub import (
+    EVAL_DIR,
     RUN_FILE,
     TOKENIZER_PATH,
     TRAINER_STATUS_FILE,
@@ -51,6 +54,7 @@ log = logging.getLogger("phoenix.sync")
 
 _PASS_ATTEMPTS = 3  # a pass restarts from a fresh snapshot when someone else committed meanwhile
 _FIRST_FAILURE_DELAY = 5.0
+PRUNE_TITLE = "prune"  # the title of prune commits starts with it: the history holds pruned files
 # compose.yaml gives the sidecar a 15 min stop_grace_period; a minute less leaves time to exit cleanly.
 DEFAULT_GRACE_SECONDS = 840.0
 _FINAL_PUSH_THREAD = "final-push"
@@ -158,6 +162,7 @@ class Syncer:
             log.info(kv(event="pushed_extras", paths=paths, commit=head[:12]))
         if self.cfg.keep_last is not None:
             head = self._prune(on_hub, head, result)
+            self._squash(head)
 
     def _to_push(self, stage: str, on_hub: set[int]) -> list[layout.Checkpoint]:
         """Local complete checkpoints missing on the Hub, newest first (if the instance dies mid-pass, the
@@ -201,10 +206,13 @@ class Syncer:
         return head
 
     def _changed_extras(self, snapshot: HubSnapshot) -> list[Any]:
-        """Tokenizer and run identity, when they differ from the Hub's copy and are sound: a corrupt or
+        """Tokenizer, run identity and evaluation results (`runs/<tag>/eval/*.json`, which restore brings
+        back with the other run files), when they differ from the Hub's copy and are sound: a corrupt or
         truncated local file never replaces the Hub's good one (a restore would bring it back)."""
         ops = []
-        for path in (TOKENIZER_PATH, self.cfg.run_path(RUN_FILE)):
+        eval_dir = self.cfg.local(self.cfg.run_path(EVAL_DIR))
+        evals = sorted(p.relative_to(self.cfg.base_dir).as_posix() for p in eval_dir.glob("*.json"))
+        for path in (TOKENIZER_PATH, self.cfg.run_path(RUN_FILE), *evals):
             local = self.cfg.local(path)
             if not local.is_file() or snapshot.same(path, local):
                 continue
@@ -231,13 +239,32 @@ class Syncer:
             return head
         ops = [CommitOperationDelete(self.cfg.checkpoint_path(s, n) + "/", is_folder=True) for s, n in doomed]
         head = self.hub.commit(
-            ops, f"prune {self.cfg.model_tag}: keep last {self.cfg.keep_last}", parent=head
+            ops, f"{PRUNE_TITLE} {self.cfg.model_tag}: keep last {self.cfg.keep_last}", parent=head
         )
         for stage, step in doomed:
             on_hub[stage].discard(step)
             result.pruned.append((stage, step))
             log.info(kv(event="pruned", stage=stage, step=step, commit=head[:12]))
         return head
+
+    def _squash(self, head: str) -> None:
+        """Free what pruning deleted: on the Hub a delete commit frees nothing, the history keeps every file.
+
+        Squashes whenever the history holds a prune commit, so a squash that was skipped or killed is done
+        by the next pass. The Hub's squash takes no parent commit, so we check right before it that the head
+        is still ours and no newer generation claimed the repo; a squash keeps the head's tree as it is,
+        so even a claim landing in the remaining instant loses no file (its next commit re-plans on a 412).
+        """
+        if not any(c.title.startswith(PRUNE_TITLE) for c in self.hub.commits()):
+            return
+        snapshot = self.hub.snapshot()
+        if snapshot.head != head or self.hub.generation(snapshot) > local_generation(self.cfg):
+            log.info(kv(event="squash_skipped", reason="the repo moved on since our prune"))
+            return
+        used = self.hub.used_storage()
+        self.hub.squash(f"squash the history of {self.cfg.model_tag} to free pruned checkpoints")
+        log.info(kv(event="squashed", before_bytes=used if used is not None else "-",
+                    after_bytes=self.hub.used_storage() or "-"))
 
 
 def _json_problem(path: Path, required_key: str | None) -> str | None:

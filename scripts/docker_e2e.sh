@@ -265,8 +265,9 @@ chown "$RUNTIME_UID:$RUNTIME_UID" "$volume"
 (cd "$REPO" && python3 -c 'import entrypoint.localhub, entrypoint.synthetic') 2>/dev/null ||
     die "the scenario needs entrypoint.localhub and entrypoint.synthetic (python -m entrypoint.localhub)"
 token="hf_e2e$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
-(cd "$REPO" && exec python3 -u -m entrypoint.localhub --data "$run_dir/hub" --port 0 --token "$token:e2e") \
-    >"$run_dir/hub.log" 2>&1 &
+# umask 000: the containers' user writes into the Xet CAS folders the Hub creates (casUrl local://<dir>).
+(umask 000 && cd "$REPO" && exec python3 -u -m entrypoint.localhub --data "$run_dir/hub" --port 0 \
+    --token "$token:e2e") >"$run_dir/hub.log" 2>&1 &
 HUB_PID=$!
 hub_up() {
     kill -0 "$HUB_PID" 2>/dev/null || die "the local Hub exited; see $run_dir/hub.log"
@@ -277,7 +278,7 @@ hub_url=$(sed -n 's/^url=//p' "$run_dir/hub.log" | head -1)
 echo "local Hub at $hub_url"
 # The training data: synthetic FineWeb-like shards in a dataset repo of the local Hub, so that the wiped
 # volume has to fetch them again, as on a new instance.
-(cd "$REPO" && HF_ENDPOINT=$hub_url HF_TOKEN=$token HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
+(cd "$REPO" && HF_ENDPOINT=$hub_url HF_TOKEN=$token HF_HUB_DISABLE_PROGRESS_BARS=1 \
     python3 - "$run_dir/data") <<'EOF'
 import sys
 from pathlib import Path
@@ -306,20 +307,23 @@ EOF
 chmod 600 "$run_dir/e2e.env"
 cat >"$run_dir/compose.e2e.yaml" <<EOF
 # Written by scripts/docker_e2e.sh. The local Hub listens on the host's loopback and this dockerd has no
-# bridge network, so both containers share the host's network.
+# bridge network, so both containers share the host's network. Its Xet storage is a host folder that
+# hf_xet opens directly (casUrl local://<dir>), so both containers see it at the same path.
 services:
   trainer:
     network_mode: host
+    volumes: &e2e-hub-volume
+      - $run_dir/hub:$run_dir/hub
     command: ["--", "--num-iterations", "$E2E_ITERATIONS"]
     ulimits:
       memlock: !reset null  # this sandbox cannot raise RLIMIT_MEMLOCK (runc: operation not permitted)
     environment: &e2e-env
       HF_ENDPOINT: $hub_url
-      HF_HUB_DISABLE_XET: "1"  # the local Hub has no Xet storage
       HF_HUB_DISABLE_TELEMETRY: "1"
       WANDB_MODE: disabled
   sidecar:
     network_mode: host
+    volumes: *e2e-hub-volume
     environment: *e2e-env
 EOF
 

@@ -18,7 +18,7 @@ HUB_TOKEN = "hf_localhub_phoenix_test_write"
 # The endpoint is a closed local port, so a call that escapes the `hub` fixture fails fast instead of reaching
 # huggingface.co; the `hub` fixture then points the client at the live server.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
-os.environ["HF_HUB_DISABLE_XET"] = "1"  # hf_xet is installed, and localhub has no Xet storage
+os.environ.pop("HF_HUB_DISABLE_XET", None)  # large files go through Xet, as on the Hub (localhub speaks it)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_HUB_OFFLINE", None)
 
@@ -48,17 +48,17 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
             "HF_ENDPOINT": server.url,
             "HF_TOKEN": HUB_TOKEN,
             "HF_HOME": str(hf_home),
-            "HF_HUB_DISABLE_XET": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1",
         }
         for key, value in settings.items():
             monkeypatch.setenv(key, value)
-        for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN"):
+        for key in ("HF_HUB_DISABLE_XET", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH",
+                    "HUGGING_FACE_HUB_TOKEN"):
             monkeypatch.delenv(key, raising=False)
         patched = {
             "ENDPOINT": server.url,
             "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
-            "HF_HUB_DISABLE_XET": True,
+            "HF_HUB_DISABLE_XET": False,
             "HF_HUB_DISABLE_TELEMETRY": True,
             "HF_HUB_OFFLINE": False,
             "HF_HOME": str(hf_home),

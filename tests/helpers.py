@@ -181,7 +181,7 @@ def train_chat_model(server, root: Path, base_steps: int, sft_steps: int,
 
     publish_corpus(server, root / "shards")
     publish_chat_dataset(server)
-    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1",
+    env = {**os.environ, "HF_ENDPOINT": server.url,
            "HF_HOME": str(root / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
     volume = root / "volume"
     code, base_out = run_trainer(volume, {**env, **(base_env or {})}, "--num-iterations", str(base_steps),

@@ -148,3 +148,22 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
 def test_done_flag_round_trips(tmp_path):
     assert make_checkpoint(tmp_path, 9, done=True).done
     assert layout.latest(tmp_path).done
+
+
+def test_damaged_steps_above_the_latest_good_one_go_to_quarantine(tmp_path):
+    stage = layout.stage_dir(tmp_path, "base", "t")
+    for step in (5, 10, 15):
+        make_checkpoint(stage, step)
+    _corrupt_flip_byte(stage / "step_000015")
+    _corrupt_flip_byte(stage / "step_000005")  # below the good one: no save will collide with it
+    assert layout.latest_or_quarantine(stage).step == 10
+    assert [step for step, _ in layout.step_dirs(stage)] == [10, 5]
+    (aside,) = (tmp_path / layout.QUARANTINE_DIR / "base_checkpoints" / "t").iterdir()
+    assert aside.name.startswith("step_000015.") and (aside / "model.safetensors").is_file()
+    make_checkpoint(stage, 15)  # the step can be published again
+
+    lone = layout.stage_dir(tmp_path, "sft", "t")
+    make_checkpoint(lone, 3)
+    _corrupt_flip_byte(lone / "step_000003")
+    assert layout.latest_or_quarantine(lone) is None  # nothing good: nothing moved, not our call
+    assert [step for step, _ in layout.step_dirs(lone)] == [3]

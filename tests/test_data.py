@@ -225,6 +225,20 @@ def test_present_shard_is_not_downloaded_again(hub, tmp_path):
     assert hub.server.request_log[before:] == []
 
 
+def test_a_changed_dataset_repo_is_listed_and_downloaded_anew(hub, tmp_path):
+    publish_corpus(hub.server, tmp_path / "shards", num_shards=2, docs_per_shard=20)
+    ShardStore(tmp_path / "base_data", DATASET_REPO).path("shard_00000.parquet")
+    other = tmp_path / "other_shards"
+    other.mkdir()
+    (other / "shard_00000.parquet").write_bytes((tmp_path / "shards" / "shard_00001.parquet").read_bytes())
+    (other / "shard_00001.parquet").write_bytes((tmp_path / "shards" / "shard_00000.parquet").read_bytes())
+    hub.server.publish_dataset("someone/other-corpus", {p.name: p for p in other.iterdir()})
+    store = ShardStore(tmp_path / "base_data", "someone/other-corpus")
+    assert store.path("shard_00000.parquet").read_bytes() == (other / "shard_00000.parquet").read_bytes()
+    listing = json.loads((tmp_path / "base_data" / "shards.json").read_text())
+    assert listing["repo_id"] == "someone/other-corpus"
+
+
 def test_climbmix_is_selectable_and_kept_apart_from_fineweb(hub, tmp_path):
     fineweb = write_shards(tmp_path / "fineweb", 2, 10, seed=1)
     climbmix = write_shards(tmp_path / "climbmix", 3, 10, seed=2)

@@ -54,7 +54,7 @@ USER_DEFAULTS = {
     "HF_REPO_TYPE": "model",
     "HF_PRIVATE": "true",
     "HF_SYNC_INTERVAL": "1200",
-    "HF_KEEP_LAST": "",
+    "HF_KEEP_LAST": "2",
     "WANDB_RUN": "",
     "WANDB_API_KEY": "",
 }

@@ -19,7 +19,9 @@ from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
+    get_hf_file_metadata,
     hf_hub_download,
+    hf_hub_url,
     snapshot_download,
 )
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
@@ -99,15 +101,20 @@ def test_upload_folder_tree_and_download_round_trip(hub, folder: Path, model_rep
     assert lfs is not None and lfs.sha256 == hashlib.sha256(binary).hexdigest() and lfs.size == len(binary)
     assert tree["ckpt/model.bin"].size == len(binary)
     assert [f.path for f in api.list_repo_tree(model_repo, "ckpt")] == ["ckpt/model.bin"]
-    assert hub.server.bytes_uploaded == len(binary)  # the text file went inline in the commit
-    for name, content, etag in (
-        ("ckpt/model.bin", binary, hashlib.sha256(binary).hexdigest()),
-        ("README.txt", text, _git_sha1(text)),
+    assert hub.server.bytes_uploaded == len(binary)  # through Xet; the text file went inline in the commit
+    meta = get_hf_file_metadata(hf_hub_url(model_repo, "ckpt/model.bin", endpoint=hub.url), token=hub.token)
+    assert meta.etag == hashlib.sha256(binary).hexdigest() and meta.size == len(binary)
+    assert meta.xet_file_data is not None and "xet-read-token" in meta.xet_file_data.refresh_route
+    for name, content, cache_name in (
+        ("ckpt/model.bin", binary, meta.xet_file_data.file_hash),  # a Xet file is cached under its Xet hash
+        ("README.txt", text, _git_sha1(text)),  # others under the etag
     ):
         path = Path(hf_hub_download(model_repo, name, endpoint=hub.url, token=hub.token))
         assert path.read_bytes() == content
-        assert path.resolve().name == etag  # the client caches blobs under the (linked) etag
-    assert hub.server.bytes_downloaded == len(binary) + len(text)
+        assert path.resolve().name == cache_name
+    # The binary came through Xet (a resolve HEAD, then a read token for its pack), the text as plain bytes.
+    assert hub.server.bytes_downloaded == len(text)
+    assert [r.status for r in hub.server.request_log if "/xet-read-token/" in r.path] == [200]
     assert api.file_exists(model_repo, "ckpt/model.bin") and not api.file_exists(model_repo, "ckpt/other.bin")
     last = next(iter(api.list_repo_tree(model_repo, "ckpt", expand=True))).last_commit
     assert last is not None and last.title == "step 1"
@@ -121,7 +128,7 @@ def test_lfs_content_is_uploaded_once(hub, folder: Path, model_repo: str) -> Non
     # Same file at the same path: preupload reports its oid, so the client skips it (no commit at all).
     api.upload_file(path_or_fileobj=binary, path_in_repo="ckpt/model.bin", repo_id=model_repo)
     assert api.repo_info(model_repo).sha == head
-    # Same content at a new path: committed, but the LFS batch API says the blob is there already.
+    # Same content at a new path: committed, and no new content is stored (the Hub dedups it).
     api.upload_file(path_or_fileobj=binary, path_in_repo="latest/model.bin", repo_id=model_repo)
     assert hub.server.bytes_uploaded == before
     assert "latest/model.bin" in api.list_repo_files(model_repo)
@@ -235,10 +242,10 @@ def test_injected_500_on_head_is_retried_by_the_client(hub, model_repo: str) -> 
 
 def test_injected_500_on_get_fails_then_next_call_works(hub, model_repo: str) -> None:
     hub.server.fail_next(1, status=500, path_contains="/resolve/", method="GET")
-    with pytest.raises(HfHubHTTPError) as err:
-        hf_hub_download(model_repo, "ckpt/model.bin", endpoint=hub.url, token=hub.token)
+    with pytest.raises(HfHubHTTPError) as err:  # a plain-HTTP file: Xet files are not read with a GET
+        hf_hub_download(model_repo, "README.txt", endpoint=hub.url, token=hub.token)
     assert err.value.response.status_code == 500
-    assert hf_hub_download(model_repo, "ckpt/model.bin", endpoint=hub.url, token=hub.token)
+    assert hf_hub_download(model_repo, "README.txt", endpoint=hub.url, token=hub.token)
 
 
 def test_429_and_retry_after_reach_the_client(hub, model_repo: str) -> None:
@@ -308,7 +315,9 @@ def test_snapshot_download_honours_allow_patterns(hub, model_repo: str, tmp_path
     )
     files = sorted(p.relative_to(local).as_posix() for p in Path(local).glob("ckpt/*"))
     assert files == ["ckpt/meta.json", "ckpt/model.bin"]
-    assert sorted(path.split("/resolve/", 1)[1].split("/", 1)[1] for path, _ in _resolve_gets(hub)) == files
+    resolves = [r.path for r in hub.server.request_log if "/resolve/" in r.path]  # HEADs, GETs if not Xet
+    asked = {path.split("/resolve/", 1)[1].split("/", 1)[1] for path in resolves}
+    assert sorted(asked) == files
 
 
 def test_restart_and_outage_keep_repos(hub, model_repo: str, tmp_path: Path) -> None:

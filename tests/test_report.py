@@ -25,7 +25,7 @@ def test_report_of_a_killed_and_resumed_run(tmp_path):
     base = tmp_path / "volume"
     with LocalHub(tmp_path / "hub") as server:
         publish_corpus(server, tmp_path / "shards", num_shards=2, docs_per_shard=200)
-        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1",
+        env = {**os.environ, "HF_ENDPOINT": server.url,
                "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
         # Killed after step 10 is logged: the checkpoint of step 8 is the newest, steps 9-10 are redone.
         code, out = run_trainer(base, env, *ARGS, kill_when=lambda line: "step 00010/" in line)

@@ -60,7 +60,7 @@ def chat(tmp_path_factory) -> Chat:
     with LocalHub(root / "hub") as server:
         publish_corpus(server, root / "shards")
         publish_chat_dataset(server, CONVERSATIONS)
-        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1",
+        env = {**os.environ, "HF_ENDPOINT": server.url,
                "HF_HOME": str(root / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
         base = root / "base"
         code, out = run_trainer(base, env, "--num-iterations", "10", "--eval-every", "0")

@@ -41,6 +41,7 @@ def sync_log(env: dict[str, str]) -> str:
 
 
 def test_storage_refusal_and_full_quota_are_failed_passes_then_pushed(hub, env) -> None:
+    env = env | {"HF_HUB_DISABLE_XET": "1"}  # the classic LFS path: presigned upload URLs
     make_checkpoint(base_dir(env), 250)
     # Xet token refreshes and presigned upload URLs fail with 401/403 although the token is fine.
     hub.server.fail_next(1, status=401, path_contains="/lfs-upload/")
@@ -67,6 +68,7 @@ def test_storage_refusal_and_full_quota_are_failed_passes_then_pushed(hub, env) 
 
 
 def test_checkpoint_pruned_while_its_upload_waits_is_skipped_and_the_next_pushed(hub, env) -> None:
+    env = env | {"HF_HUB_DISABLE_XET": "1"}  # the classic LFS path: its batch API is where the wait is
     doomed = make_checkpoint(base_dir(env), 250)
     # The LFS batch answers 503 a few times: the client retries it after 1, 2, 4 s, then opens the files
     # for upload. The trainer prunes 250 (having published 500) meanwhile: the open fails inside the client.
@@ -88,7 +90,8 @@ def test_checkpoint_pruned_while_its_upload_waits_is_skipped_and_the_next_pushed
 
 def test_failed_pass_keeps_the_loop_alive_and_the_retry_pushes(hub, env) -> None:
     make_checkpoint(base_dir(env), 250)
-    hub.server.fail_next(1, status=403, path_contains="/lfs-upload/")
+    # hf_xet's token refresh refused: a ConnectionError, retried in the call 4 times, then a failed pass.
+    hub.server.fail_next(4, status=401, path_contains="/xet-write-token/")
     proc = sidecar(env | {"HF_SYNC_INTERVAL": "3600"})
     try:
         # The failed pass is retried after 5 s, well before the interval.

@@ -48,6 +48,7 @@ def sidecar_env(hub, tmp_path: Path) -> dict[str, str]:
         "MODEL_TAG": TAG,
         "HF_REPO_ID": f"{hub.user}/phoenix-ckpt",
         "HF_SYNC_INTERVAL": "1",
+        "HF_KEEP_LAST": "all",  # tests of pruning set their own
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -116,6 +117,11 @@ def test_pushes_exactly_the_complete_checkpoints_one_commit_each(hub, env) -> No
     assert phoenix(env, "sync", "--once").returncode == 0
     assert commit_titles(hub, env)[4:] == [f"update tokenizer/tokenizer.json of {TAG}"]
 
+    # `phoenix eval` results travel with the run files, so a redeployed run keeps its scores.
+    layout.write_json_atomic(base / "runs" / TAG / "eval" / "base_step000750.json", {"core_metric": 0.21})
+    assert phoenix(env, "sync", "--once").returncode == 0
+    assert commit_titles(hub, env)[5:] == [f"update runs/{TAG}/eval/base_step000750.json of {TAG}"]
+
 
 def test_checkpoint_corrupted_on_the_volume_is_never_pushed(hub, env) -> None:
     good, bad = make_checkpoint(base_dir(env), 250), make_checkpoint(base_dir(env), 500)
@@ -130,6 +136,8 @@ def test_checkpoint_corrupted_on_the_volume_is_never_pushed(hub, env) -> None:
 
 
 def test_killed_mid_upload_leaves_nothing_complete_and_next_sync_finishes(hub, env) -> None:
+    """The classic LFS path (hf_xet off): the throttled PUT shows the kill lands mid-upload."""
+    env = env | {"HF_HUB_DISABLE_XET": "1"}
     make_checkpoint(base_dir(env), 250, nbytes=4 * MiB)
     hub.server.throttle_bps = 2 * MiB
     proc = subprocess.Popen(PHOENIX + ["sync", "--once"], env=env, stdout=subprocess.DEVNULL)
@@ -249,10 +257,15 @@ def test_keep_last_prunes_older_checkpoints_in_one_commit(hub, env) -> None:
     done = phoenix(keep2, "sync", "--once")
     assert done.returncode == 0, done.stdout + done.stderr
     assert hub_steps(hub, env) == [750, 1000]
-    assert commit_titles(hub, env)[-2:] == [f"step 1000 of {TAG} (base)", f"prune {TAG}: keep last 2"]
+    # The prune commit alone frees nothing on the Hub: the history is squashed into one commit after it.
+    assert commit_titles(hub, env) == [f"squash the history of {TAG} to free pruned checkpoints"]
+    assert "prune" in done.stdout + done.stderr
+    head = hubmod.Hub(hubmod.HubConfig.from_env(env)).snapshot()
+    head_lfs = sum(f.lfs.size for f in head.files.values() if f.lfs)
+    assert hub.server.storage_used(env["HF_REPO_ID"]) == head_lfs
     # The pruned checkpoints are still on the volume; they must not be pushed again.
     assert phoenix(keep2, "sync", "--once").returncode == 0
-    assert hub_steps(hub, env) == [750, 1000] and len(commit_titles(hub, env)) == 6
+    assert hub_steps(hub, env) == [750, 1000] and len(commit_titles(hub, env)) == 1
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ def corpus(tmp_path_factory) -> Corpus:
     root = tmp_path_factory.mktemp("corpus")
     with LocalHub(root / "hub") as server:
         publish_corpus(server, root / "shards")
-        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1",
+        env = {**os.environ, "HF_ENDPOINT": server.url,
                "HF_HOME": str(root / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
         reference = root / "reference"
         code, out = run_trainer(reference, env, *ARGS)

@@ -36,8 +36,9 @@ Messages = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
 Fetch = Callable[[list[int]], list[Messages]]  # dataset row indices -> their conversations, in order
 
 
-def load_chat_dataset(repo_id: str, split: str, cache_dir: Path) -> datasets.Dataset:
-    """Load the split's `messages` column, memory-mapped from `cache_dir`.
+def load_chat_dataset(repo_id: str, split: str, cache_dir: Path, revision: str | None = None
+                      ) -> datasets.Dataset:
+    """Load the split's `messages` column (at commit `revision` if given), memory-mapped from `cache_dir`.
 
     cache_dir is on the volume, so a relaunch whose Hub is unreachable still finds the data: `datasets`
     falls back to its cached copy once its retries are spent.
@@ -46,7 +47,7 @@ def load_chat_dataset(repo_id: str, split: str, cache_dir: Path) -> datasets.Dat
     from datasets.exceptions import DatasetNotFoundError
 
     try:
-        ds = datasets.load_dataset(repo_id, split=split, cache_dir=str(cache_dir))
+        ds = datasets.load_dataset(repo_id, split=split, cache_dir=str(cache_dir), revision=revision)
     except DatasetNotFoundError:
         raise DataError(f"SFT dataset {repo_id!r} not found on the Hub: set SFT_DATASET (or --sft-dataset) "
                         "to a dataset with a `messages` column") from None

@@ -7,7 +7,9 @@ checkpoint complete?", so the three can never disagree.
 Layout: $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/step_NNNNNN/ holding tensors as
 *.safetensors, everything else as *.json, and MANIFEST.json (size + sha256 of every other file),
 written last. A directory is published by renaming a fully written, fsynced temporary sibling into
-place, so a crash leaves either the old set of checkpoints or the new one.
+place, so a crash leaves either the old set of checkpoints or the new one. A damaged step directory
+newer than the latest good one is moved to $NANOCHAT_BASE_DIR/quarantine/ (kept for inspection), so
+the run can save that step again instead of failing on the name forever.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 import struct
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ MANIFEST_NAME = "MANIFEST.json"
 META_NAME = "meta.json"
 STAGES = ("base", "sft")
 TMP_PREFIX = ".tmp-"
+QUARANTINE_DIR = "quarantine"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # Only these suffixes may hold checkpoint data: neither format can execute code when loaded.
 _SAFE_SUFFIXES = (".safetensors", ".json")
@@ -244,6 +248,45 @@ def latest(directory: Path, *, full_hash: bool = False) -> Checkpoint | None:
             return verify(path, full_hash=full_hash)
         except CheckpointInvalid as exc:
             log.warning("skipping incomplete checkpoint: %s", exc)
+    return None
+
+
+def quarantine(step_path: Path, reason: str) -> Path:
+    """Move a damaged step directory to $NANOCHAT_BASE_DIR/quarantine/<stage>_checkpoints/<tag>/.
+
+    Kept, never deleted: it may be the only copy of that step. One warning line names where it went.
+    """
+    stage_path = step_path.parent
+    base_dir = stage_path.parent.parent
+    aside_dir = base_dir / QUARANTINE_DIR / stage_path.parent.name / stage_path.name
+    aside_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = aside_dir / f"{step_path.name}.{stamp}-{uuid.uuid4().hex[:6]}"
+    os.rename(step_path, aside)
+    fsync_dir(stage_path)
+    log.warning("checkpoint quarantined path=%s to=%s reason=%s", step_path, aside, reason)
+    return aside
+
+
+def latest_or_quarantine(directory: Path, *, full_hash: bool = True) -> Checkpoint | None:
+    """`latest`, after moving aside every damaged step directory newer than it.
+
+    A damaged directory at a step the run will save again would otherwise block that save forever
+    (published checkpoints are never overwritten). With no good checkpoint at all nothing is moved:
+    whether to start over is not this function's call.
+    """
+    damaged: list[tuple[Path, str]] = []
+    for _, path in step_dirs(directory):
+        try:
+            ckpt = verify(path, full_hash=full_hash)
+        except CheckpointInvalid as exc:
+            damaged.append((path, str(exc)))
+            continue
+        for bad_path, reason in damaged:
+            quarantine(bad_path, reason)
+        return ckpt
+    for _, reason in damaged:
+        log.warning("skipping incomplete checkpoint: %s", reason)
     return None
 
 

@@ -60,9 +60,19 @@ class ShardStore:
         """All shard file names, sorted; the listing is cached on the volume so restarts need no Hub."""
         if self._names is None:
             listing = self.data_dir / "shards.json"
-            if listing.exists():
-                self._names = json.loads(listing.read_text())["shards"]
-            elif (names := self._list_remote()) is not None:
+            cached = json.loads(listing.read_text()) if listing.exists() else None
+            if cached is not None and cached.get("repo_id", self.repo_id) == self.repo_id:
+                self._names = cached["shards"]
+                return self._names
+            if cached is not None:
+                # Same file names, other data: the old repo's shards must not stand in for the new.
+                stale = sorted(self.data_dir.glob("shard_*.parquet"))
+                log.warning("dataset changed from=%s to=%s: re-listing, removing %d cached shards",
+                            cached.get("repo_id"), self.repo_id, len(stale))
+                for path in stale:
+                    path.unlink()
+                listing.unlink()
+            if (names := self._list_remote()) is not None:
                 self._names = names
                 write_json_atomic(listing, {"repo_id": self.repo_id, "shards": self._names})
             else:  # not cached: a partial listing must not outlive the outage
@@ -117,6 +127,7 @@ class ShardStore:
 
     def path(self, name: str) -> Path:
         """Local path of a shard, downloading it now if needed (joining a prefetch already under way)."""
+        self.shard_names()  # a cached file is this repo's only once the listing says so
         local = self.data_dir / name
         if local.exists():
             return local

@@ -216,7 +216,7 @@ def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: b
 def find_resume_checkpoint(directory: Path, allow_fresh_start: bool) -> layout.Checkpoint | None:
     """The latest complete checkpoint (sha256-verified), None for a fresh run; refuses a bad volume."""
     layout.clean_tmp(directory)
-    ckpt = layout.latest(directory, full_hash=True)
+    ckpt = layout.latest_or_quarantine(directory, full_hash=True)
     if ckpt is None and layout.step_dirs(directory) and not allow_fresh_start:
         raise ConfigError(f"{directory} has checkpoint directories but none is complete (see warnings "
                           "above): restore from the Hub (phoenix restore) or pass --allow-fresh-start")
@@ -400,9 +400,14 @@ class StepReporter:
             online = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             mode = os.environ.get("WANDB_MODE") or online
             # The same id on every restart with resume="allow": the dashboard shows one curve per run.
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "phoenix"), name=wandb_name,
-                                    id=wandb_id, resume="allow", mode=mode, dir=str(logs_dir),
-                                    config=wandb_config)
+            try:
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "phoenix"), name=wandb_name,
+                                        id=wandb_id, resume="allow", mode=mode, dir=str(logs_dir),
+                                        config=wandb_config)
+            except (wandb.errors.AuthenticationError, wandb.errors.UsageError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ConfigError(f"W&B refused the run ({first}): fix WANDB_API_KEY (or WANDB_PROJECT), "
+                                  "or unset WANDB_RUN to train without W&B") from None
             log.info("wandb run_id=%s mode=%s", wandb_id, mode)
 
     def step(self, step: int, num_iterations: int, loss: float, loop_state: dict[str, Any], lrm: float,

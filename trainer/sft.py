@@ -10,6 +10,7 @@ continues the same run. The order of this file follows trainer/train.py, whose p
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -52,7 +53,7 @@ from trainer.runtime import (
     seed_everything,
     stage_main,
 )
-from trainer.tokenizer import load_tokenizer
+from trainer.tokenizer import load_tokenizer, tokenizer_sha256
 from trainer.train import PRESETS
 
 log = logging.getLogger("phoenix.sft")
@@ -121,10 +122,32 @@ def finished_base_checkpoint(base_dir: Path, model_tag: str) -> layout.Checkpoin
     return ckpt
 
 
+def sft_dataset_revision(cfg: SFTConfig) -> str | None:
+    """The SFT dataset's commit, pinned in runs/<tag>/run.json at first use (the sidecar backs that file
+    up), so a resumed or redeployed SFT reads the same data even after the dataset moves on. None when
+    the Hub cannot say: loading then reports the problem, or falls back on the volume's cache."""
+    path = Path(cfg.base_dir) / "runs" / cfg.model_tag / "run.json"
+    identity = json.loads(path.read_text()) if path.exists() else {}
+    pin = identity.get("sft_dataset") or {}
+    if pin.get("repo_id") == cfg.sft_dataset:
+        return pin["revision"]
+    from huggingface_hub import HfApi
+
+    try:
+        revision = HfApi().dataset_info(cfg.sft_dataset).sha
+    except Exception:  # not found or unreachable: load_chat_dataset words it as one line
+        return None
+    pin = {"repo_id": cfg.sft_dataset, "revision": revision}
+    layout.write_json_atomic(path, {**identity, "sft_dataset": pin})
+    log.info("sft dataset pinned repo=%s revision=%s", cfg.sft_dataset, revision)
+    return revision
+
+
 def prepare_sft_data(cfg: SFTConfig) -> None:
     """Download the SFT dataset onto the volume (idempotent), for a launcher to call before torchrun so
     that no rank waits in a barrier while rank 0 downloads."""
-    load_chat_dataset(cfg.sft_dataset, cfg.sft_split, Path(cfg.base_dir) / "sft_data")
+    revision = sft_dataset_revision(cfg)
+    load_chat_dataset(cfg.sft_dataset, cfg.sft_split, Path(cfg.base_dir) / "sft_data", revision)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,13 +203,20 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
 
     # --- data and tokenizer (the one base training made) ------------------------------------------------
     tokenizer = load_tokenizer(base_dir / "tokenizer")
+    tokenizer_sha = tokenizer_sha256(base_dir / "tokenizer")
+    trained_with = (meta or base_meta).get("tokenizer_sha256")
+    if trained_with is not None and trained_with != tokenizer_sha:
+        raise ConfigError(f"{(ckpt or base_ckpt).path} was trained with another tokenizer (sha256 "
+                          f"{trained_with[:12]}, the volume has {tokenizer_sha[:12]}): bring back the run's "
+                          "tokenizer/tokenizer.json (phoenix restore) or use a new MODEL_TAG")
     data_cache = base_dir / "sft_data"
     # Rank 0 downloads; the others then load the same files from the cache on the volume.
-    dataset = load_chat_dataset(cfg.sft_dataset, cfg.sft_split, data_cache) if d.is_main else None
+    revision = broadcast(sft_dataset_revision(cfg) if d.is_main else None, d)
+    dataset = load_chat_dataset(cfg.sft_dataset, cfg.sft_split, data_cache, revision) if d.is_main else None
     if d.world_size > 1:
         dist.barrier()
     if dataset is None:
-        dataset = load_chat_dataset(cfg.sft_dataset, cfg.sft_split, data_cache)
+        dataset = load_chat_dataset(cfg.sft_dataset, cfg.sft_split, data_cache, revision)
     fetch = dataset_fetch(dataset)
     num_train = len(dataset) - cfg.eval_conversations
     if num_train < cfg.conversations_per_step:
@@ -269,7 +299,8 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         return {"stage": STAGE, "num_iterations": num_iterations, "model_config": asdict(model_config),
                 "config": asdict(cfg), "base": origin, "data": data_identity, "loop_state": loop_state,
                 "loader": loader.state_dict(), "run_id": identity["run_id"],
-                "wandb_run_id": identity["wandb_run_id"]}
+                "wandb_run_id": identity["wandb_run_id"], "tokenizer_sha256": tokenizer_sha,
+                "stopped": stop_now}
 
     def evaluate() -> None:
         val_loss = evaluate_loss(model, val_batches, d, autocast)

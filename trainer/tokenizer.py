@@ -14,6 +14,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
+from trainer import checkpoint_layout as layout
+
 DEFAULT_VOCAB_SIZE = 32768
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -152,6 +154,11 @@ def load_tokenizer(out_dir: Path) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}: train one first (train_tokenizer/ensure_tokenizer)")
     return Tokenizer(HFTokenizer.from_file(str(path)))
+
+
+def tokenizer_sha256(out_dir: Path) -> str:
+    """The tokenizer's identity, recorded in every checkpoint: same vocab size is not the same token ids."""
+    return layout.sha256_file(Path(out_dir) / TOKENIZER_FILE)
 
 
 def ensure_tokenizer(

@@ -53,7 +53,7 @@ from trainer.runtime import (
     seed_everything,
     stage_main,
 )
-from trainer.tokenizer import ensure_tokenizer, load_tokenizer
+from trainer.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger("phoenix.train")
 STAGE = "base"
@@ -147,6 +147,35 @@ def prepare_data(cfg: TrainConfig) -> ShardStore:
     return store
 
 
+# Settings that fix the trajectory: a resume with any of them changed is refused, never silently reshaped.
+RESUME_KEYS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "vocab_size", "dataset_repo")
+
+
+def check_resume(cfg: TrainConfig, ckpt: layout.Checkpoint, tokenizer_sha: str | None) -> None:
+    """ConfigError (one line) if this config or tokenizer cannot continue `ckpt`'s run exactly.
+
+    `phoenix run` calls it before launching torchrun too, so a changed PRESET costs no GPU start-up.
+    """
+    meta = ckpt.meta()
+    saved = meta.get("config", {})
+    changed = [key for key in RESUME_KEYS if key in saved and saved[key] != getattr(cfg, key)]
+    # A derived batch (-1) is checked by the trainer once it has the plan; an explicit one here.
+    trained_batch = meta.get("total_batch_size", cfg.total_batch_size)
+    if cfg.total_batch_size > 0 and trained_batch != cfg.total_batch_size:
+        changed.append("total_batch_size")
+        saved = {**saved, "total_batch_size": trained_batch}
+    if changed:
+        was = ", ".join(f"{key}={saved[key]}" for key in changed)
+        now = ", ".join(f"{key}={getattr(cfg, key)}" for key in changed)
+        raise ConfigError(f"{ckpt.path} was trained with PRESET={saved.get('preset')} {was}; this launch has "
+                          f"PRESET={cfg.preset} {now}: set PRESET and the flags back, or use a new MODEL_TAG")
+    saved_sha = meta.get("tokenizer_sha256")
+    if tokenizer_sha is not None and saved_sha is not None and saved_sha != tokenizer_sha:
+        raise ConfigError(f"{ckpt.path} was trained with another tokenizer (sha256 {saved_sha[:12]}, the "
+                          f"volume has {tokenizer_sha[:12]}): bring back the run's tokenizer/tokenizer.json "
+                          "(phoenix restore) or use a new MODEL_TAG")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -227,6 +256,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     if not d.is_main:  # reads the listing rank 0 cached; an offline fallback is announced by rank 0 alone
         store = ShardStore(dataset_dir(base_dir, cfg.dataset_repo), cfg.dataset_repo, announce=False)
     tokenizer = load_tokenizer(base_dir / "tokenizer")
+    tokenizer_sha = tokenizer_sha256(base_dir / "tokenizer")
+    if ckpt is not None:
+        check_resume(cfg, ckpt, tokenizer_sha)
 
     # --- model ----------------------------------------------------------------------------------------
     model_config = config_for_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.aspect_ratio,
@@ -317,7 +349,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         return {"stage": STAGE, "num_iterations": num_iterations, "total_batch_size": total_batch_size,
                 "max_seq_len": cfg.max_seq_len, "model_config": asdict(model_config), "config": asdict(cfg),
                 "loop_state": loop_state, "loader": loader_meta(positions, num_lanes),
-                "run_id": identity["run_id"], "wandb_run_id": identity["wandb_run_id"]}
+                "run_id": identity["run_id"], "wandb_run_id": identity["wandb_run_id"],
+                "tokenizer_sha256": tokenizer_sha, "stopped": stop_now}
 
     def evaluate() -> None:
         val_bpb = evaluate_bpb(model, val_rows, token_bytes, device_batch_size, d, autocast)

@@ -1,0 +1,209 @@
+"""Hub storage stays bounded through Xet: pruning squashes, quotas hold, kills and squashes lose nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from safetensors.numpy import save_file
+
+from entrypoint import hub as hubmod
+from entrypoint.restore import restore
+from entrypoint.status import collect
+from entrypoint.sync import Syncer
+from trainer import checkpoint_layout as layout
+
+TAG = "d26-hyperbolic"
+PHOENIX = [sys.executable, "-c", "from entrypoint.cli import main; main()"]
+CKPT_BYTES = 64 * 1024
+
+
+def make_checkpoint(base: Path, step: int) -> layout.Checkpoint:
+    """A published checkpoint: weights and optimizer state (random, so no two steps share content)."""
+    tmp = layout.new_tmp_dir(layout.stage_dir(base, "base", TAG), step)
+    rng = np.random.default_rng(step)
+    for name in ("model.safetensors", "optim.safetensors"):
+        save_file({"w": rng.random(CKPT_BYTES // 8, dtype=np.float32)}, str(tmp / name))
+    (tmp / "meta.json").write_text(json.dumps({"step": step}))
+    return layout.publish(tmp, step, stage="base", model_tag=TAG)
+
+
+@pytest.fixture
+def env(hub, tmp_path: Path) -> dict[str, str]:
+    base = tmp_path / "volume"
+    (base / "tokenizer").mkdir(parents=True)
+    (base / "tokenizer" / "tokenizer.json").write_text('{"model": "bpe"}')
+    layout.write_json_atomic(base / "runs" / TAG / "run.json", {"run_id": "r1", "wandb_run_id": "w1"})
+    return hub.env | {
+        "NANOCHAT_BASE_DIR": str(base),
+        "MODEL_TAG": TAG,
+        "HF_REPO_ID": f"{hub.user}/phoenix-ckpt",
+        "HF_KEEP_LAST": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def cfg_of(env: dict[str, str], **change: str) -> hubmod.HubConfig:
+    return hubmod.HubConfig.from_env(env | change)
+
+
+def checkpoint_bytes(base: Path, step: int) -> int:
+    folder = layout.stage_dir(base, "base", TAG) / layout.step_dir_name(step)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def restore_on_empty_volume(env: dict[str, str], tmp_path: Path, name: str) -> tuple[Path, int | None]:
+    """An empty-volume redeploy: restore, then return the volume and its latest verified step."""
+    volume = tmp_path / name
+    restore(cfg_of(env, NANOCHAT_BASE_DIR=str(volume)))
+    latest = layout.latest(layout.stage_dir(volume, "base", TAG), full_hash=True)
+    return volume, latest.step if latest else None
+
+
+def same_files(a: Path, b: Path, step: int) -> bool:
+    def digests(base: Path) -> dict[str, str]:
+        folder = layout.stage_dir(base, "base", TAG) / layout.step_dir_name(step)
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    return digests(a) == digests(b)
+
+
+def head_lfs_bytes(env: dict[str, str]) -> int:
+    snapshot = hubmod.Hub(cfg_of(env)).snapshot()
+    return sum(f.lfs.size for f in snapshot.files.values() if f.lfs)
+
+
+def test_thirty_checkpoints_with_keep_last_2_stay_under_a_six_checkpoint_quota(hub, env, tmp_path) -> None:
+    base = Path(env["NANOCHAT_BASE_DIR"])
+    make_checkpoint(base, 1)
+    quota = 6 * checkpoint_bytes(base, 1)
+    hub.server.set_quota(hub.user, quota)
+    syncer = Syncer(cfg_of(env))
+    for step in range(1, 31):  # a pass per checkpoint, as a sidecar syncing every save would
+        if step > 1:
+            make_checkpoint(base, step)
+        layout.prune(layout.stage_dir(base, "base", TAG), keep_last=3)  # the trainer's own retention
+        result = syncer.sync_once()
+        assert result.ok, result.errors
+        assert hub.server.storage_used(env["HF_REPO_ID"]) <= quota
+    assert not [r for r in hub.server.request_log if r.status == 403]
+    assert collect(cfg_of(env))["hub_storage_bytes"] == head_lfs_bytes(env) <= quota  # `phoenix status`
+    volume, step = restore_on_empty_volume(env, tmp_path, "redeployed")
+    assert step == 30 and same_files(base, volume, 30)
+
+
+def test_without_pruning_the_quota_answers_the_hubs_403(hub, env) -> None:
+    base = Path(env["NANOCHAT_BASE_DIR"])
+    make_checkpoint(base, 1)
+    hub.server.set_quota(hub.user, 2 * checkpoint_bytes(base, 1))
+    syncer = Syncer(cfg_of(env, HF_KEEP_LAST="all"))
+    assert syncer.sync_once().ok
+    make_checkpoint(base, 2)
+    assert syncer.sync_once().ok  # the tokenizer and run files are small: 2 checkpoints fit
+    make_checkpoint(base, 3)
+    keep_all = env | {"HF_KEEP_LAST": "all"}
+    full = subprocess.run(PHOENIX + ["sync", "--once"], env=keep_all, capture_output=True, text=True,
+                          timeout=60)
+    assert full.returncode == 1 and "storage limit reached" in full.stdout  # a failed pass, retried later
+    assert [r.status for r in hub.server.request_log if r.path.endswith("/commit/main")][-1] == 403
+    assert "storage limit reached" in collect(cfg_of(keep_all))["hub_quota_error"]  # `phoenix status`
+
+
+def test_delete_commit_frees_nothing_squash_and_permanent_deletion_do(hub, env) -> None:
+    api = HfApi(endpoint=hub.url, token=hub.token)
+    repo = env["HF_REPO_ID"]
+    api.create_repo(repo, private=True)
+    one, two = np.random.default_rng(1).bytes(50_000), np.random.default_rng(2).bytes(70_000)
+    api.upload_file(path_or_fileobj=one, path_in_repo="a/one.bin", repo_id=repo)
+    api.upload_file(path_or_fileobj=two, path_in_repo="b/two.bin", repo_id=repo)
+    api.upload_file(path_or_fileobj=two, path_in_repo="c/two.bin", repo_id=repo)  # same content: once
+    assert api.repo_info(repo, expand=["usedStorage"]).used_storage == 120_000
+    api.delete_folder("a", repo_id=repo)
+    assert hub.server.storage_used(repo) == 120_000  # the history still holds one.bin
+    api.super_squash_history(repo)
+    assert hub.server.storage_used(repo) == 70_000 and len(api.list_repo_commits(repo)) == 1
+    assert hf_bytes(hub, repo, "b/two.bin") == two  # what the head holds survives the squash
+    doomed = [f for f in api.list_lfs_files(repo) if f.filename.startswith("b/")]
+    api.permanently_delete_lfs_files(repo, doomed)
+    assert hub.server.storage_used(repo) == 0 and "c/two.bin" not in api.list_repo_files(repo)
+
+
+def hf_bytes(hub, repo: str, path: str) -> bytes:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, path, endpoint=hub.url, token=hub.token)).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("held", "method"),
+    [("/xet-write-token/", "GET"), ("/commit/main", "POST"), ("/super-squash/", "POST")],
+    ids=["mid-xet-upload", "mid-prune-or-push-commit", "mid-squash"],
+)
+def test_sidecar_killed_mid_transfer_prune_or_squash_leaves_a_verifiable_latest(
+    hub, env, tmp_path, held, method
+) -> None:
+    base = Path(env["NANOCHAT_BASE_DIR"])
+    for step in (1, 2, 3):
+        make_checkpoint(base, step)
+    assert Syncer(cfg_of(env, HF_KEEP_LAST="all")).sync_once().ok
+    make_checkpoint(base, 4)
+    pause = hub.server.pause_next(held, method)
+    proc = subprocess.Popen(PHOENIX + ["sync", "--once"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        assert pause.reached.wait(30), f"the sidecar never reached {held}"
+        proc.kill()  # SIGKILL while the Hub holds the request
+        proc.wait()
+    finally:
+        pause.release()
+    _, step = restore_on_empty_volume(env, tmp_path, "after_kill")
+    assert step in (3, 4)  # the newest complete checkpoint the Hub had, whatever the kill interrupted
+    done = subprocess.run(PHOENIX + ["sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert hub.server.storage_used(env["HF_REPO_ID"]) == head_lfs_bytes(env)  # the next pass freed it
+    volume, step = restore_on_empty_volume(env, tmp_path, "after_resync")
+    assert step == 4 and same_files(base, volume, 4)
+
+
+def test_restore_survives_a_squash_of_the_commit_it_pinned(hub, env, tmp_path) -> None:
+    base = Path(env["NANOCHAT_BASE_DIR"])
+    for step in (1, 2, 3):
+        make_checkpoint(base, step)
+        assert Syncer(cfg_of(env, HF_KEEP_LAST="all")).sync_once().ok
+    # Restore pauses on its first checkpoint file; meanwhile the sidecar prunes and squashes the history.
+    pause = hub.server.pause_next("/optim.safetensors", "HEAD")
+    outcome: dict[str, object] = {}
+    volume = tmp_path / "restoring"
+    thread = threading.Thread(
+        target=lambda: outcome.update(steps=restore(cfg_of(env, NANOCHAT_BASE_DIR=str(volume)))))
+    thread.start()
+    try:
+        assert pause.reached.wait(30)
+        result = Syncer(cfg_of(env, HF_KEEP_LAST="1")).sync_once()
+        assert result.ok and sorted(result.pruned) == [("base", 1), ("base", 2)]
+    finally:
+        pause.release()
+    thread.join(60)
+    assert outcome["steps"] == {"base": 3, "sft": None}
+    assert layout.latest(layout.stage_dir(volume, "base", TAG), full_hash=True).step == 3
+    assert same_files(base, volume, 3)
+    gone = [r for r in hub.server.request_log if "/resolve/" in r.path and r.status == 404]
+    assert gone, "the restore never hit the squashed commit"
+
+
+def test_quota_message_is_the_hubs(hub, env) -> None:
+    hub.server.set_quota(hub.user, 10)
+    api = HfApi(endpoint=hub.url, token=hub.token)
+    api.create_repo(env["HF_REPO_ID"], private=True)
+    with pytest.raises(HfHubHTTPError) as err:
+        api.upload_file(path_or_fileobj=np.random.default_rng(0).bytes(20_000), path_in_repo="x.bin",
+                        repo_id=env["HF_REPO_ID"])
+    assert err.value.response.status_code == 403
+    assert "Private repository storage limit reached" in str(err.value)
