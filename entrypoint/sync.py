@@ -61,6 +61,24 @@ DEFAULT_GRACE_SECONDS = 840.0
 _FINAL_PUSH_THREAD = "final-push"
 
 
+def hub_keeps(cfg: HubConfig, stage: str, steps: set[int]) -> set[int]:
+    """Which of these steps of `stage` the Hub keeps: the newest HF_KEEP_LAST, or only the newest once it is
+    the stage's final checkpoint (restore needs nothing older, and SFT starts from the base's final one)."""
+    newest = sorted(steps, reverse=True)
+    if cfg.keep_last is None or not newest:
+        return set(newest)
+    return set(newest[: 1 if _marked_done(cfg, stage, newest[0]) else cfg.keep_last])
+
+
+def _marked_done(cfg: HubConfig, stage: str, step: int) -> bool:
+    """True if the volume's copy of this step marks its stage done (no copy: not known, so False)."""
+    folder = layout.stage_dir(cfg.base_dir, stage, cfg.model_tag) / layout.step_dir_name(step)
+    try:
+        return bool(layout.read_manifest(folder).get("done", False))
+    except layout.CheckpointInvalid:
+        return False
+
+
 @dataclass
 class PassResult:
     """What one sync pass did; `ok` is False if anything was left undone."""
@@ -141,7 +159,7 @@ class Syncer:
         on_hub = {stage: set(snapshot.complete_steps(self.cfg, stage)) for stage in layout.STAGES}
         for stage in layout.STAGES:
             for ckpt in self._to_push(stage, on_hub[stage]):
-                if ckpt.step not in self._kept(stage, on_hub[stage] | {ckpt.step}):
+                if ckpt.step not in hub_keeps(self.cfg, stage, on_hub[stage] | {ckpt.step}):
                     continue  # the prune would delete it at once (pruned before, or older than the final)
                 try:
                     ckpt = layout.verify(ckpt.path, full_hash=True)
@@ -176,22 +194,6 @@ class Syncer:
         one resume needs is already up."""
         local = layout.complete_checkpoints(layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag))
         return sorted((c for c in local if c.step not in on_hub), key=lambda c: c.step, reverse=True)
-
-    def _kept(self, stage: str, steps: set[int]) -> set[int]:
-        """The steps of `stage` the Hub keeps: the newest HF_KEEP_LAST, or only the newest once it is the
-        stage's final checkpoint (restore needs nothing older, and SFT starts from the base's final one)."""
-        newest = sorted(steps, reverse=True)
-        if self.cfg.keep_last is None or not newest:
-            return set(newest)
-        return set(newest[: 1 if self._final(stage, newest[0]) else self.cfg.keep_last])
-
-    def _final(self, stage: str, step: int) -> bool:
-        """True if the volume's copy of this step marks its stage done (no copy: not known, so False)."""
-        folder = layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag) / layout.step_dir_name(step)
-        try:
-            return bool(layout.read_manifest(folder).get("done", False))
-        except layout.CheckpointInvalid:
-            return False
 
     def _push(
         self, snapshot: HubSnapshot, stage: str, ckpt: layout.Checkpoint, extras: list[Any], head: str
@@ -251,7 +253,7 @@ class Syncer:
         doomed = [
             (stage, step)
             for stage in layout.STAGES
-            for step in sorted(on_hub[stage] - self._kept(stage, on_hub[stage]), reverse=True)
+            for step in sorted(on_hub[stage] - hub_keeps(self.cfg, stage, on_hub[stage]), reverse=True)
         ]
         if not doomed:
             return head

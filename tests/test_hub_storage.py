@@ -121,6 +121,7 @@ def test_a_finished_base_stage_keeps_only_its_final_checkpoint_while_sft_runs(hu
     assert sorted(result.pruned) == [("base", 2), ("base", 3)]
     assert hub_steps(env, "base") == [4]
     assert hub.server.storage_used(env["HF_REPO_ID"]) == checkpoint_bytes(base, 4)  # squashed at once
+    assert collect(cfg_of(env))["stages"]["base"]["not_synced"] == []  # `phoenix status`: 1-3 are not due
     for new in ([1, 2], [3], [4, 5]):  # SFT checkpoints, one pass catching up on two
         for step in new:
             make_checkpoint(base, step, stage="sft")
