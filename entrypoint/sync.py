@@ -248,7 +248,7 @@ class Syncer:
         return ops
 
     def _prune(self, on_hub: dict[str, set[int]], head: str, result: PassResult) -> str:
-        """Delete, in one commit, the complete checkpoints `_kept` leaves out, then squash the history to
+        """Delete, in one commit, the complete checkpoints `hub_keeps` leaves out, then squash the history to
         free them; returns the head to commit on next."""
         doomed = [
             (stage, step)
