@@ -378,8 +378,11 @@ def two_process_check(device: torch.device, workdir: Path, timeout: float) -> di
         if code == 0 and result_path.exists():
             attempts[backend] = {**json.loads(result_path.read_text()), "ok": True}
         else:
-            reason = next((line.strip() for line in output.splitlines() if "Duplicate GPU" in line),
-                          output.strip().splitlines()[-1] if output.strip() else "no output")
+            # The refusal if NCCL gave one, else the worker's exception (torchrun ends on a banner of "=").
+            lines = [line.strip() for line in output.splitlines() if line.strip().strip("=")]
+            reason = next((line for line in lines if "Duplicate GPU" in line), None) or next(
+                (line for line in reversed(lines) if "Error" in line or "error:" in line),
+                lines[-1] if lines else "no output")
             attempts[backend] = {"ok": False, "exit": code, "reason": reason[-500:]}
         if attempts[backend]["ok"]:
             break  # NCCL worked (two GPUs): the gloo fallback has nothing to add

@@ -68,6 +68,7 @@ RUN_FILE = "run.json"
 EVAL_DIR = "eval"  # runs/<tag>/eval/<stage>_stepNNNNNN.json: `phoenix eval` results
 GENERATION_FILE = fencing.GENERATION_FILE
 TRAINER_STATUS_FILE = "trainer_status.json"
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # The Hub's rate limits count over 5-minute windows, so no honest Retry-After is longer; a bigger one (an
 # hour was seen) would park the sidecar, and its final push, past any stop grace period.
@@ -563,8 +564,16 @@ class Hub:
         meta = get_hf_file_metadata(url, token=self.cfg.token, headers=headers, endpoint=self.cfg.endpoint)
         if meta.xet_file_data is None:
             return False
-        xet_get(incomplete_path=dest, xet_file_data=meta.xet_file_data, headers=headers, expected_size=size,
-                displayed_filename=path_in_repo)
+        try:
+            xet_get(incomplete_path=dest, xet_file_data=meta.xet_file_data, headers=headers,
+                    expected_size=size, displayed_filename=path_in_repo)
+        except RuntimeError as exc:
+            # hf_xet reports a local I/O failure (full disk, read-only volume) as a RuntimeError ending in
+            # "(os error N)": give it back its errno, so it is the same one-line volume error as over HTTP.
+            if (found := _OS_ERROR.search(str(exc))) is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(dest)) from exc
         return True
 
     def read_json(self, snapshot: HubSnapshot, path_in_repo: str) -> Any:
