@@ -11,6 +11,7 @@ import click
 
 from entrypoint.hub import Hub, HubConfig, HubError
 from entrypoint.logs import redact
+from entrypoint.sync import hub_keeps
 from entrypoint.volume import FailureLog
 from trainer import checkpoint_layout as layout
 
@@ -45,16 +46,17 @@ def _quota_error(cfg: HubConfig) -> str | None:
     return error
 
 
-def _not_synced(cfg: HubConfig, local: list[int], hub_steps: list[int] | None) -> list[int]:
-    """Local checkpoints the sidecar still has to push: missing on the Hub and among the newest
-    HF_KEEP_LAST (an older one is pruned from the Hub on purpose, not waiting)."""
+def _not_synced(cfg: HubConfig, stage: str, local: list[int], hub_steps: list[int] | None) -> list[int]:
+    """Local checkpoints the sidecar still has to push: missing on the Hub and kept once pushed, newest
+    first, as the sidecar does (an older one is pruned from the Hub on purpose, not waiting)."""
     if hub_steps is None:
         return []
-    missing = [step for step in local if step not in hub_steps]
-    if cfg.keep_last is not None:
-        kept = sorted(set(hub_steps) | set(missing), reverse=True)[: cfg.keep_last]
-        missing = [step for step in missing if step in kept]
-    return sorted(missing)
+    on_hub, waiting = set(hub_steps), []
+    for step in sorted((s for s in local if s not in on_hub), reverse=True):
+        if step in hub_keeps(cfg, stage, on_hub | {step}):
+            on_hub.add(step)
+            waiting.append(step)
+    return sorted(waiting)
 
 
 def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
             "local_step": latest.step if latest else None,
             "done": bool(latest and latest.done),
             "hub_step": max(hub_steps) if hub_steps else None,
-            "not_synced": _not_synced(cfg, [c.step for c in local], hub_steps),
+            "not_synced": _not_synced(cfg, stage, [c.step for c in local], hub_steps),
             "seconds_since_checkpoint": round(now - latest.path.stat().st_mtime) if latest else None,
             "train_step": recent[-1]["step"] if recent else None,
             "tok_per_sec": round(statistics.median(r["tok_per_sec"] for r in recent)) if recent else None,

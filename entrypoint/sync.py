@@ -1,13 +1,14 @@
 """`phoenix sync`: the sidecar that pushes every complete checkpoint to the Hub, one commit per checkpoint.
 
 A CommitScheduler made safe for checkpoints: every HF_SYNC_INTERVAL seconds, at once when the trainer
-stops, and once more on SIGTERM, it pushes, oldest first, each local checkpoint that is complete per
+stops, and once more on SIGTERM, it pushes, newest first, each local checkpoint that is complete per
 `trainer.checkpoint_layout` and not yet complete on the Hub. Each goes up as ONE commit holding every file
 plus MANIFEST.json, so the Hub never shows a partial checkpoint as complete, whatever dies when. Commits
 carry `parent_commit` and are refused when a newer launch has claimed the repo (see
-`hub.claim_generation`). Checkpoints beyond HF_KEEP_LAST are pruned and the history squashed, which is
-what frees their storage on the Hub. Hub outages are retried and caught up on; the trainer never waits
-for us.
+`hub.claim_generation`). Right after each push, checkpoints beyond HF_KEEP_LAST (beyond the final one, for
+a finished stage) are pruned and the history squashed, which is what frees their storage on the Hub: a
+stage peaks at HF_KEEP_LAST + 1 checkpoints. Hub outages are retried and caught up on; the trainer never
+waits for us.
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ PRUNE_TITLE = "prune"  # the title of prune commits starts with it: the history 
 # compose.yaml gives the sidecar a 15 min stop_grace_period; a minute less leaves time to exit cleanly.
 DEFAULT_GRACE_SECONDS = 840.0
 _FINAL_PUSH_THREAD = "final-push"
+
+
+def hub_keeps(cfg: HubConfig, stage: str, steps: set[int]) -> set[int]:
+    """Which of these steps of `stage` the Hub keeps: the newest HF_KEEP_LAST, or only the newest once it is
+    the stage's final checkpoint (restore needs nothing older, and SFT starts from the base's final one)."""
+    newest = sorted(steps, reverse=True)
+    if cfg.keep_last is None or not newest:
+        return set(newest)
+    return set(newest[: 1 if _marked_done(cfg, stage, newest[0]) else cfg.keep_last])
+
+
+def _marked_done(cfg: HubConfig, stage: str, step: int) -> bool:
+    """True if the volume's copy of this step marks its stage done (no copy: not known, so False)."""
+    folder = layout.stage_dir(cfg.base_dir, stage, cfg.model_tag) / layout.step_dir_name(step)
+    try:
+        return bool(layout.read_manifest(folder).get("done", False))
+    except layout.CheckpointInvalid:
+        return False
 
 
 @dataclass
@@ -133,10 +152,15 @@ class Syncer:
         # Every commit below names the head it was planned on: if anyone (a newer launch claiming the repo)
         # commits in between, the Hub answers 412 and the pass starts over from a fresh snapshot.
         head = snapshot.head
+        pruning = self.cfg.keep_last is not None
+        if pruning and any(c.title.startswith(PRUNE_TITLE) for c in self.hub.commits()):
+            head = self._squash(head)  # left by a killed or skipped squash: free it before pushing more
         extras = self._changed_extras(snapshot)
         on_hub = {stage: set(snapshot.complete_steps(self.cfg, stage)) for stage in layout.STAGES}
         for stage in layout.STAGES:
             for ckpt in self._to_push(stage, on_hub[stage]):
+                if ckpt.step not in hub_keeps(self.cfg, stage, on_hub[stage] | {ckpt.step}):
+                    continue  # the prune would delete it at once (pruned before, or older than the final)
                 try:
                     ckpt = layout.verify(ckpt.path, full_hash=True)
                     head = self._push(snapshot, stage, ckpt, extras, head)
@@ -156,24 +180,20 @@ class Syncer:
                 extras = []  # rode along with this checkpoint
                 on_hub[stage].add(ckpt.step)
                 result.pushed.append((stage, ckpt.step))
+                # Now, not at the end of the pass: a pass catching up on several checkpoints would
+                # otherwise hold them all on the Hub at once.
+                head = self._prune(on_hub, head, result)
         if extras:
             paths = ", ".join(op.path_in_repo for op in extras)
             head = self.hub.commit(extras, f"update {paths} of {self.cfg.model_tag}", parent=head)
             log.info(kv(event="pushed_extras", paths=paths, commit=head[:12]))
-        if self.cfg.keep_last is not None:
-            head = self._prune(on_hub, head, result)
-            self._squash(head)
+        self._prune(on_hub, head, result)  # HF_KEEP_LAST lowered, or a stage finished by an earlier pass
 
     def _to_push(self, stage: str, on_hub: set[int]) -> list[layout.Checkpoint]:
-        """Local complete checkpoints missing on the Hub, newest first (if the instance dies mid-pass, the
-        one resume needs is already up); never one HF_KEEP_LAST would prune."""
+        """Local complete checkpoints missing on the Hub, newest first: if the instance dies mid-pass, the
+        one resume needs is already up."""
         local = layout.complete_checkpoints(layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag))
-        missing = sorted((c for c in local if c.step not in on_hub), key=lambda c: c.step, reverse=True)
-        if self.cfg.keep_last is not None:
-            # Else a checkpoint pruned from the Hub but still on the volume would be re-pushed forever.
-            kept = sorted(on_hub | {c.step for c in missing}, reverse=True)[: self.cfg.keep_last]
-            missing = [c for c in missing if c.step in kept]
-        return missing
+        return sorted((c for c in local if c.step not in on_hub), key=lambda c: c.step, reverse=True)
 
     def _push(
         self, snapshot: HubSnapshot, stage: str, ckpt: layout.Checkpoint, extras: list[Any], head: str
@@ -228,12 +248,12 @@ class Syncer:
         return ops
 
     def _prune(self, on_hub: dict[str, set[int]], head: str, result: PassResult) -> str:
-        """Delete, in one commit, complete checkpoints older than the newest HF_KEEP_LAST of each stage."""
-        assert self.cfg.keep_last is not None
+        """Delete, in one commit, the complete checkpoints `hub_keeps` leaves out, then squash the history to
+        free them; returns the head to commit on next."""
         doomed = [
             (stage, step)
             for stage in layout.STAGES
-            for step in sorted(on_hub[stage], reverse=True)[max(1, self.cfg.keep_last) :]
+            for step in sorted(on_hub[stage] - hub_keeps(self.cfg, stage, on_hub[stage]), reverse=True)
         ]
         if not doomed:
             return head
@@ -245,26 +265,31 @@ class Syncer:
             on_hub[stage].discard(step)
             result.pruned.append((stage, step))
             log.info(kv(event="pruned", stage=stage, step=step, commit=head[:12]))
-        return head
+        return self._squash(head)
 
-    def _squash(self, head: str) -> None:
+    def _squash(self, head: str) -> str:
         """Free what pruning deleted: on the Hub a delete commit frees nothing, the history keeps every file.
+        Returns the new head, or `head` if the squash was skipped (the next commit on it then gets a 412).
 
-        Squashes whenever the history holds a prune commit, so a squash that was skipped or killed is done
-        by the next pass. The Hub's squash takes no parent commit, so we check right before it that the head
-        is still ours and no newer generation claimed the repo; a squash keeps the head's tree as it is,
-        so even a claim landing in the remaining instant loses no file (its next commit re-plans on a 412).
+        A pass first squashes a history that still holds a prune commit, so a squash that was skipped or
+        killed is done before anything more is pushed. The Hub's squash takes no parent commit, so we check
+        right before it that the head is still ours and no newer generation claimed the repo; a squash keeps
+        the head's tree as it is, so even a claim landing in the remaining instant loses no file, and the
+        generation is read again on the squashed head before anything is committed on it.
         """
-        if not any(c.title.startswith(PRUNE_TITLE) for c in self.hub.commits()):
-            return
         snapshot = self.hub.snapshot()
-        if snapshot.head != head or self.hub.generation(snapshot) > local_generation(self.cfg):
-            log.info(kv(event="squash_skipped", reason="the repo moved on since our prune"))
-            return
+        own = local_generation(self.cfg)
+        if snapshot.head != head or self.hub.generation(snapshot) > own:
+            log.info(kv(event="squash_skipped", reason="the repo moved on since we read it"))
+            return head
         used = self.hub.used_storage()
         self.hub.squash(f"squash the history of {self.cfg.model_tag} to free pruned checkpoints")
+        squashed = self.hub.snapshot()
         log.info(kv(event="squashed", before_bytes=used if used is not None else "-",
-                    after_bytes=self.hub.used_storage() or "-"))
+                    after_bytes=self.hub.used_storage() or "-", commit=squashed.head[:12]))
+        if (theirs := self.hub.generation(squashed)) > own:
+            raise Fenced(f"fenced: generation {own} < {theirs}")
+        return squashed.head
 
 
 def _json_problem(path: Path, required_key: str | None) -> str | None:

@@ -26,14 +26,15 @@ PHOENIX = [sys.executable, "-c", "from entrypoint.cli import main; main()"]
 CKPT_BYTES = 64 * 1024
 
 
-def make_checkpoint(base: Path, step: int) -> layout.Checkpoint:
-    """A published checkpoint: weights and optimizer state (random, so no two steps share content)."""
-    tmp = layout.new_tmp_dir(layout.stage_dir(base, "base", TAG), step)
-    rng = np.random.default_rng(step)
+def make_checkpoint(base: Path, step: int, stage: str = "base", done: bool = False) -> layout.Checkpoint:
+    """A published checkpoint: weights and optimizer state (random, so no two share content), the same size
+    in every stage (SFT saves the same model and optimizer); `done` marks a stage's final one."""
+    tmp = layout.new_tmp_dir(layout.stage_dir(base, stage, TAG), step)
+    rng = np.random.default_rng([step, layout.STAGES.index(stage)])
     for name in ("model.safetensors", "optim.safetensors"):
         save_file({"w": rng.random(CKPT_BYTES // 8, dtype=np.float32)}, str(tmp / name))
     (tmp / "meta.json").write_text(json.dumps({"step": step}))
-    return layout.publish(tmp, step, stage="base", model_tag=TAG)
+    return layout.publish(tmp, step, stage=stage, model_tag=TAG, done=done)
 
 
 @pytest.fixture
@@ -81,23 +82,74 @@ def head_lfs_bytes(env: dict[str, str]) -> int:
     return sum(f.lfs.size for f in snapshot.files.values() if f.lfs)
 
 
-def test_thirty_checkpoints_with_keep_last_2_stay_under_a_six_checkpoint_quota(hub, env, tmp_path) -> None:
+def hub_steps(env: dict[str, str], stage: str) -> list[int]:
+    return hubmod.Hub(cfg_of(env)).snapshot().complete_steps(cfg_of(env), stage)
+
+
+def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, env, tmp_path) -> None:
     base = Path(env["NANOCHAT_BASE_DIR"])
     make_checkpoint(base, 1)
-    quota = 6 * checkpoint_bytes(base, 1)
+    quota = 3 * checkpoint_bytes(base, 1)  # HF_KEEP_LAST + 1: the small files are not LFS, they cost nothing
     hub.server.set_quota(hub.user, quota)
     syncer = Syncer(cfg_of(env))
-    for step in range(1, 31):  # a pass per checkpoint, as a sidecar syncing every save would
+    for step in range(1, 31):
         if step > 1:
             make_checkpoint(base, step)
         layout.prune(layout.stage_dir(base, "base", TAG), keep_last=3)  # the trainer's own retention
+        if step % 6 not in (0, 1, 3):
+            continue  # the sidecar fell behind (a slow upload): the next pass catches up on 2 or 3 new ones
         result = syncer.sync_once()
-        assert result.ok, result.errors
+        assert result.ok, result.errors  # a pass pushing two prunes and squashes after each: no 403
+        assert hub_steps(env, "base") == ([step, step - 1] if step > 1 else [1])
         assert hub.server.storage_used(env["HF_REPO_ID"]) <= quota
     assert not [r for r in hub.server.request_log if r.status == 403]
     assert collect(cfg_of(env))["hub_storage_bytes"] == head_lfs_bytes(env) <= quota  # `phoenix status`
     volume, step = restore_on_empty_volume(env, tmp_path, "redeployed")
     assert step == 30 and same_files(base, volume, 30)
+
+
+def test_a_finished_base_stage_keeps_only_its_final_checkpoint_while_sft_runs(hub, env, tmp_path) -> None:
+    base = Path(env["NANOCHAT_BASE_DIR"])
+    for step in (1, 2, 3):
+        make_checkpoint(base, step)
+    hub.server.set_quota(hub.user, 4 * checkpoint_bytes(base, 1))  # 1 base + HF_KEEP_LAST + 1 SFT
+    syncer = Syncer(cfg_of(env))
+    assert syncer.sync_once().pushed == [("base", 3), ("base", 2)]
+    make_checkpoint(base, 4, done=True)  # the final one: restore and SFT need nothing older
+    result = syncer.sync_once()
+    assert result.ok and result.pushed == [("base", 4)]
+    assert sorted(result.pruned) == [("base", 2), ("base", 3)]
+    assert hub_steps(env, "base") == [4]
+    assert hub.server.storage_used(env["HF_REPO_ID"]) == checkpoint_bytes(base, 4)  # squashed at once
+    assert collect(cfg_of(env))["stages"]["base"]["not_synced"] == []  # `phoenix status`: 1-3 are not due
+    for new in ([1, 2], [3], [4, 5]):  # SFT checkpoints, one pass catching up on two
+        for step in new:
+            make_checkpoint(base, step, stage="sft")
+        result = syncer.sync_once()
+        assert result.ok, result.errors
+        assert result.pushed == [("sft", step) for step in reversed(new)]  # older base ones never return
+        assert hub_steps(env, "base") == [4] and hub_steps(env, "sft") == [new[-1], new[-1] - 1]
+    assert not [r for r in hub.server.request_log if r.status == 403]
+    assert restore(cfg_of(env, NANOCHAT_BASE_DIR=str(tmp_path / "redeployed"))) == {"base": 4, "sft": 5}
+
+
+def test_a_prune_left_unsquashed_is_squashed_before_the_next_push(hub, env) -> None:
+    base = Path(env["NANOCHAT_BASE_DIR"])
+    for step in (1, 2, 3):
+        make_checkpoint(base, step)
+    assert Syncer(cfg_of(env, HF_KEEP_LAST="all")).sync_once().ok
+    make_checkpoint(base, 4)
+    hub.server.fail_next(status=400, path_contains="/super-squash/")  # the squash after the prune fails
+    failed = Syncer(cfg_of(env)).sync_once()
+    assert not failed.ok and sorted(failed.pruned) == [("base", 1), ("base", 2)]
+    assert hub.server.storage_used(env["HF_REPO_ID"]) == 4 * checkpoint_bytes(base, 1)  # history holds all
+    # Pushing first would take the history to 5 checkpoints; squashing first needs room for 3.
+    hub.server.set_quota(hub.user, 4 * checkpoint_bytes(base, 1))
+    make_checkpoint(base, 5)
+    result = Syncer(cfg_of(env)).sync_once()
+    assert result.ok and result.pushed == [("base", 5)], result.errors
+    assert hub_steps(env, "base") == [5, 4]
+    assert hub.server.storage_used(env["HF_REPO_ID"]) == head_lfs_bytes(env) == 2 * checkpoint_bytes(base, 1)
 
 
 def test_without_pruning_the_quota_answers_the_hubs_403(hub, env) -> None:
