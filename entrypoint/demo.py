@@ -64,6 +64,15 @@ def _sidecar(base: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
         return subprocess.Popen([*PHOENIX, "sync"], env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _wait_for_push(log: Path, step: int, timeout: float = 60.0) -> None:
+    """Until the sidecar has logged the push of base checkpoint `step` (or `timeout` passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f"event=push_done stage=base step={step} " in log.read_text():
+            return
+        time.sleep(0.2)
+
+
 def _squashes(log: Path) -> list[tuple[int, int]]:
     """(before, after) bytes of each history squash the sidecar logged."""
     found = []
@@ -122,6 +131,10 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
         survivor = layout.latest(layout.stage_dir(volume, "base", MODEL_TAG))
         click.echo(f"    -- killed; latest complete checkpoint: step {survivor.step if survivor else 0}")
         _train(volume, env, steps, lose_at)
+        # The tiny steps outrun a 2 s sync interval; a GPU step does not. Let the sidecar catch up with the
+        # newest checkpoint, as it would have on a GPU, so that the redeploy has something recent to restore.
+        newest = layout.latest(layout.stage_dir(volume, "base", MODEL_TAG))
+        _wait_for_push(sidecar_log, newest.step if newest else 0)
         sidecar.kill()  # the instance is lost: every process dies at once, the volume goes with it
         sidecar.wait()
         shutil.rmtree(volume)
