@@ -381,9 +381,11 @@ def two_process_check(device: torch.device, workdir: Path, timeout: float) -> di
             # The refusal if NCCL gave one, else the worker's exception (torchrun ends on a banner of "=").
             lines = [line.strip() for line in output.splitlines() if line.strip().strip("=")]
             reason = next((line for line in lines if "Duplicate GPU" in line), None) or next(
-                (line for line in reversed(lines) if "Error" in line or "error:" in line),
+                (line for line in lines
+                 if ("Error" in line or "error:" in line) and "ChildFailedError" not in line),
                 lines[-1] if lines else "no output")
-            attempts[backend] = {"ok": False, "exit": code, "reason": reason[-500:]}
+            attempts[backend] = {"ok": False, "exit": code, "reason": reason[-500:],
+                                 "output_tail": lines[-40:]}
         if attempts[backend]["ok"]:
             break  # NCCL worked (two GPUs): the gloo fallback has nothing to add
     passed = any(a.get("ok") and a.get("replicas_identical") for a in attempts.values())
