@@ -7,14 +7,18 @@ cannot write into.
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
+from pathlib import Path
 
 import pytest
+from huggingface_hub import HfApi
 
 from tests.helpers import (
     MODEL_TAG,
@@ -288,3 +292,53 @@ def test_a_stop_on_one_node_stops_both_and_both_resume(job, tmp_path):
     code, out = run_phoenix({**nodes, "NODE_RANK": "1", "NANOCHAT_BASE_DIR": str(alone),
                              "PHOENIX_SHARED_WAIT_S": "3"}, "run", *TRAIN, timeout=60)
     assert code == 2 and len(errors(out)) == 1 and "is not shared with node 0" in errors(out)[0], out
+
+
+def test_secrets_stay_out_of_outputs_files_status_and_command_lines(job, hub):
+    env, volume = job
+    hf_token, wandb_key = "hf_" + secrets.token_hex(17), secrets.token_hex(20)  # shaped like real ones
+    hub.server.add_token(hf_token, hub.user)
+    env = {**env, "HF_TOKEN": hf_token, "WANDB_API_KEY": wandb_key, "WANDB_RUN": "secrets"}
+    leaked_argv: list[str] = []
+
+    def scan_command_lines(_line: str) -> bool:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with suppress(OSError):
+                if any(s.encode() in cmdline.read_bytes() for s in (hf_token, wandb_key)):
+                    leaked_argv.append(str(cmdline))
+        return False
+
+    hub.server.fail_next(1, status=429, path_contains="whoami", retry_after=1)
+    hub.server.fail_next(1, status=503, path_contains="/commit/main")  # the generation claim
+    code, out = run_phoenix(env, "run", *TRAIN, kill_when=scan_command_lines)
+    assert code == 0, out
+    outputs = [out]
+    # The sidecar meets a storage refusal, then a 5xx, then pushes; a truncated local tokenizer is never
+    # pushed over the Hub's good one.
+    hub.server.fail_next(1, status=403, path_contains="xet-write-token")
+    hub.server.fail_next(1, status=502, path_contains="/preupload/")
+    for _ in range(3):
+        outputs.append(run_phoenix(env, "sync", "--once", kill_when=scan_command_lines)[1])
+    tokenizer = volume / "tokenizer" / "tokenizer.json"
+    on_hub = HfApi(endpoint=hub.url, token=hf_token).hf_hub_download(
+        env["HF_REPO_ID"], "tokenizer/tokenizer.json", cache_dir=str(volume.parent / "check"))
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])
+    code, synced = run_phoenix(env, "sync", "--once")
+    outputs.append(synced)
+    assert "event=skip_bad_file" in synced
+    fresh = HfApi(endpoint=hub.url, token=hf_token).hf_hub_download(
+        env["HF_REPO_ID"], "tokenizer/tokenizer.json", cache_dir=str(volume.parent / "check2"))
+    assert Path(fresh).read_bytes() == Path(on_hub).read_bytes()
+    # A token the Hub rejects (401) is one line naming HF_TOKEN, not the token.
+    bad = "hf_" + secrets.token_hex(17)
+    code, rejected = run_phoenix({**env, "HF_TOKEN": bad}, "run", *TRAIN)
+    assert code == 2 and errors(rejected) and "HF_TOKEN" in errors(rejected)[0], rejected
+    outputs += [rejected, run_phoenix(env, "status", "--json")[1]]
+
+    assert not leaked_argv
+    for text in outputs:
+        assert all(s not in text for s in (hf_token, wandb_key, bad))
+    for path in volume.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert all(s.encode() not in data for s in (hf_token, wandb_key, bad)), path
