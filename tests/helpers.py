@@ -28,6 +28,17 @@ def publish_corpus(server, tmp_dir: Path, num_shards: int = 4, docs_per_shard: i
     server.publish_dataset(DATASET_REPO, {p.name: p for p in paths})
 
 
+def tiny_job(hub, tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
+    """Environment of a tiny CPU `phoenix run` with Hub sync configured on `hub`, and its (empty) volume."""
+    publish_corpus(hub.server, tmp_path / "shards")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    env = {**hub.env, "NANOCHAT_BASE_DIR": str(volume), "MODEL_TAG": MODEL_TAG, "PRESET": "tiny",
+           "DEVICE": "cpu", "RUN_SFT": "0", "HF_REPO_ID": f"{hub.user}/checkpoints", "WANDB_MODE": "offline",
+           **extra}
+    return env, volume
+
+
 def stage_command(module: str, nproc: int, *args: str) -> list[str]:
     """A stage script (trainer.train, trainer.sft) on the tiny preset, directly or under torchrun."""
     command = ["-m", module, "--preset", "tiny", *args]

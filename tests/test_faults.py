@@ -24,8 +24,8 @@ from tests.helpers import (
     MODEL_TAG,
     kill_tree,
     publish_chat_dataset,
-    publish_corpus,
     run_phoenix,
+    tiny_job,
     weights_sha256,
 )
 from trainer import checkpoint_layout as layout
@@ -37,12 +37,7 @@ TRAIN = ("--", "--num-iterations", str(STEPS), "--save-every", "5", "--eval-ever
 
 @pytest.fixture
 def job(hub, tmp_path):
-    publish_corpus(hub.server, tmp_path / "shards")
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    env = {**hub.env, "NANOCHAT_BASE_DIR": str(volume), "MODEL_TAG": MODEL_TAG, "PRESET": "tiny",
-           "DEVICE": "cpu", "RUN_SFT": "0", "HF_REPO_ID": f"{hub.user}/checkpoints", "WANDB_MODE": "offline"}
-    return env, volume
+    return tiny_job(hub, tmp_path)
 
 
 def ckpt_dir(volume, stage="base"):

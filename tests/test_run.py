@@ -19,9 +19,9 @@ from tests.helpers import (
     MODEL_TAG,
     kill_tree,
     publish_chat_dataset,
-    publish_corpus,
     run_phoenix,
     step_losses,
+    tiny_job,
     weights_sha256,
 )
 from trainer import checkpoint_layout as layout
@@ -33,13 +33,7 @@ TRAIN = ("--", "--num-iterations", str(STEPS), "--save-every", "5", "--eval-ever
 @pytest.fixture
 def job(hub, tmp_path):
     """Environment of a tiny CPU job with Hub sync configured, and its volume."""
-    publish_corpus(hub.server, tmp_path / "shards")
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    env = {**hub.env, "NANOCHAT_BASE_DIR": str(volume), "MODEL_TAG": MODEL_TAG, "PRESET": "tiny",
-           "DEVICE": "cpu", "RUN_SFT": "0", "HF_REPO_ID": f"{hub.user}/checkpoints", "WANDB_MODE": "offline",
-           "HF_SYNC_INTERVAL": "1"}
-    return env, volume
+    return tiny_job(hub, tmp_path, HF_SYNC_INTERVAL="1")
 
 
 def ckpt_dir(volume):
