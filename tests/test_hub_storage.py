@@ -19,6 +19,7 @@ from entrypoint import hub as hubmod
 from entrypoint.restore import restore
 from entrypoint.status import collect
 from entrypoint.sync import Syncer
+from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
 
 TAG = "d26-hyperbolic"
@@ -39,17 +40,7 @@ def make_checkpoint(base: Path, step: int, stage: str = "base", done: bool = Fal
 
 @pytest.fixture
 def env(hub, tmp_path: Path) -> dict[str, str]:
-    base = tmp_path / "volume"
-    (base / "tokenizer").mkdir(parents=True)
-    (base / "tokenizer" / "tokenizer.json").write_text('{"model": "bpe"}')
-    layout.write_json_atomic(base / "runs" / TAG / "run.json", {"run_id": "r1", "wandb_run_id": "w1"})
-    return hub.env | {
-        "NANOCHAT_BASE_DIR": str(base),
-        "MODEL_TAG": TAG,
-        "HF_REPO_ID": f"{hub.user}/phoenix-ckpt",
-        "HF_KEEP_LAST": "2",
-        "PYTHONUNBUFFERED": "1",
-    }
+    return sidecar_env(hub, tmp_path) | {"HF_KEEP_LAST": "2"}
 
 
 def cfg_of(env: dict[str, str], **change: str) -> hubmod.HubConfig:
