@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from trainer.model import build_model, config_for_depth, peak_flops
+from trainer.hardware import peak_flops
+from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 from trainer.runtime import Dist, compute_setup
 from trainer.train import PRESETS

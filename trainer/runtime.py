@@ -382,7 +382,7 @@ class StepReporter:
         self.flops_per_token = flops_per_token
         self.peak = None
         if d.device.type == "cuda":
-            from trainer.model import peak_flops
+            from trainer.hardware import peak_flops
 
             self.peak = peak_flops(torch.cuda.get_device_name(d.device))
         logs_dir = Path(base_dir) / "logs"
