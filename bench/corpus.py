@@ -1,15 +1,15 @@
 """An offline English corpus from what is installed here, written as pretraining shards.
 
-    python bench/corpus.py --out /tmp/corpus          # ~40 MB of text, a few minutes on 2 busy cores
+    python bench/corpus.py --out /tmp/corpus          # ~40 MB of text, ~3 minutes on 2 busy cores
 
 Sources, each document one file: the docstrings of every Python module of the running interpreter
 (standard library and site-packages, read with `ast`, nothing imported), man pages (troff markup
-stripped) and the plain-text files under /usr/share/doc. Identical texts are kept once, documents
-are shuffled with a fixed seed, and the shards come out as phoenix (trainer/data.py) and nanochat
-(nanochat/dataset.py) both read them: `shard_NNNNN.parquet`, one `text` column, row groups of 1,024
-documents, the last shard the validation split. The same machine gives the same shards.
-It exists so that a vocab-8192 tokenizer has real words to learn, where the generated demo shards
-have too few (bench/vs_nanochat.py).
+stripped; not the Cloud SDK's generated ones) and the plain-text files under /usr/share/doc.
+Identical texts are kept once, documents are shuffled with a fixed seed, and the shards come out as
+phoenix (trainer/data.py) and nanochat (nanochat/dataset.py) both read them: `shard_NNNNN.parquet`,
+one `text` column, row groups of 1,024 documents, the last shard the validation split. The same
+machine gives the same shards. It exists so that a vocab-8192 tokenizer has real words to learn
+(bench/vs_nanochat.py), which the generated demo shards have too few of.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def man_page_text(raw: str) -> str:
 def man_pages(man_dir: Path) -> Iterator[str]:
     for section in MAN_SECTIONS:
         for path in sorted((man_dir / section).glob("*")):
-            if path.is_file() and not path.is_symlink():
+            # The Google Cloud SDK ships ~16,000 generated pages of near-identical boilerplate.
+            if path.is_file() and not path.is_symlink() and not path.name.startswith("gcloud"):
                 opener = gzip.open if path.suffix == ".gz" else open
                 try:
                     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
