@@ -58,8 +58,9 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
     compile_flags = parser.add_mutually_exclusive_group()
     compile_flags.add_argument("--compile", dest="compile", action="store_const", const="on",
-                               help="torch.compile on CPU too (default: on CUDA only, where it pays; a tiny "
-                                    "CPU run would spend longer compiling than training)")
+                               help="torch.compile on CPU too (default: where it pays: on CUDA, and on CPU "
+                                    "from depth-4-sized models up; a tiny run would spend longer compiling "
+                                    "than training)")
     compile_flags.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                                help="skip torch.compile, on CUDA too")
     parser.add_argument("--allow-fresh-start", action="store_true",
@@ -188,9 +189,19 @@ class StopSignal:
                     signal.Signals(signum).name)
 
 
-def compiles(compile_mode: str, device: torch.device) -> bool:
-    """--compile (on) / --no-compile (off) / neither (auto): compile on CUDA only, where it pays."""
-    return compile_mode == "on" or (compile_mode == "auto" and device.type == "cuda")
+# On the CPU, compiling costs about a minute (inductor's C++ builds on 2 cores) and saves a few percent of
+# every step from depth 4 up (bench/throughput.py, bench/vs_nanochat.py): that pays for models whose CPU
+# runs last hours (depth 4, width 256: 3.4e7 FLOPs per token), never for the tiny preset (1.6e6), whose
+# whole demo run is shorter than its compile.
+CPU_COMPILE_MIN_FLOPS_PER_TOKEN = 1e7
+
+
+def compiles(compile_mode: str, device: torch.device, flops_per_token: float = 0.0) -> bool:
+    """--compile (on) / --no-compile (off) / neither (auto): compile where it pays, i.e. on CUDA, and on
+    the CPU for models of at least CPU_COMPILE_MIN_FLOPS_PER_TOKEN training FLOPs per token."""
+    if compile_mode != "auto":
+        return compile_mode == "on"
+    return device.type == "cuda" or flops_per_token >= CPU_COMPILE_MIN_FLOPS_PER_TOKEN
 
 
 def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: bool = False
@@ -204,7 +215,7 @@ def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: b
     if d.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if compiles(compile_mode, d.device):
+    if compiles(compile_mode, d.device, model.estimate_flops_per_token()):
         train_model = torch.compile(train_model, dynamic=dynamic)
     return train_model, autocast
 

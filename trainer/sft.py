@@ -93,7 +93,7 @@ class SFTConfig:
     sft_dataset: str = DEFAULT_SFT_DATASET
     sft_split: str = "train"
     wandb_run: str = ""
-    compile: str = "auto"  # auto (CUDA only) | on (--compile) | off (--no-compile)
+    compile: str = "auto"  # auto (runtime.compiles) | on (--compile) | off (--no-compile)
     device: str = "auto"
     allow_fresh_start: bool = False
 

@@ -115,7 +115,7 @@ class TrainConfig:
     base_dir: str = "~/.cache/nanochat"
     dataset_repo: str = DEFAULT_DATASET_REPO
     wandb_run: str = ""
-    compile: str = "auto"  # auto (CUDA only) | on (--compile) | off (--no-compile)
+    compile: str = "auto"  # auto (runtime.compiles) | on (--compile) | off (--no-compile)
     device: str = "auto"
     allow_fresh_start: bool = False
 
