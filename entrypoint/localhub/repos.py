@@ -183,7 +183,8 @@ class RepoStore:
             for other in repos:
                 stored |= self._history_lfs(other)
             after = stored | {e["sha256"]: e["size"] for e in added}
-            if sum(after.values()) > limit and len(after) > len(stored):
+            buckets = self._bucket_bytes(owner)  # type: ignore[attr-defined]
+            if sum(after.values()) + buckets > limit and len(after) > len(stored):
                 raise HubError(403, QUOTA_MESSAGE)
 
     def squash(self, repo: Repo, branch: str, title: str, author: str) -> str:
