@@ -43,7 +43,8 @@ class RepoStore:
     # ------------------------------------------------------------------ public figures
 
     def set_quota(self, owner: str, nbytes: int | None) -> None:
-        """Cap the storage of a namespace (all its repos) or of one repo ("ns/name"); None lifts the cap."""
+        """Cap the storage of a namespace (its repos and buckets together), or of one repo or bucket
+        ("ns/name"); None lifts the cap."""
         if nbytes is None:
             self.quotas.pop(owner, None)
         else:

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"an accepted token and the user it authenticates (default {DEFAULT_USER}); repeatable",
     )
     parser.add_argument("--quota", action="append", default=[], metavar="OWNER=BYTES",
-                        help="cap the storage of a namespace or of one repo (ns/name); repeatable")
+                        help="cap the storage of a namespace, or of one repo or bucket (ns/name); repeatable")
     args = parser.parse_args(argv)
     tokens = {token: user or DEFAULT_USER for token, _, user in (spec.partition(":") for spec in args.token)}
     stop = threading.Event()

@@ -81,7 +81,8 @@ class ContentStore:
     _obs_lock: threading.Lock
 
     def __init__(self) -> None:
-        self._shards: dict[Path, list[tuple[str, str, int]]] = {}  # shard files never change
+        # Shard files are named after their content's hash, and copies of a folder share them: cache by name.
+        self._shards: dict[str, list[tuple[str, str, int]]] = {}
         self._xet_session: Any = None
         for sub in ("blobs", "tmp", "xet/uploads", "xet/packs", "xet/reads", "xet/files"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -145,9 +146,9 @@ class ContentStore:
         """(xet hash, sha256, size) of every file uploaded into one upload folder."""
         files = []
         for shard in sorted((upload / _XET_INDEX / "shards").glob("*.mdb")):
-            if shard not in self._shards:
-                self._shards[shard] = list(shard_files(shard.read_bytes()))
-            files += self._shards[shard]
+            if shard.name not in self._shards:
+                self._shards[shard.name] = list(shard_files(shard.read_bytes()))
+            files += self._shards[shard.name]
         return files
 
     def _xet_uploaded(self, sha256: str) -> tuple[str, int, Path] | None:
