@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import BucketBatchError, BucketNotFoundError, HfHubHTTPError
 
 from entrypoint.localhub import LocalHub
@@ -215,10 +215,16 @@ def test_copy_between_buckets_and_restart_keep_the_files(hub, bucket: str, tmp_p
     api.batch_bucket_files(bucket, add=[(data, "model.pt")])
     api.create_bucket(f"{hub.user}/backup", private=True)
     api.copy_files(f"hf://buckets/{bucket}/model.pt", f"hf://buckets/{hub.user}/backup/model.pt")
+    repo = api.create_repo(f"{hub.user}/final", private=True).repo_id  # a server-side copy from a repo too
+    api.upload_file(path_or_fileobj=data, path_in_repo="model.pt", repo_id=repo)
+    xet_hash = get_hf_file_metadata(hf_hub_url(repo, "model.pt"), token=hub.token).xet_file_data.file_hash
+    api.batch_bucket_files(f"{hub.user}/backup", copy=[("model", repo, xet_hash, "from_repo.pt")])
     hub.server.stop()
     with LocalHub(hub.server.data_dir, tokens={hub.token: hub.user}) as again:  # a new instance, same data
         api = HfApi(endpoint=again.url, token=hub.token)
-        assert api.bucket_info(f"{hub.user}/backup").size == len(data)
-        api.download_bucket_files(f"{hub.user}/backup", [("model.pt", tmp_path / "copy.pt")])
+        assert api.bucket_info(f"{hub.user}/backup").size == 2 * len(data)  # each file counts
+        copies = [(p, tmp_path / p) for p in ("model.pt", "from_repo.pt")]
+        api.download_bucket_files(f"{hub.user}/backup", copies)
         api.download_bucket_files(bucket, [("model.pt", tmp_path / "orig.pt")])
-    assert (tmp_path / "copy.pt").read_bytes() == data == (tmp_path / "orig.pt").read_bytes()
+    assert (tmp_path / "model.pt").read_bytes() == data == (tmp_path / "orig.pt").read_bytes()
+    assert (tmp_path / "from_repo.pt").read_bytes() == data
