@@ -7,11 +7,13 @@ the client process keeps its Xet session, so no folder is ever shared between tw
     xet/packs/<id>/     made at commit from an upload folder (xorbs and shards hard-linked, index copied);
                         a committed Xet file records its pack, which stays until nothing references it
     xet/reads/<id>/     one per read token: a hard-linked copy of one pack for one client to read
-    xet/files/<hash>    a bucket file rebuilt from its bucket's pack, for plain HTTP downloads
+    xet/files/<hash>    a bucket file rebuilt from a pack, for plain HTTP downloads (see buckets.py)
 
 The commit names a Xet file by sha256 only, as on the Hub; the pack holding it is found by reading the
 upload folders' shards (hf_xet writes the sha256 of each file in its shard's metadata). Plain HTTP downloads
 of a Xet file are served from a blob that the server materializes from the pack with hf_xet on first use.
+A bucket's write token is a copy of the bucket's pack rather than an empty folder, so that its batch can
+freeze the upload folder into the bucket's next pack as it is.
 """
 
 from __future__ import annotations
@@ -120,8 +122,8 @@ class ContentStore:
 
     def xet_folder(self, kind: str, pack: str | None = None) -> Path:
         """A fresh CAS folder for one token: empty, or a copy of `pack` (a read, or a bucket's upload)."""
-        folder = self.data_dir / "xet" / kind / secrets.token_hex(8)
         if pack is None:
+            folder = self.data_dir / "xet" / kind / secrets.token_hex(8)
             folder.mkdir()
             return folder
         source = self.data_dir / "xet" / "packs" / pack
@@ -196,8 +198,8 @@ class ContentStore:
             return self._xet_session
 
     def _xet_download(self, source: Path, xet_hash: str, size: int, dest: Path) -> None:
-        """Rebuild one Xet file from a CAS folder (a pack or an upload) with hf_xet, which checks every chunk
-        against its hash; it reads from a copy, since the uploading client may still hold `source`."""
+        """Rebuild one Xet file from a CAS folder (a pack or an upload) with hf_xet; it reads a copy, since
+        the uploading client may still hold `source`."""
         import hf_xet
 
         folder = self._copy_folder(source)
