@@ -295,12 +295,9 @@ class Hub:
             xet_get(incomplete_path=dest, xet_file_data=meta.xet_file_data, headers=headers,
                     expected_size=size, displayed_filename=path_in_repo)
         except RuntimeError as exc:
-            # hf_xet reports a local I/O failure (full disk, read-only volume) as a RuntimeError ending in
-            # "(os error N)": give it back its errno, so it is the same one-line volume error as over HTTP.
-            if (found := _OS_ERROR.search(str(exc))) is None:
+            if (error := xet_os_error(exc, dest)) is None:
                 raise
-            code = int(found.group(1))
-            raise OSError(code, os.strerror(code), str(dest)) from exc
+            raise error from exc
         return True
 
     def read_json(self, snapshot: HubSnapshot, path_in_repo: str) -> Any:
@@ -345,6 +342,15 @@ class Hub:
             return info.oid
 
         return self.call(f"commit {message!r}", attempt)
+
+
+def xet_os_error(exc: RuntimeError, dest: Path) -> OSError | None:
+    """hf_xet reports a local I/O failure (full disk, read-only volume) as a RuntimeError ending in "(os error
+    N)": the OSError with that errno, so it is the same one-line volume error as over HTTP (else None)."""
+    if (found := _OS_ERROR.search(str(exc))) is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(dest))
 
 
 def add_operation(path_in_repo: str, local: Path, sha256: str | None = None) -> CommitOperationAdd:
