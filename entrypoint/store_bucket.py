@@ -12,9 +12,10 @@ repo of the same id (`store` says why). A bucket is not transactional, so:
 - every pass first deletes what killed passes and fenced launches left: files of checkpoints without a
   manifest (except the next one this launch is pushing) and checkpoints outside the lineage.
 
-Every batch is preceded by a check of the claim: a newer generation ends the pass (it re-reads, finds
-itself fenced). A launch paused between that check and its batch can still write one batch; its
-generation's paths and the claim's lineage make sure that batch never becomes what a restore picks.
+Each pass starts with a check of the claim, and so does every batch that writes or deletes a manifest: a
+newer generation ends the pass (it re-reads, finds itself fenced). A launch paused between that check and
+its batch can still write that batch; its generation's paths and the claim's lineage make sure it never
+becomes what a restore picks, and it deletes only what its own pushes had made redundant before the claim.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ class BucketStore:
         start = time.monotonic()
         self._batch(f"upload {folder}", add=[(str(ckpt.path / name), f"{folder}/{name}") for name in names])
         # Only now, and only if we are still the newest generation, does it become complete.
+        self._check_claim()
         self._batch(f"upload {folder}/{layout.MANIFEST_NAME}",
                     add=[(manifest, f"{folder}/{layout.MANIFEST_NAME}")])
         log_push_done(stage, ckpt.step, nbytes, time.monotonic() - start, extras=len(side_files),
@@ -128,6 +130,7 @@ class BucketStore:
 
     def prune(self, view: StoreView, doomed: list[StoredCheckpoint]) -> None:
         """Manifests first, in their own batch: from then on none of them counts; then their files."""
+        self._check_claim()
         self._batch("delete manifests", delete=[f"{c.folder}/{layout.MANIFEST_NAME}" for c in doomed])
         for ckpt in doomed:
             view.remove(ckpt)
@@ -158,9 +161,13 @@ class BucketStore:
         """The bucket's size: what it holds now (no history)."""
         return self.hub.call("bucket_info", lambda: self.api.bucket_info(self.bucket_id)).size
 
-    def _batch(self, what: str, **operations: Any) -> None:
-        """One batch_bucket_files call, made only while this launch's generation is still the newest."""
+    def _check_claim(self) -> None:
+        """Before a batch that makes checkpoints count or stop counting (a manifest written or deleted):
+        a newer generation ends the pass. Other batches need no check: files without a manifest never
+        count, and what tidy deletes no longer counts under any newer claim either."""
         theirs = self.hub.generation(self.hub.snapshot())
         if theirs > (own := local_generation(self.cfg)):
             raise HeadMoved(f"generation {theirs} was claimed during the pass (ours: {own})")
+
+    def _batch(self, what: str, **operations: Any) -> None:
         self.hub.call(what, lambda: self.api.batch_bucket_files(self.bucket_id, **operations))
