@@ -23,6 +23,7 @@ try:  # huggingface_hub 2.x's HTTP client; 1.x (a bare GPU image's) uses httpx, 
 except ImportError:
     import httpx as httpx2
 from huggingface_hub.errors import (
+    BucketBatchError,
     BucketNotFoundError,
     HfHubHTTPError,
     HFValidationError,
@@ -188,6 +189,11 @@ def _server_message(exc: BaseException) -> str:
     return " ".join([header, *(str(err) for err in _chain(exc))])
 
 
+def _batch_failures(exc: BaseException) -> list[dict[str, str]]:
+    """The operations a bucket batch reported as failed (the others were applied: not transactional)."""
+    return next((err.failures for err in _chain(exc) if isinstance(err, BucketBatchError)), [])
+
+
 def _is_hub_api(exc: BaseException) -> bool:
     """Whether the failed request went to the Hub's API (token checked there), not to file storage."""
     response = _response(exc)
@@ -225,18 +231,23 @@ def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
     if is_transient(exc):
         return HubUnavailable(f"Hub unreachable or overloaded: {short_error(exc)}")
     status = _status(exc)
+    failures = _batch_failures(exc)
     not_found = any(isinstance(err, RepositoryNotFoundError | BucketNotFoundError) for err in _chain(exc))
     if status == 412:
         return HeadMoved("the repo moved on while we were committing (412)")
     if any(isinstance(err, RevisionNotFoundError) for err in _chain(exc)):
         return RevisionGone("the commit being read is gone from the Hub (history squashed)")
-    if status == 403 and _QUOTA_MESSAGE.search(_server_message(exc)):
+    if (status == 403 or failures) and _QUOTA_MESSAGE.search(_server_message(exc)):
         free = ("delete other files from the bucket" if cfg.repo_type == "bucket"
                 else "delete old checkpoints with their history, or use HF_REPO_TYPE=bucket")
         return QuotaExceeded(
             f"the Hub account's storage is full ({short_error(exc)}): nothing new is backed up until space "
             f"is freed; lower HF_KEEP_LAST, {free}, or get a bigger plan (retried every pass)"
         )
+    if failures:
+        first = failures[0]
+        return HubError(f"the bucket refused {len(failures)} file operation(s), e.g. {first.get('path')}: "
+                        f"{first.get('error')}")
     if status in (401, 403) and not _is_hub_api(exc):
         # The API accepted the token (every pass starts with repo_info), so a refusal from the storage
         # side (an expired upload URL, a Xet token refresh) is not a settings problem: try again later.

@@ -102,6 +102,18 @@ def test_sidecar_killed_mid_upload_leaves_a_verifiable_latest(hub, env, tmp_path
     assert bucket_steps(env) == [3, 2]
 
 
+def test_a_batch_applied_only_in_part_leaves_no_manifest_and_the_next_pass_completes_it(hub, env) -> None:
+    make_checkpoint(volume(env), 1)
+    hub.server.fail_bucket_op("step_000001/optim.safetensors")  # buckets are not transactional
+    failed = Syncer(cfg_of(env)).sync_once()
+    assert not failed.ok and failed.pushed == [] and "optim.safetensors" in failed.errors[0]
+    landed = bucket_paths(hub, env)
+    assert any(p.endswith("step_000001/model.safetensors") for p in landed)  # the rest of the batch did
+    assert not any(p.endswith(layout.MANIFEST_NAME) for p in landed) and bucket_steps(env) == []
+    assert Syncer(cfg_of(env)).sync_once().pushed == [("base", 1)]
+    assert bucket_steps(env) == [1]
+
+
 def test_partial_or_damaged_checkpoints_in_the_bucket_are_never_restored(hub, env, tmp_path) -> None:
     base = volume(env)
     make_checkpoint(base, 1)
