@@ -114,7 +114,8 @@ def status_command(as_json: bool, no_hub: bool) -> None:
         click.echo(json.dumps(report, indent=1))
         return
     storage = report["hub_storage_bytes"]
-    click.echo(f"run {report['model_tag']} on {report['base_dir']}  hub {report['repo_id'] or 'off'}"
+    where = "bucket" if cfg.repo_type == "bucket" else "hub"  # a bucket's storage is its size, no history
+    click.echo(f"run {report['model_tag']} on {report['base_dir']}  {where} {report['repo_id'] or 'off'}"
                + (f"  storage {storage / 1e9:.2f} GB" if storage is not None else "")
                + (f"  (hub unreachable: {report['hub_error']})" if report["hub_error"] else ""))
     if report["hub_quota_error"]:
