@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
+from entrypoint.restore import fetch_weights, restore
 from entrypoint.status import collect
 from entrypoint.store import claim_generation, open_store
 from entrypoint.sync import Syncer
@@ -45,11 +46,15 @@ def phoenix(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     return subprocess.run(PHOENIX + list(args), env=env, capture_output=True, text=True, timeout=120)
 
 
-def restore_on_empty_volume(env: dict[str, str], tmp_path: Path, name: str) -> tuple[Path, int | None]:
-    """`phoenix restore` onto an empty volume; the volume and its latest sha256-verified step."""
+def restore_on_empty_volume(env: dict[str, str], tmp_path: Path, name: str, cli: bool = False
+                            ) -> tuple[Path, int | None]:
+    """A restore (`phoenix restore` with `cli`) onto an empty volume; the volume, its latest verified step."""
     empty = tmp_path / name
-    done = phoenix(env | {"NANOCHAT_BASE_DIR": str(empty)}, "restore")
-    assert done.returncode == 0, done.stdout + done.stderr
+    if cli:
+        done = phoenix(env | {"NANOCHAT_BASE_DIR": str(empty)}, "restore")
+        assert done.returncode == 0, done.stdout + done.stderr
+    else:
+        restore(cfg_of(env, NANOCHAT_BASE_DIR=str(empty)))
     latest = layout.latest(layout.stage_dir(empty, "base", TAG), full_hash=True)
     return empty, latest.step if latest else None
 
@@ -73,8 +78,11 @@ def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, e
     assert not [r for r in hub.server.request_log if r.status == 403]
     assert collect(cfg_of(env))["hub_storage_bytes"] == hub.server.bucket_size(env["HF_REPO_ID"])  # status
     assert len(bucket_paths(hub, env)) == 2 * 4  # two checkpoints of 4 files: nothing left behind
-    volume_after, step = restore_on_empty_volume(env, tmp_path, "redeployed")
+    volume_after, step = restore_on_empty_volume(env, tmp_path, "redeployed", cli=True)
     assert step == 39 and same_files(base, volume_after, 39)
+    stage, weights = fetch_weights(cfg_of(env, NANOCHAT_BASE_DIR=str(tmp_path / "chat")))  # `phoenix chat`
+    model = hashlib.sha256((weights / "model.safetensors").read_bytes()).hexdigest()
+    assert stage == "base" and model == digests(base, 39)["model.safetensors"]
 
 
 @pytest.mark.parametrize(("held", "method"), [("/xet-write-token", "GET"), ("/batch", "POST")],
@@ -194,5 +202,6 @@ def test_a_full_account_is_one_clear_line_and_status_shows_it(hub, env) -> None:
     assert full.returncode == 1 and "Traceback" not in full.stdout + full.stderr
     line = next(x for x in full.stdout.splitlines() if "event=sync_failed" in x)
     assert "storage limit reached" in line and "HF_KEEP_LAST" in line and "bucket" in line
-    assert "storage limit reached" in collect(cfg_of(env))["hub_quota_error"]  # `phoenix status`
+    status = phoenix(env, "status").stdout
+    assert f"bucket {env['HF_REPO_ID']}  storage 0.00 GB" in status and "storage limit reached" in status
     assert bucket_steps(env) == []
