@@ -307,7 +307,7 @@ def _fetch_weight_files(store: CheckpointStore, view: StoreView, stored: StoredC
 
 @click.command("restore")
 def restore_command() -> None:
-    """Bring the latest complete checkpoints back from the Hub repo HF_REPO_ID, if the volume lacks them."""
+    """Restore the newest complete checkpoints from HF_REPO_ID (repo or bucket) if the volume lacks them."""
     cfg = HubConfig.from_env_or_exit()
     setup_hub_logging(cfg.base_dir / "logs" / "hf_restore.log")
     try:

@@ -200,7 +200,7 @@ def _exit(code: int) -> None:
 def sync_command(
     once: bool, exit_when_stopped: bool, poll_seconds: float, stop_wait_seconds: float, grace_seconds: float
 ) -> None:
-    """Push every complete checkpoint to the Hub repo HF_REPO_ID, one commit each (the sidecar)."""
+    """Push every complete checkpoint to HF_REPO_ID (a Hub repo or bucket) as it appears (the sidecar)."""
     cfg = HubConfig.from_env_or_exit()
     setup_hub_logging(cfg.base_dir / "logs" / "hf_sync.log")
     stop = threading.Event()
