@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 from pathlib import Path
 
@@ -168,19 +169,24 @@ def test_a_fenced_generation_cannot_become_the_restored_checkpoint(hub, env, tmp
         make_checkpoint(volume(old_env), step)
     assert Syncer(old).sync_once().ok
     make_checkpoint(volume(old_env), 3)
-    # The old instance checks the claim, then stalls (a paused VM) right before writing step 3's manifest;
-    # meanwhile a redeploy elsewhere claims generation 2. When the old one wakes, its manifest lands.
-    syncer = Syncer(old)
-    real_batch = syncer.store.api.batch_bucket_files
-
-    def batch_after_a_rival_claim(bucket_id: str, **operations) -> None:
-        if any(dest.endswith(layout.MANIFEST_NAME) for _, dest in operations.get("add", [])):
-            syncer.store.api.batch_bucket_files = real_batch
-            assert claim_generation(new) == 2
-        real_batch(bucket_id, **operations)
-
-    syncer.store.api.batch_bucket_files = batch_after_a_rival_claim
-    assert syncer.sync_once().pushed == [("base", 3)]
+    # The old instance's sidecar checks the claim and sends step 3's manifest; the VM is paused right then
+    # (SIGSTOP, the request held). Meanwhile a redeploy elsewhere claims generation 2. It wakes up, and its
+    # manifest lands: a bucket has no compare-and-swap to refuse it.
+    batch = f"/api/buckets/{env['HF_REPO_ID']}/batch"
+    files_batch, manifest_batch = hub.server.pause_next(batch, "POST"), hub.server.pause_next(batch, "POST")
+    sidecar = subprocess.Popen(PHOENIX + ["sync", "--once"], env=old_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert files_batch.reached.wait(30)
+        files_batch.release()
+        assert manifest_batch.reached.wait(30)
+        sidecar.send_signal(signal.SIGSTOP)
+        assert claim_generation(new) == 2
+        sidecar.send_signal(signal.SIGCONT)
+    finally:
+        files_batch.release()
+        manifest_batch.release()
+    out, _ = sidecar.communicate(timeout=60)
+    assert sidecar.returncode == 1 and "event=push_done stage=base step=3" in out and "event=fenced" in out
     assert f"base_checkpoints/{TAG}/gen_000001/step_000003/MANIFEST.json" in bucket_paths(hub, env)
     _, step = restore_on_empty_volume(new_env, tmp_path, "redeployed")
     assert step == 2  # what generation 1 had pushed when generation 2 claimed the run; not its late step 3
