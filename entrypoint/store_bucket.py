@@ -10,7 +10,8 @@ repo of the same id (`store` says why). A bucket is not transactional, so:
 - prune: the manifests in one batch, then their files, so a prune cut short leaves files without a
   manifest, never something that looks complete; deleting frees the storage at once, so no squash;
 - every pass first deletes what killed passes and fenced launches left: files of checkpoints without a
-  manifest (except the next one this launch is pushing) and checkpoints outside the lineage.
+  manifest (except the next one this launch is pushing) and checkpoints outside the lineage; and one
+  that lacks a file the volume's copy lists (at its size) is pushed again.
 
 Each pass starts with a check of the claim, and so does every batch that writes or deletes a manifest: a
 newer generation ends the pass (it re-reads, finds itself fenced). A launch paused between that check and
@@ -38,6 +39,7 @@ from trainer import checkpoint_layout as layout
 log = logging.getLogger("phoenix.sync")
 
 _GENERATION_DIR = re.compile(r"^gen_(\d{6,})$")
+Folders = dict[tuple[int, int], dict[str, BucketFile]]  # (generation, step) -> name -> file
 
 
 class BucketStore:
@@ -61,38 +63,57 @@ class BucketStore:
     def view(self) -> StoreView:
         snapshot = self.hub.snapshot()
         claim = self.hub.claim_record(snapshot)
-        own = local_generation(self.cfg)
-        remote: dict[str, BucketFile] = {}
-        checkpoints: dict[str, list[StoredCheckpoint]] = {}
-        garbage: list[str] = []
+        view = StoreView(snapshot, {}, lambda: claim)
         for stage in layout.STAGES:
-            prefix = self.cfg.stage_path(stage) + "/"
-            entries = self.hub.call("list_bucket_tree", lambda prefix=prefix: [
-                e for e in self.api.list_bucket_tree(self.bucket_id, prefix=prefix, recursive=True)
-                if isinstance(e, BucketFile)])
-            folders: dict[tuple[int, int], dict[str, BucketFile]] = {}
-            for entry in entries:
-                remote[entry.path] = entry
-                generation_name, step_name, name = (entry.path[len(prefix):].split("/") + ["", ""])[:3]
-                found, step = _GENERATION_DIR.match(generation_name), layout.parse_step(step_name)
-                if found and step is not None and name:
-                    folders.setdefault((int(found.group(1)), step), {})[name] = entry
-            complete = {}
+            folders = self._folders(stage, view.remote)
+            complete: dict[int, StoredCheckpoint] = {}
             for (generation, step), files in sorted(folders.items()):  # a newer generation's same step wins
-                if layout.MANIFEST_NAME in files and counts(claim, generation, stage, step):
+                if layout.MANIFEST_NAME in files and counts(claim, generation, stage, step) and \
+                        self._as_on_volume(stage, step, files):
                     complete[step] = StoredCheckpoint(
                         stage, step, self.folder(stage, generation, step),
                         {name: RemoteFile(f.size) for name, f in files.items()}, generation)
-            checkpoints[stage] = sorted(complete.values(), key=lambda c: c.step, reverse=True)
-            newest = max(complete, default=-1)
-            for (generation, step), files in folders.items():
-                if complete.get(step) is not None and complete[step].generation == generation:
-                    continue
-                if generation == own and step > newest and layout.MANIFEST_NAME not in files:
-                    continue  # this launch's next checkpoint, cut short: its next push overwrites it
-                if generation <= own:  # a newer one fences us: what it writes is not ours to delete
-                    garbage += [f.path for f in files.values()]
-        return StoreView(snapshot, checkpoints, lambda: claim, garbage=garbage, remote=remote)
+            view.checkpoints[stage] = sorted(complete.values(), key=lambda c: c.step, reverse=True)
+            view.garbage += self._garbage(folders, complete)
+        return view
+
+    def _folders(self, stage: str, remote: dict[str, BucketFile]) -> Folders:
+        """The stage's files in the bucket by (generation, step) and name; all of them also into `remote`."""
+        prefix = self.cfg.stage_path(stage) + "/"
+        entries = self.hub.call("list_bucket_tree", lambda: [
+            e for e in self.api.list_bucket_tree(self.bucket_id, prefix=prefix, recursive=True)
+            if isinstance(e, BucketFile)])
+        folders: Folders = {}
+        for entry in entries:
+            remote[entry.path] = entry
+            generation_name, step_name, name = (entry.path[len(prefix):].split("/") + ["", ""])[:3]
+            found, step = _GENERATION_DIR.match(generation_name), layout.parse_step(step_name)
+            if found and step is not None and name:
+                folders.setdefault((int(found.group(1)), step), {})[name] = entry
+        return folders
+
+    def _as_on_volume(self, stage: str, step: int, files: dict[str, BucketFile]) -> bool:
+        """False if the volume holds this step and a file its manifest lists is missing from the bucket or
+        of another size: not complete then, so the sidecar pushes it again (restore checks the same against
+        the bucket's own manifest)."""
+        try:
+            local = layout.read_manifest(layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag)
+                                         / layout.step_dir_name(step))
+        except layout.CheckpointInvalid:
+            return True
+        return all(name in files and files[name].size == e["size"] for name, e in local["files"].items())
+
+    def _garbage(self, folders: Folders, complete: dict[int, StoredCheckpoint]) -> list[str]:
+        """Files of folders that are not complete checkpoints counted here, but this launch's next one."""
+        own, newest, garbage = local_generation(self.cfg), max(complete, default=-1), []
+        for (generation, step), files in folders.items():
+            if step in complete and complete[step].generation == generation:
+                continue
+            if generation == own and step > newest and layout.MANIFEST_NAME not in files:
+                continue  # this launch's next checkpoint, cut short: its next push overwrites it
+            if generation <= own:  # a newer one fences us: what it writes is not ours to delete
+                garbage += [f.path for f in files.values()]
+        return garbage
 
     def tidy(self, view: StoreView) -> None:
         """Delete files of checkpoints without a manifest and of checkpoints outside the lineage."""

@@ -146,11 +146,12 @@ def test_partial_or_damaged_checkpoints_in_the_bucket_are_never_restored(hub, en
     upload(2, [*data, layout.MANIFEST_NAME], {"model.safetensors": flipped})
     volume_after, step = restore_on_empty_volume(env, tmp_path, "redeployed")
     assert step == 1 and same_files(base, volume_after, 1)
-    # The sidecar deletes the manifest-less files, then pushes what the bucket lacks over the damaged ones.
+    # The sidecar deletes the manifest-less files and the checkpoint that lacks a file it has, pushes both
+    # again, and prunes the rest.
     layout.prune(stage_dir, keep_last=2)
     result = Syncer(cfg_of(env)).sync_once()
-    assert result.ok and result.pushed == [("base", 4)], result.errors
-    assert bucket_steps(env) == [4, 3]
+    assert result.ok and result.pushed == [("base", 4), ("base", 3)], result.errors
+    assert bucket_steps(env) == [4, 3] and len(bucket_paths(hub, env)) == 2 * 4
 
 
 def digests(base: Path, step: int) -> dict[str, str]:
