@@ -155,13 +155,12 @@ class ShardedOptimizer:
         self.optimizer.step()
         if self.chunk is None:
             return
-        for name in self.optimizer.owned_names:
-            self.views[name].copy_(self.params[name])
+        owned = self.optimizer.owned_names
+        torch._foreach_copy_([self.views[n] for n in owned], [self.params[n].detach() for n in owned])
         self.chunk.copy_(mine)
         dist.all_gather_single(self.flat, self.chunk)
-        for name, p in self.params.items():
-            if self.owners[name] != d.rank:
-                p.copy_(self.views[name])
+        others = [n for n in self.params if self.owners[n] != d.rank]
+        torch._foreach_copy_([self.params[n].detach() for n in others], [self.views[n] for n in others])
 
     def zero_grad(self) -> None:
         self.flat.zero_()
@@ -181,16 +180,15 @@ class ShardedOptimizer:
         if d.world_size == 1:
             return state
         full = dict(state) if d.is_main else None
+        # Gloo moves CPU tensors, NCCL device ones: the CPU step counters travel on the device.
         for name, owner in self.owners.items():
-            if owner == 0 or (not d.is_main and owner != d.rank):
-                continue
-            for key, fresh in self.optimizer.new_state(name).items():
-                # Gloo moves CPU tensors, NCCL device ones: the CPU step counters travel on the device.
-                if d.is_main:
+            if owner != 0 and d.is_main:
+                for key, fresh in self.optimizer.new_state(name).items():
                     buffer = fresh.to(d.device)
                     dist.recv(buffer, src=owner)
                     full[key] = buffer.cpu()
-                else:
+            elif owner == d.rank and not d.is_main:
+                for key in self.optimizer.state_keys([name]):
                     dist.send(state[key].to(d.device), dst=0)
         return full
 
