@@ -329,7 +329,7 @@ def dist_worker(backend: str, result_path: Path) -> None:
     hold the optimizer state of its own parameters only. Rank 0 writes what it saw."""
     import torch.distributed as dist
 
-    from trainer.runtime import exit_when_orphaned
+    from trainer.distributed import exit_when_orphaned
 
     exit_when_orphaned()  # a killed torchrun must not leave a rank holding the GPU
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
