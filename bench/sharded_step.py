@@ -4,8 +4,8 @@
     torchrun --standalone --nproc_per_node=2 -m bench.sharded_step       # gloo on CPU, nccl on CUDA
 
 Each rank trains depth 4 / width 256 / seq 512 / vocab 8192 (flags change it) on its share of a fixed
-global batch and prints one line: the whole step, the optimizer step (reduce-scatter, its own updates,
-all-gather) and the optimizer state it holds.
+global batch and prints one line: the step (forward, backward, optimizer step), the optimizer step
+(reduce-scatter, its own updates, all-gather), its own updates alone, and the optimizer state it holds.
 """
 
 from __future__ import annotations
@@ -45,22 +45,35 @@ def main() -> None:
     data = torch.Generator().manual_seed(rank)
     x = torch.randint(0, args.vocab, (rows, args.seq), generator=data).to(device)
     y = torch.randint(0, args.vocab, (rows, args.seq), generator=data).to(device)
-    step_s = optimizer_s = 0.0
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if world > 1:  # so that a rank's times leave out waiting for a slower one's backward
+            dist.barrier()
+
+    step_s = optimizer_s = update_s = 0.0
     for step in range(args.steps + 2):  # two warm-up steps
+        sync()
         start = time.perf_counter()
         model(x, y).backward()
+        sync()
         before_optimizer = time.perf_counter()
         optimizer.step()
-        optimizer.zero_grad()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= 2:
             step_s += time.perf_counter() - start
             optimizer_s += time.perf_counter() - before_optimizer
+            start = time.perf_counter()  # this rank's own updates alone, once more on the same gradients
+            optimizer.optimizer.step()
+            sync()
+            update_s += time.perf_counter() - start
+        optimizer.zero_grad()
     state = optimizer.optimizer.state.values()
     print(json.dumps({"rank": rank, "world_size": world, "device": str(device),
                       "step_ms": round(1000 * step_s / args.steps, 1),
                       "optimizer_ms": round(1000 * optimizer_s / args.steps, 1),
+                      "own_updates_ms": round(1000 * update_s / args.steps, 1),
                       "owned_params": len(optimizer.optimizer.owned_names),
                       "state_mib": round(sum(t.numel() * t.element_size() for t in state) / 2**20, 1)}))
     if world > 1:
