@@ -2,8 +2,9 @@
 
 It serves the part of the Hub HTTP API phoenix relies on: whoami, repo create/info (`expand=usedStorage`),
 tree and commit listings, preupload, NDJSON commits, super-squash, LFS file listing and permanent deletion,
-the git-LFS batch API (single-PUT uploads), Xet read/write tokens, and `resolve` downloads with Range
-support. Point a client at it with `HF_ENDPOINT=<url>`; with hf_xet installed, large files go through Xet.
+the git-LFS batch API (single-PUT uploads), Xet read/write tokens, `resolve` downloads with Range
+support, and Storage Buckets (buckets.py). Point a client at it with `HF_ENDPOINT=<url>`; with hf_xet
+installed, large files go through Xet.
 
 Xet and storage model. A write token hands the client a fresh folder as its CAS (`casUrl` `local://<dir>`,
 hf_xet's own local CAS: hf_xet locks that folder for the life of the client's session, so no folder is ever
@@ -20,13 +21,14 @@ quota per namespace or repo (`set_quota`) answers 403 "Private repository storag
 State lives in a data directory, so a server can be restarted over the same data:
 
     blobs/<sha256>                                          file contents, content-addressed
-    xet/{uploads,packs,reads}/<id>/                         local Xet CAS folders (see storage.py)
+    xet/{uploads,packs,reads}/<id>/, xet/files/<xet hash>   local Xet CAS folders (see storage.py)
     repos/<model|dataset>/<ns>/<name>/repo.json             visibility, creation date, branch heads
     repos/<model|dataset>/<ns>/<name>/commits/<sha>.json    one immutable file tree per commit
+    buckets/<ns>/<name>/bucket.json                         a bucket's files, visibility and Xet pack
 
-Tests drive it through the Python API (`fail_next`, `cut_next`, `down`, `throttle_bps`, byte counters,
-`request_log`, `set_quota`, `storage_used`); `python -m entrypoint.localhub --data DIR --port 0 --token
-TOKEN[:USER]` runs it standalone.
+Tests drive it through the Python API (`fail_next`, `cut_next`, `pause_next`, `fail_bucket_op`, `down`,
+`throttle_bps`, byte counters, `request_log`, `set_quota`, `storage_used`, `bucket_size`);
+`python -m entrypoint.localhub --data DIR --port 0 --token TOKEN[:USER]` runs it standalone.
 """
 
 from entrypoint.localhub.common import HubError, LoggedRequest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
 from entrypoint.localhub.common import SHA256_RE, HubError, Repo
@@ -101,6 +101,18 @@ class FileRoutes(_Base):
             read_token = f"{self._base}/api/{repo[0]}s/{repo[1]}/xet-read-token/{commit['id']}"
             headers |= {"X-Xet-Hash": entry["xet"]["hash"],
                         "Link": f'<{read_token}?pack={entry["xet"]["pack"]}>; rel="xet-auth"'}
+        start, end, status = self._byte_range(size, headers)
+        if self.command == "HEAD":
+            self._start_response(status, end - start + 1, headers, "application/octet-stream")
+            return
+        try:  # opened before the status line: a blob squashed away meanwhile is still a clean 404
+            f = open(hub._materialize(entry), "rb")  # noqa: SIM115 (closed by _send_bytes)
+        except FileNotFoundError:
+            raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound") from None
+        self._send_bytes(f, start, end, status, headers)
+
+    def _byte_range(self, size: int, headers: dict[str, str]) -> tuple[int, int, int]:
+        """(first byte, last byte, status) that the request's `Range` asks of a `size`-byte file."""
         start, end, status = 0, size - 1, 200
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").replace(" ", ""))
         if match and match.group(1) + match.group(2):
@@ -112,13 +124,11 @@ class FileRoutes(_Base):
                     416, "Range not satisfiable", headers=headers | {"Content-Range": f"bytes */{size}"}
                 )
             status, headers["Content-Range"] = 206, f"bytes {start}-{end}/{size}"
-        if self.command == "HEAD":
-            self._start_response(status, end - start + 1, headers, "application/octet-stream")
-            return
-        try:  # opened before the status line: a blob squashed away meanwhile is still a clean 404
-            f = open(hub._materialize(entry), "rb")  # noqa: SIM115 (closed by the `with f` below)
-        except FileNotFoundError:
-            raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound") from None
+        return start, end, status
+
+    def _send_bytes(self, f: BinaryIO, start: int, end: int, status: int, headers: dict[str, str]) -> None:
+        """Send bytes `start`..`end` of the open file `f` (closed after), throttled, cut and counted."""
+        hub = self.hub
         self._start_response(status, end - start + 1, headers, "application/octet-stream")
         cut = hub._take(hub._cuts, "GET", urlsplit(self.path).path)
         remaining = end - start + 1 if cut is None else min(end - start + 1, cut.cut_after)

@@ -48,6 +48,7 @@ class FaultHooks:
         self._faults: list[Fault] = []
         self._cuts: list[Fault] = []
         self._pauses: list[Pause] = []
+        self._bucket_op_faults: list[Fault] = []
 
     def fail_next(
         self,
@@ -63,6 +64,15 @@ class FaultHooks:
         fault = Fault(n, path_contains, method, status=status, retry_after=retry_after, message=message)
         with self._obs_lock:
             self._faults.append(fault)
+
+    def fail_bucket_op(self, path_contains: str, n: int = 1, message: str = "Injected failure") -> None:
+        """Report the next `n` bucket batch operations on a path containing `path_contains` in the batch's
+        `failed` list, unapplied (the client raises BucketBatchError). Other bucket faults use the generic
+        hooks on the bucket's URLs: `fail_next(503, path_contains="/api/buckets/ns/b/batch")`, a refused
+        token with `fail_next(403, path_contains="/api/buckets/ns/b/xet-write-token")`, and
+        `pause_next("/api/buckets/ns/b/batch")` to hold a batch after its Xet upload."""
+        with self._obs_lock:
+            self._bucket_op_faults.append(Fault(n, path_contains, None, status=422, message=message))
 
     def cut_next(self, after_bytes: int, n: int = 1, path_contains: str | None = None) -> None:
         """Close the connection of the next `n` matching resolve GETs after `after_bytes` body bytes."""

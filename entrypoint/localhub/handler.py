@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from entrypoint.localhub.api_buckets import BucketRoutes
 from entrypoint.localhub.api_files import FileRoutes
 from entrypoint.localhub.api_repos import RepoRoutes
 from entrypoint.localhub.common import API_TYPES, CHUNK, HubError, LoggedRequest, Repo, namespace
@@ -25,7 +26,7 @@ class Server(ThreadingHTTPServer):
         super().__init__(address, Handler)
 
 
-class Handler(RepoRoutes, FileRoutes, BaseHTTPRequestHandler):
+class Handler(RepoRoutes, FileRoutes, BucketRoutes, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the Hub: every response carries a Content-Length
     timeout = 60
     server: Server
@@ -51,6 +52,8 @@ class Handler(RepoRoutes, FileRoutes, BaseHTTPRequestHandler):
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self._status = code
+        # Logged before the response leaves: a client that has read it must find it in request_log.
+        self.hub._record(LoggedRequest(self.command, urlsplit(self.path).path, code))
         super().send_response(code, message)
 
     def _dispatch(self) -> None:
@@ -78,9 +81,10 @@ class Handler(RepoRoutes, FileRoutes, BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):
             self.close_connection = True  # the client went away, e.g. killed mid-transfer
         finally:
-            hub._record(LoggedRequest(self.command, url.path, self._status))
+            if not self._status:  # no answer sent: the client went away first
+                hub._record(LoggedRequest(self.command, url.path, 0))
 
-    do_GET = do_HEAD = do_POST = do_PUT = _dispatch
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
     def _body_chunks(self) -> Iterator[bytes]:
         self._body_read = True
@@ -173,6 +177,8 @@ class Handler(RepoRoutes, FileRoutes, BaseHTTPRequestHandler):
                 # The client asks before committing a README.md; this double accepts any model card.
                 self._json_body()
                 return self._json(200, {"errors": [], "warnings": []})
+            if parts[1:2] == ["buckets"] and self._bucket_route(parts[2:]):
+                return None
             if len(parts) >= 4 and parts[1] in API_TYPES:
                 repo, tail = (API_TYPES[parts[1]], f"{parts[2]}/{parts[3]}"), parts[4:]
                 action, rev = (tail + ["", ""])[:2]
@@ -198,6 +204,10 @@ class Handler(RepoRoutes, FileRoutes, BaseHTTPRequestHandler):
                 route = routes.get(("GET" if cmd == "HEAD" else cmd, action))
                 if route is not None and rev and not sub:
                     return route(repo, rev)
+        elif parts[:1] == ["buckets"] and parts[3:4] == ["resolve"] and len(parts) >= 5:
+            if cmd not in ("GET", "HEAD"):
+                raise HubError(405, f"Method not allowed: {cmd}")
+            return self._bucket_download(f"{parts[1]}/{parts[2]}", "/".join(parts[4:]))
         elif parts[:1] == ["lfs-upload"] and len(parts) == 2 and cmd == "PUT":
             return self._lfs_put(parts[1])
         else:

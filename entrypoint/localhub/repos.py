@@ -43,7 +43,8 @@ class RepoStore:
     # ------------------------------------------------------------------ public figures
 
     def set_quota(self, owner: str, nbytes: int | None) -> None:
-        """Cap the storage of a namespace (all its repos) or of one repo ("ns/name"); None lifts the cap."""
+        """Cap the storage of a namespace (its repos and buckets together), or of one repo or bucket
+        ("ns/name"); None lifts the cap."""
         if nbytes is None:
             self.quotas.pop(owner, None)
         else:
@@ -183,7 +184,8 @@ class RepoStore:
             for other in repos:
                 stored |= self._history_lfs(other)
             after = stored | {e["sha256"]: e["size"] for e in added}
-            if sum(after.values()) > limit and len(after) > len(stored):
+            buckets = self._bucket_bytes(owner)  # type: ignore[attr-defined]
+            if sum(after.values()) + buckets > limit and len(after) > len(stored):
                 raise HubError(403, QUOTA_MESSAGE)
 
     def squash(self, repo: Repo, branch: str, title: str, author: str) -> str:

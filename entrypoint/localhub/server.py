@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from entrypoint.localhub.buckets import BucketStore
 from entrypoint.localhub.common import DEFAULT_USER, Op, check_path, file_entry, namespace, wants_lfs
 from entrypoint.localhub.faults import FaultHooks
 from entrypoint.localhub.handler import Server
@@ -20,7 +21,7 @@ from entrypoint.localhub.repos import RepoStore
 from entrypoint.localhub.storage import ContentStore
 
 
-class LocalHub(FaultHooks, RepoStore, ContentStore):
+class LocalHub(FaultHooks, RepoStore, ContentStore, BucketStore):
     """The server. Use it as a context manager, or call `start()` / `stop()`; `url` is valid once started."""
 
     def __init__(
@@ -37,6 +38,7 @@ class LocalHub(FaultHooks, RepoStore, ContentStore):
         FaultHooks.__init__(self)
         RepoStore.__init__(self)
         ContentStore.__init__(self)
+        BucketStore.__init__(self)
         (self.data_dir / "repos").mkdir(parents=True, exist_ok=True)
         self._tickets: dict[str, tuple[str, int]] = {}  # LFS upload ticket -> (sha256, size)
         self._conns: set[socket.socket] = set()
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"an accepted token and the user it authenticates (default {DEFAULT_USER}); repeatable",
     )
     parser.add_argument("--quota", action="append", default=[], metavar="OWNER=BYTES",
-                        help="cap the storage of a namespace or of one repo (ns/name); repeatable")
+                        help="cap the storage of a namespace, or of one repo or bucket (ns/name); repeatable")
     args = parser.parse_args(argv)
     tokens = {token: user or DEFAULT_USER for token, _, user in (spec.partition(":") for spec in args.token)}
     stop = threading.Event()

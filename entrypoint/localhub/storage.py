@@ -7,10 +7,13 @@ the client process keeps its Xet session, so no folder is ever shared between tw
     xet/packs/<id>/     made at commit from an upload folder (xorbs and shards hard-linked, index copied);
                         a committed Xet file records its pack, which stays until nothing references it
     xet/reads/<id>/     one per read token: a hard-linked copy of one pack for one client to read
+    xet/files/<hash>    a bucket file rebuilt from a pack, for plain HTTP downloads (see buckets.py)
 
 The commit names a Xet file by sha256 only, as on the Hub; the pack holding it is found by reading the
 upload folders' shards (hf_xet writes the sha256 of each file in its shard's metadata). Plain HTTP downloads
 of a Xet file are served from a blob that the server materializes from the pack with hf_xet on first use.
+A bucket's write token is a copy of the bucket's pack rather than an empty folder, so that its batch can
+freeze the upload folder into the bucket's next pack as it is.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def _merkle_hex(raw: bytes) -> str:
 
 
 def shard_files(data: bytes) -> Iterable[tuple[str, str, int]]:
-    """(xet hash, sha256, size) of each file described by one MDB shard (xet-core spec/shard.md)."""
+    """(xet hash, sha256, size) of each file described by one MDB shard (xet-core spec/shard.md); the sha256
+    is "" for a file uploaded without one (bucket uploads skip it)."""
     offset = _SHARD_HEADER
     while offset + _ENTRY <= len(data) and data[offset : offset + 32] != _BOOKEND:
         file_hash = _merkle_hex(data[offset : offset + 32])
@@ -52,9 +56,11 @@ def shard_files(data: bytes) -> Iterable[tuple[str, str, int]]:
         offset += _ENTRY * (1 + count)
         if flags & _WITH_VERIFICATION:
             offset += _ENTRY * count
+        sha256 = ""
         if flags & _WITH_METADATA:
-            yield file_hash, _merkle_hex(data[offset : offset + 32]), size
+            sha256 = _merkle_hex(data[offset : offset + 32])
             offset += _ENTRY
+        yield file_hash, sha256, size
 
 
 def _link_copy(src: Path, dest: Path) -> None:
@@ -77,9 +83,10 @@ class ContentStore:
     _obs_lock: threading.Lock
 
     def __init__(self) -> None:
-        self._shards: dict[Path, list[tuple[str, str, int]]] = {}  # shard files never change
+        # Shard files are named after their content's hash, and copies of a folder share them: cache by name.
+        self._shards: dict[str, list[tuple[str, str, int]]] = {}
         self._xet_session: Any = None
-        for sub in ("blobs", "tmp", "xet/uploads", "xet/packs", "xet/reads"):
+        for sub in ("blobs", "tmp", "xet/uploads", "xet/packs", "xet/reads", "xet/files"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ blobs
@@ -114,16 +121,21 @@ class ContentStore:
     # ------------------------------------------------------------------ Xet
 
     def xet_folder(self, kind: str, pack: str | None = None) -> Path:
-        """A fresh CAS folder for one token: empty for an upload, a copy of `pack` for a read."""
-        folder = self.data_dir / "xet" / kind / secrets.token_hex(8)
+        """A fresh CAS folder for one token: empty, or a copy of `pack` (a read, or a bucket's upload)."""
         if pack is None:
+            folder = self.data_dir / "xet" / kind / secrets.token_hex(8)
             folder.mkdir()
             return folder
-        self._sweep_reads()
         source = self.data_dir / "xet" / "packs" / pack
         if not source.is_dir():
             raise HubError(404, f"Xet pack {pack} is gone (the history holding it was squashed)")
-        _link_copy(source, folder)
+        return self._copy_folder(source, kind)
+
+    def _copy_folder(self, source: Path, kind: str = "reads") -> Path:
+        """A fresh CAS folder under `xet/<kind>/` holding a copy of the CAS folder `source`."""
+        self._sweep_reads()
+        folder = self.data_dir / "xet" / kind / secrets.token_hex(8)
+        _link_copy(source / _XET_INDEX, folder / _XET_INDEX)
         return folder
 
     def _sweep_reads(self) -> None:
@@ -136,9 +148,9 @@ class ContentStore:
         """(xet hash, sha256, size) of every file uploaded into one upload folder."""
         files = []
         for shard in sorted((upload / _XET_INDEX / "shards").glob("*.mdb")):
-            if shard not in self._shards:
-                self._shards[shard] = list(shard_files(shard.read_bytes()))
-            files += self._shards[shard]
+            if shard.name not in self._shards:
+                self._shards[shard.name] = list(shard_files(shard.read_bytes()))
+            files += self._shards[shard.name]
         return files
 
     def _xet_uploaded(self, sha256: str) -> tuple[str, int, Path] | None:
@@ -163,18 +175,12 @@ class ContentStore:
         blob = self._blob(entry["sha256"])
         if blob.exists() or "xet" not in entry:
             return blob
-        import hf_xet  # only a client that uploaded through Xet makes this necessary, and it has hf_xet
-
-        with self._obs_lock:
-            if self._xet_session is None:
-                self._xet_session = hf_xet.XetSession()
-        folder = self.xet_folder("reads", entry["xet"]["pack"])
         tmp = self.data_dir / "tmp" / secrets.token_hex(8)
         try:
-            with self._xet_session.new_file_download_group(
-                endpoint=f"local://{folder}", token="localhub", token_expiry_unix_secs=int(time.time()) + 600
-            ) as group:
-                group.start_download_file(hf_xet.XetFileInfo(entry["xet"]["hash"], entry["size"]), str(tmp))
+            pack = self.data_dir / "xet" / "packs" / entry["xet"]["pack"]
+            if not pack.is_dir():
+                raise HubError(404, f"Xet pack {pack.name} is gone (the history holding it was squashed)")
+            self._xet_download(pack, entry["xet"]["hash"], entry["size"], tmp)
             with open(tmp, "rb") as f:
                 if hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
                     raise HubError(500, f"Xet file {entry['xet']['hash']} does not match its sha256")
@@ -182,4 +188,35 @@ class ContentStore:
             return blob
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _session(self) -> Any:
+        import hf_xet  # only a client that uploaded through Xet makes this necessary, and it has hf_xet
+
+        with self._obs_lock:
+            if self._xet_session is None:
+                self._xet_session = hf_xet.XetSession()
+            return self._xet_session
+
+    def _xet_download(self, source: Path, xet_hash: str, size: int, dest: Path) -> None:
+        """Rebuild one Xet file from a CAS folder (a pack or an upload) with hf_xet; it reads a copy, since
+        the uploading client may still hold `source`."""
+        import hf_xet
+
+        folder = self._copy_folder(source)
+        try:
+            with self._session().new_file_download_group(
+                endpoint=f"local://{folder}", token="localhub", token_expiry_unix_secs=int(time.time()) + 600
+            ) as group:
+                group.start_download_file(hf_xet.XetFileInfo(xet_hash, size), str(dest))
+        finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _xet_upload(self, folder: Path, sources: Iterable[Path]) -> list[str]:
+        """Upload local files into a CAS folder with hf_xet; returns their Xet hashes."""
+        import hf_xet
+
+        with self._session().new_upload_commit(
+            endpoint=f"local://{folder}", token="localhub", token_expiry_unix_secs=int(time.time()) + 600
+        ) as commit:
+            handles = [commit.start_upload_file(str(src), sha256=hf_xet.SKIP_SHA256) for src in sources]
+        return [handle.result().xet_info.hash for handle in handles]
