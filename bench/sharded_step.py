@@ -69,13 +69,12 @@ def main() -> None:
             sync()
             update_s += time.perf_counter() - start
         optimizer.zero_grad()
-    state = optimizer.optimizer.state.values()
     print(json.dumps({"rank": rank, "world_size": world, "device": str(device),
                       "step_ms": round(1000 * step_s / args.steps, 1),
                       "optimizer_ms": round(1000 * optimizer_s / args.steps, 1),
                       "own_updates_ms": round(1000 * update_s / args.steps, 1),
                       "owned_params": len(optimizer.optimizer.owned_names),
-                      "state_mib": round(sum(t.numel() * t.element_size() for t in state) / 2**20, 1)}))
+                      "state_mib": round(optimizer.state_bytes() / 2**20, 1)}))
     if world > 1:
         dist.destroy_process_group()
 

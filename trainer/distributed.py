@@ -165,6 +165,10 @@ class ShardedOptimizer:
     def zero_grad(self) -> None:
         self.flat.zero_()
 
+    def state_bytes(self) -> int:
+        """The optimizer state this rank holds: its share, not the whole."""
+        return sum(t.numel() * t.element_size() for t in self.optimizer.state.values())
+
     # --- checkpoints: one name-keyed state dict, whatever the world size -----------------------------
 
     def state_keys(self) -> list[str]:

@@ -342,7 +342,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                                      run_id=identity["run_id"])
     log_plan(run_plan, num_params, model.estimate_flops_per_token(), step, loop_state["train_time"],
              reporter.peak, d.world_size)
-    log.info("world_size=%d grad_accum=%d device=%s", d.world_size, loader.grad_accum_steps, d.device)
+    log.info("world_size=%d grad_accum=%d device=%s owned_params=%d/%d optimizer_state_mib=%.1f",
+             d.world_size, loader.grad_accum_steps, d.device, len(optimizer.optimizer.owned_names),
+             len(optimizer.owners), optimizer.state_bytes() / 2**20)
 
     def stage_meta(rank_lanes: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
         positions = {lane: pos for entry in rank_lanes for lane, pos in entry.items()}
