@@ -152,7 +152,8 @@ rm -rf "$context"
 mkdir -p "$context"
 read -ra packages < <(python3 -c 'import sys, tomllib
 meta = tomllib.load(open(sys.argv[1], "rb"))
-print(*meta["tool"]["setuptools"]["packages"])' "$REPO/pyproject.toml")
+print(*dict.fromkeys(name.split(".")[0] for name in meta["tool"]["setuptools"]["packages"]))' \
+    "$REPO/pyproject.toml")
 (cd "$REPO" && cp -r pyproject.toml .dockerignore docker "${packages[@]}" "$context/")
 # The builds cannot reach PyPI through this machine's TLS proxy, so the host downloads every wheel once
 # (the CPU torch from /opt/wheels via pip's find-links) and serves them as a PEP 503 index on loopback.
