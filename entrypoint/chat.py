@@ -19,7 +19,8 @@ from typing import Any, TextIO
 import click
 
 from entrypoint.export import ExportError, download_export, load_export
-from entrypoint.hub import HubConfig, HubError
+from entrypoint.hub import HubConfig
+from entrypoint.hubcall import HubError
 from entrypoint.logs import RedactingFormatter, redact
 from entrypoint.restore import fetch_weights
 from trainer import checkpoint_layout as layout

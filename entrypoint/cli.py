@@ -12,8 +12,8 @@ from entrypoint.preflight import doctor_command
 from entrypoint.report import report_command
 from entrypoint.restore import restore_command
 from entrypoint.run import run_command
+from entrypoint.sidecar import sync_command
 from entrypoint.status import status_command
-from entrypoint.sync import sync_command
 from entrypoint.volume import health_command
 from trainer import __version__
 

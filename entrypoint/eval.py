@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from entrypoint.hub import EVAL_DIR, kv
+from entrypoint.hub import EVAL_DIR
+from entrypoint.hubcall import kv
 from entrypoint.logs import redact, setup_logging
 from trainer import checkpoint_layout as layout
 

@@ -23,7 +23,8 @@ import click
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from entrypoint.hub import Hub, HubConfig, HubError, add_operation, kv
+from entrypoint.hub import Hub, HubConfig, add_operation
+from entrypoint.hubcall import HubError, kv
 from entrypoint.logs import redact, setup_logging
 from trainer import checkpoint_layout as layout
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import click
 
-from entrypoint.hub import HubConfig, HubFatal, retry_after
+from entrypoint.hub import HubConfig
+from entrypoint.hubcall import HubFatal, retry_after
 from entrypoint.logs import redact
 from trainer import checkpoint_layout as layout
 

@@ -1,13 +1,15 @@
 """`phoenix restore`: bring the latest complete checkpoint of each stage back from the Hub onto the volume.
 
-Only what is needed travels: per stage the newest checkpoint complete on the Hub (MANIFEST.json present)
-and newer than the volume's own, plus the tokenizer and `runs/<tag>/` files. Files land in a staging dir,
+Only what is needed travels: per stage the newest checkpoint complete in the store (MANIFEST.json present,
+and in a bucket, pushed within the run's lineage: see `store`) and newer than the volume's own, plus the
+tokenizer and `runs/<tag>/` files from the git repo. Files land in a staging dir,
 `$NANOCHAT_BASE_DIR/.restore/<stage>_checkpoints/<tag>/step_NNNNNN/`, each first as `<name>.incomplete`,
 renamed once its size is right. A killed restore resumes there: finished files are kept, a partial one
 continues with an HTTP Range request (huggingface_hub's `http_get`; `hf_hub_download` would restart it
 from byte 0 in a new process); a Xet-backed file comes through hf_xet (`xet_get`), which rebuilds it whole.
-If the history is squashed while we read (the commit we pinned vanishes), restore starts over on the new
-head, keeping what it staged. Every sha256 is checked against the manifest in staging, then
+If the history is squashed while we read (the commit we pinned vanishes), or a bucket file is pruned,
+restore starts over on a fresh view, keeping what it staged. Every sha256 is checked against the manifest
+in staging (before downloading, also every size, against the store's listing), then
 `checkpoint_layout.publish_copy` publishes atomically, as the trainer does. A checkpoint that is corrupt
 or partial on the Hub is skipped, with a warning naming the file, for the one before it.
 """
@@ -19,24 +21,17 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import click
 
-from entrypoint.hub import (
-    GENERATION_FILE,
-    TOKENIZER_PATH,
-    Hub,
-    HubConfig,
-    HubError,
-    HubFatal,
-    HubSnapshot,
-    RepoMissing,
-    RevisionGone,
-    kv,
-    setup_hub_logging,
-)
+from entrypoint.hub import GENERATION_FILE, TOKENIZER_PATH, Hub, HubConfig
+from entrypoint.hubcall import HubError, HubFatal, RepoMissing, RevisionGone, kv, setup_hub_logging
+from entrypoint.store import CheckpointStore, StoredCheckpoint, StoreView, open_store
+from entrypoint.store_repo import RepoStore
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.restore")
@@ -62,23 +57,22 @@ def restore(cfg: HubConfig | None = None, hub: Hub | None = None) -> dict[str, i
     if cfg.repo_id is None:
         log.info("HF_REPO_ID not set: Hub sync and restore are off")
         return _local_steps(cfg)
-    hub = hub or Hub(cfg)
+    store = open_store(cfg, hub)
     for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
         try:
-            return _restore_from_head(cfg, hub)
-        except RevisionGone:
+            return _restore_from_head(cfg, store)
+        except RevisionGone as exc:
             if attempt == SNAPSHOT_ATTEMPTS:
                 raise
-            # The history was squashed under us (the sidecar frees pruned checkpoints): files already
+            # The sidecar freed pruned checkpoints under us (a squash, a bucket delete): files already
             # downloaded stay in staging, so reading the new head costs only what is still missing.
-            log.warning(kv(event="restore_retry", reason="the commit being restored was squashed away",
-                           action="re-reading the Hub"))
+            log.warning(kv(event="restore_retry", reason=str(exc), action="re-reading the Hub"))
     raise AssertionError("unreachable")
 
 
-def _restore_from_head(cfg: HubConfig, hub: Hub) -> dict[str, int | None]:
+def _restore_from_head(cfg: HubConfig, store: CheckpointStore) -> dict[str, int | None]:
     try:
-        snapshot = hub.snapshot()
+        view = store.view()
     except RepoMissing:
         log.info(
             kv(
@@ -91,12 +85,13 @@ def _restore_from_head(cfg: HubConfig, hub: Hub) -> dict[str, int | None]:
     restored = False
     for stage in layout.STAGES:
         local = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
-        for step in snapshot.complete_steps(cfg, stage):
+        for stored in view.checkpoints[stage]:
+            step = stored.step
             if local is not None and step <= local.step:
                 log.info(kv(event="restore_skip", stage=stage, volume_step=local.step, hub_step=step))
                 break
             try:
-                _restore_checkpoint(hub, snapshot, stage, step)
+                _restore_checkpoint(store, view, stored)
                 restored = True
                 break
             except CorruptOnHub as exc:
@@ -109,7 +104,7 @@ def _restore_from_head(cfg: HubConfig, hub: Hub) -> dict[str, int | None]:
                         action="trying the previous checkpoint",
                     )
                 )
-    _restore_side_files(hub, snapshot, overwrite=restored)
+    _restore_side_files(store, view, overwrite=restored)
     staging_root = cfg.base_dir / STAGING_DIR
     if staging_root.is_dir() and not any(p.is_file() for p in staging_root.rglob("*")):
         shutil.rmtree(staging_root)  # keep partial downloads only: they are what a rerun resumes from
@@ -131,19 +126,15 @@ def _local_steps(cfg: HubConfig) -> dict[str, int | None]:
     return steps
 
 
-def _restore_checkpoint(hub: Hub, snapshot: HubSnapshot, stage: str, step: int) -> layout.Checkpoint:
-    cfg = hub.cfg
-    folder = cfg.checkpoint_path(stage, step)
-    staging = cfg.base_dir / STAGING_DIR / folder
-    remote = snapshot.checkpoint_files(cfg, stage, step)
+def _restore_checkpoint(
+    store: CheckpointStore, view: StoreView, stored: StoredCheckpoint
+) -> layout.Checkpoint:
+    cfg, stage, step, folder, remote = store.cfg, stored.stage, stored.step, stored.folder, stored.files
+    staging = cfg.base_dir / STAGING_DIR / cfg.checkpoint_path(stage, step)
+    fetch = partial(_fetch, store.hub, partial(store.fetch, view))
     staging.mkdir(parents=True, exist_ok=True)
-    _fetch(
-        hub,
-        snapshot,
-        f"{folder}/{layout.MANIFEST_NAME}",
-        staging / layout.MANIFEST_NAME,
-        remote[layout.MANIFEST_NAME].size,
-    )
+    manifest_size = remote[layout.MANIFEST_NAME].size
+    fetch(f"{folder}/{layout.MANIFEST_NAME}", staging / layout.MANIFEST_NAME, manifest_size)
     try:
         manifest = layout.read_manifest(staging)
     except layout.CheckpointInvalid as exc:
@@ -154,7 +145,7 @@ def _restore_checkpoint(hub: Hub, snapshot: HubSnapshot, stage: str, step: int) 
         found = remote.get(name)
         if found is None:
             raise CorruptOnHub(f"{folder}/{name}: listed in the manifest but missing on the Hub")
-        if found.size != entry["size"] or (found.lfs is not None and found.lfs.sha256 != entry["sha256"]):
+        if found.size != entry["size"] or found.sha256 not in (None, entry["sha256"]):
             raise CorruptOnHub(
                 f"{folder}/{name}: the Hub's copy does not match the manifest (size or sha256)"
             )
@@ -162,13 +153,13 @@ def _restore_checkpoint(hub: Hub, snapshot: HubSnapshot, stage: str, step: int) 
     log.info(kv(event="restore_start", stage=stage, step=step, files=len(manifest["files"]), bytes=total))
     start = time.monotonic()
 
-    def fetch(name: str) -> int:
-        return _fetch(hub, snapshot, f"{folder}/{name}", staging / name, manifest["files"][name]["size"])
+    def fetch_file(name: str) -> int:
+        return fetch(f"{folder}/{name}", staging / name, manifest["files"][name]["size"])
 
     # Largest first, several at once, as snapshot_download does: one HTTP stream rarely fills the link.
     names = sorted(manifest["files"], key=lambda name: -manifest["files"][name]["size"])
     with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
-        fetched = sum(pool.map(fetch, names))
+        fetched = sum(pool.map(fetch_file, names))
     try:
         # Hashed in staging, so that a kill during this (long) check loses no downloaded file.
         layout.check_files(staging, manifest, full_hash=True)
@@ -193,30 +184,22 @@ def _restore_checkpoint(hub: Hub, snapshot: HubSnapshot, stage: str, step: int) 
     return ckpt
 
 
-def _fetch(hub: Hub, snapshot: HubSnapshot, path_in_repo: str, dest: Path, size: int) -> int:
-    """Download one file to `dest` unless a finished copy is there; returns the bytes downloaded.
+def _fetch(hub: Hub, fetch: Callable[[str, Path, int], None], path: str, dest: Path, size: int) -> int:
+    """Download one file to `dest` (one attempt: `fetch`, retried through `hub`) unless a finished copy is
+    there; returns the bytes downloaded.
 
     Only a file whose every byte arrived is renamed to its final name; a partial one stays
     `<name>.incomplete` and the next call continues it from where it stopped.
     """
     if dest.is_file() and dest.stat().st_size == size:
         return 0
-    partial = dest.with_name(dest.name + INCOMPLETE_SUFFIX)
-    if partial.is_file() and partial.stat().st_size > size:
-        partial.unlink()
-    before = partial.stat().st_size if partial.is_file() else 0
+    incomplete = dest.with_name(dest.name + INCOMPLETE_SUFFIX)
+    if incomplete.is_file() and incomplete.stat().st_size > size:
+        incomplete.unlink()
+    before = incomplete.stat().st_size if incomplete.is_file() else 0
 
-    def attempt() -> None:
-        # Xet: hf_xet rebuilds the whole file (a killed one restarts, finished files are kept); else Range.
-        if hub.fetch_xet(path_in_repo, partial, revision=snapshot.head, size=size):
-            return
-        with open(partial, "ab") as f:
-            hub.fetch(path_in_repo, f, revision=snapshot.head, size=size, resume_size=f.tell())
-            f.flush()
-            os.fsync(f.fileno())
-
-    hub.call(f"download {path_in_repo}", attempt)
-    os.replace(partial, dest)
+    hub.call(f"download {path}", lambda: fetch(path, incomplete, size))
+    os.replace(incomplete, dest)
     return size - before
 
 
@@ -233,12 +216,14 @@ def _publish(cfg: HubConfig, stage: str, staging: Path, manifest: dict) -> layou
     return layout.publish_copy(tmp, manifest, full_hash=False)
 
 
-def _restore_side_files(hub: Hub, snapshot: HubSnapshot, *, overwrite: bool) -> None:
-    """Tokenizer and `runs/<tag>/` files: fetched when missing, or replaced along with a restored checkpoint.
+def _restore_side_files(store: CheckpointStore, view: StoreView, *, overwrite: bool) -> None:
+    """Tokenizer and `runs/<tag>/` files (in the git repo, whatever the store): fetched when missing, or
+    replaced along with a restored checkpoint.
 
     generation.json is left out: it is the fencing token, owned by `claim_generation`.
     """
-    cfg = hub.cfg
+    cfg, hub, snapshot = store.cfg, store.hub, view.snapshot
+    fetch = partial(_fetch, hub, partial(RepoStore(cfg, hub).fetch, view))
     run_dir = cfg.run_path("")
     paths = [TOKENIZER_PATH] + sorted(
         p for p in snapshot.files if p.startswith(run_dir) and p != cfg.run_path(GENERATION_FILE)
@@ -251,7 +236,7 @@ def _restore_side_files(hub: Hub, snapshot: HubSnapshot, *, overwrite: bool) -> 
         local.parent.mkdir(parents=True, exist_ok=True)
         staged = local.with_name(f"{layout.TMP_PREFIX}{local.name}")
         staged.unlink(missing_ok=True)
-        _fetch(hub, snapshot, path, staged, remote.size)
+        fetch(path, staged, remote.size)
         os.replace(staged, local)
         log.info(kv(event="restored_file", path=path, bytes=remote.size))
 
@@ -270,37 +255,36 @@ def fetch_weights(cfg: HubConfig, hub: Hub | None = None) -> tuple[str, Path] | 
     must never resume from it. A rerun resumes a cut download and reuses finished files. The tokenizer
     comes along if the volume lacks it. None when the Hub holds no checkpoint (or no repo).
     """
-    hub = hub or Hub(cfg)
+    store = open_store(cfg, hub)
     try:
-        snapshot = hub.snapshot()
+        view = store.view()
     except RepoMissing:
         return None
     for stage in reversed(layout.STAGES):  # the finished product first: SFT, then base
-        for step in snapshot.complete_steps(cfg, stage):
+        for stored in view.checkpoints[stage]:
             try:
-                folder = _fetch_weight_files(hub, snapshot, stage, step)
+                folder = _fetch_weight_files(store, view, stored)
             except CorruptOnHub as exc:
-                log.warning(kv(event="hub_checkpoint_corrupt", stage=stage, step=step, error=str(exc),
+                log.warning(kv(event="hub_checkpoint_corrupt", stage=stage, step=stored.step, error=str(exc),
                                action="trying the previous checkpoint"))
                 continue
             tokenizer = cfg.local(TOKENIZER_PATH)
-            if not tokenizer.exists() and TOKENIZER_PATH in snapshot.files:
+            if not tokenizer.exists() and TOKENIZER_PATH in view.snapshot.files:
                 tokenizer.parent.mkdir(parents=True, exist_ok=True)
                 staged = tokenizer.with_name(f"{layout.TMP_PREFIX}{tokenizer.name}")
-                _fetch(hub, snapshot, TOKENIZER_PATH, staged, snapshot.files[TOKENIZER_PATH].size)
+                _fetch(store.hub, partial(RepoStore(cfg, store.hub).fetch, view), TOKENIZER_PATH, staged,
+                       view.snapshot.files[TOKENIZER_PATH].size)
                 os.replace(staged, tokenizer)
             return stage, folder
     return None
 
 
-def _fetch_weight_files(hub: Hub, snapshot: HubSnapshot, stage: str, step: int) -> Path:
-    cfg = hub.cfg
-    folder = cfg.checkpoint_path(stage, step)
-    local = cfg.base_dir / WEIGHTS_DIR / folder
-    remote = snapshot.checkpoint_files(cfg, stage, step)
+def _fetch_weight_files(store: CheckpointStore, view: StoreView, stored: StoredCheckpoint) -> Path:
+    cfg, folder, remote = store.cfg, stored.folder, stored.files
+    local = cfg.base_dir / WEIGHTS_DIR / cfg.checkpoint_path(stored.stage, stored.step)
+    fetch = partial(_fetch, store.hub, partial(store.fetch, view))
     local.mkdir(parents=True, exist_ok=True)
-    _fetch(hub, snapshot, f"{folder}/{layout.MANIFEST_NAME}", local / layout.MANIFEST_NAME,
-           remote[layout.MANIFEST_NAME].size)
+    fetch(f"{folder}/{layout.MANIFEST_NAME}", local / layout.MANIFEST_NAME, remote[layout.MANIFEST_NAME].size)
     try:
         manifest = layout.read_manifest(local)
     except layout.CheckpointInvalid as exc:
@@ -310,20 +294,20 @@ def _fetch_weight_files(hub: Hub, snapshot: HubSnapshot, stage: str, step: int) 
         entry = manifest["files"].get(name)
         if entry is None or name not in remote:
             raise CorruptOnHub(f"{folder}/{name}: missing from the manifest or the Hub")
-        _fetch(hub, snapshot, f"{folder}/{name}", local / name, entry["size"])
+        fetch(f"{folder}/{name}", local / name, entry["size"])
         if layout.sha256_file(local / name) != entry["sha256"]:
             (local / name).unlink()
             raise CorruptOnHub(f"{folder}/{name}: sha256 does not match the manifest")
     for older in local.parent.iterdir():  # only the newest weights are worth their disk space
         if older != local:
             shutil.rmtree(older, ignore_errors=True)
-    log.info(kv(event="weights_fetched", stage=stage, step=step, path=local))
+    log.info(kv(event="weights_fetched", stage=stored.stage, step=stored.step, path=local))
     return local
 
 
 @click.command("restore")
 def restore_command() -> None:
-    """Bring the latest complete checkpoints back from the Hub repo HF_REPO_ID, if the volume lacks them."""
+    """Restore the newest complete checkpoints from HF_REPO_ID (repo or bucket) if the volume lacks them."""
     cfg = HubConfig.from_env_or_exit()
     setup_hub_logging(cfg.base_dir / "logs" / "hf_restore.log")
     try:

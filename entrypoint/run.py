@@ -26,19 +26,13 @@ from pathlib import Path
 
 import click
 
-from entrypoint.hub import (
-    Hub,
-    HubError,
-    HubFatal,
-    RepoMissing,
-    claim_generation,
-    kv,
-    local_generation,
-)
+from entrypoint.hub import Hub, local_generation
+from entrypoint.hubcall import HubError, HubFatal, RepoMissing, kv
 from entrypoint.launch import Launcher, torchrun_command
 from entrypoint.logs import redact, setup_logging
 from entrypoint.preflight import PreflightError, RunConfig, nproc_for, preflight, visible_gpus
 from entrypoint.prepare import volume_error
+from entrypoint.store import claim_generation
 from entrypoint.volume import FailureLog, StatusFile, VolumeLock, node0_is_live
 from trainer import checkpoint_layout as layout
 from trainer import fencing

@@ -9,8 +9,10 @@ from typing import Any
 
 import click
 
-from entrypoint.hub import Hub, HubConfig, HubError
+from entrypoint.hub import HubConfig
+from entrypoint.hubcall import HubError
 from entrypoint.logs import redact
+from entrypoint.store import open_store
 from entrypoint.sync import hub_keeps
 from entrypoint.volume import FailureLog
 from trainer import checkpoint_layout as layout
@@ -64,19 +66,19 @@ def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
     report: dict[str, Any] = {"model_tag": cfg.model_tag, "base_dir": str(cfg.base_dir),
                               "repo_id": cfg.repo_id, "hub_error": None, "hub_storage_bytes": None,
                               "hub_quota_error": _quota_error(cfg), "stages": {}}
-    snapshot = None
+    view = None
     if with_hub and cfg.repo_id:
         try:
-            hub = Hub(cfg)
-            snapshot = hub.snapshot()
-            report["hub_storage_bytes"] = hub.used_storage()  # what the history holds, as the Hub bills it
+            store = open_store(cfg)
+            view = store.view()
+            report["hub_storage_bytes"] = store.used_storage()  # as the Hub bills it (a repo: its history)
         except HubError as exc:
             report["hub_error"] = redact(str(exc))
     heartbeat = _heartbeat(cfg)
     now = time.time()
     for stage in layout.STAGES:
         local = layout.complete_checkpoints(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
-        hub_steps = snapshot.complete_steps(cfg, stage) if snapshot is not None else None
+        hub_steps = view.steps(stage) if view is not None else None
         latest = local[0] if local else None
         recent = _recent_steps(cfg, stage)
         entry: dict[str, Any] = {
@@ -112,7 +114,8 @@ def status_command(as_json: bool, no_hub: bool) -> None:
         click.echo(json.dumps(report, indent=1))
         return
     storage = report["hub_storage_bytes"]
-    click.echo(f"run {report['model_tag']} on {report['base_dir']}  hub {report['repo_id'] or 'off'}"
+    where = "bucket" if cfg.repo_type == "bucket" else "hub"  # a bucket's storage is its size, no history
+    click.echo(f"run {report['model_tag']} on {report['base_dir']}  {where} {report['repo_id'] or 'off'}"
                + (f"  storage {storage / 1e9:.2f} GB" if storage is not None else "")
                + (f"  (hub unreachable: {report['hub_error']})" if report["hub_error"] else ""))
     if report["hub_quota_error"]:

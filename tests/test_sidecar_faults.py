@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from entrypoint import hub as hubmod
+from entrypoint.store import claim_generation
 from entrypoint.sync import Syncer
 from tests.helpers import MODEL_TAG, checkpoint_dir, publish_corpus, run_trainer
 from tests.test_sync import PHOENIX, base_dir, hub_steps, make_checkpoint, phoenix, sidecar_env, wait_for
@@ -170,12 +171,12 @@ def test_fenced_trainer_stops_at_its_next_checkpoint(hub, tmp_path: Path) -> Non
                      "HF_REPO_ID": f"{hub.user}/checkpoints"}
     here = hubmod.HubConfig.from_env(env)
     elsewhere = hubmod.HubConfig.from_env(env | {"NANOCHAT_BASE_DIR": str(tmp_path / "other_instance")})
-    assert hubmod.claim_generation(here) == 1  # this instance's launch
+    assert claim_generation(here) == 1  # this instance's launch
     fenced_at: list[int] = []
 
     def relaunch_elsewhere(line: str) -> bool:
         if "checkpoint step=" in line and not fenced_at:
-            assert hubmod.claim_generation(elsewhere) == 2  # the run is relaunched on another box
+            assert claim_generation(elsewhere) == 2  # the run is relaunched on another box
             assert Syncer(here).sync_once().fenced  # this instance's sidecar notices
             fenced_at.append(int(line.split("step=")[1].split()[0]))
         return False

@@ -15,6 +15,8 @@ from huggingface_hub import HfApi
 from safetensors.numpy import save_file
 
 from entrypoint import hub as hubmod
+from entrypoint.hubcall import RepoMissing
+from entrypoint.store import claim_generation
 from entrypoint.sync import Syncer
 from trainer import checkpoint_layout as layout
 
@@ -65,7 +67,7 @@ def hub_steps(hub, env: dict[str, str], stage: str = "base") -> list[int]:
     cfg = hubmod.HubConfig.from_env(env)
     try:
         return sorted(hubmod.Hub(cfg).snapshot().complete_steps(cfg, stage))
-    except hubmod.RepoMissing:
+    except RepoMissing:
         return []
 
 
@@ -311,10 +313,10 @@ def test_token_never_appears_in_output_or_log(hub, env) -> None:
 def test_older_generation_is_fenced(hub, env, tmp_path: Path) -> None:
     old = hubmod.HubConfig.from_env(env)
     new = hubmod.HubConfig.from_env(env | {"NANOCHAT_BASE_DIR": str(tmp_path / "new_volume")})
-    assert hubmod.claim_generation(old) == 1
+    assert claim_generation(old) == 1
     make_checkpoint(old.base_dir, 250)
     assert Syncer(old).sync_once().ok
-    assert hubmod.claim_generation(new) == 2  # a relaunch elsewhere; the old instance is still alive
+    assert claim_generation(new) == 2  # a relaunch elsewhere; the old instance is still alive
     make_checkpoint(old.base_dir, 500)
     result = Syncer(old).sync_once()
     assert result.fenced and not result.ok and result.pushed == []
@@ -325,14 +327,14 @@ def test_older_generation_is_fenced(hub, env, tmp_path: Path) -> None:
 
 def test_sidecar_started_before_the_claim_pushes_as_soon_as_it_is_made(hub, env, tmp_path: Path) -> None:
     previous = hubmod.HubConfig.from_env(env | {"NANOCHAT_BASE_DIR": str(tmp_path / "previous_instance")})
-    hubmod.claim_generation(previous)
+    claim_generation(previous)
     make_checkpoint(base_dir(env), 250)
     env = env | {"HF_SYNC_INTERVAL": "3600"}
     log_file = base_dir(env) / "logs" / "hf_sync.log"
     proc = subprocess.Popen(PHOENIX + ["sync", "--poll-seconds", "0.1"], env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for(lambda: log_file.is_file() and "event=fenced" in log_file.read_text(), 20, "a fenced pass")
-        assert hubmod.claim_generation(hubmod.HubConfig.from_env(env)) == 2  # the entrypoint, at launch
+        assert claim_generation(hubmod.HubConfig.from_env(env)) == 2  # the entrypoint, at launch
         wait_for(lambda: hub_steps(hub, env) == [250], 20, "the push right after the claim")
     finally:
         proc.terminate()
@@ -342,14 +344,14 @@ def test_sidecar_started_before_the_claim_pushes_as_soon_as_it_is_made(hub, env,
 def test_claim_between_plan_and_commit_is_caught_by_parent_commit(hub, env, tmp_path: Path) -> None:
     old = hubmod.HubConfig.from_env(env)
     new = hubmod.HubConfig.from_env(env | {"NANOCHAT_BASE_DIR": str(tmp_path / "new_volume")})
-    hubmod.claim_generation(old)
+    claim_generation(old)
     make_checkpoint(old.base_dir, 250)
     syncer = Syncer(old)
     real_commit = syncer.hub.commit
 
     def commit_after_a_rival_claim(*args, **kwargs):
         syncer.hub.commit = real_commit
-        hubmod.claim_generation(new)  # lands after the old sidecar read generation 1, before it commits
+        claim_generation(new)  # lands after the old sidecar read generation 1, before it commits
         return real_commit(*args, **kwargs)
 
     syncer.hub.commit = commit_after_a_rival_claim
@@ -367,7 +369,7 @@ def test_without_repo_id_sync_is_off(hub, env) -> None:
 
 def test_a_running_status_nobody_refreshes_reads_as_lost(tmp_path):
     """A SIGKILLed entrypoint leaves "running" behind; the sidecar must not wait for it forever."""
-    from entrypoint.sync import STALE_S, read_trainer_status
+    from entrypoint.sidecar import STALE_S, read_trainer_status
 
     cfg = hubmod.HubConfig.from_env({"NANOCHAT_BASE_DIR": str(tmp_path), "MODEL_TAG": "t"})
     path = tmp_path / "runs" / "t" / hubmod.TRAINER_STATUS_FILE
