@@ -6,8 +6,9 @@
         --vocab-size 8192 --device-batch-size 1                      # the CPU comparison's geometry
     python bench/throughput.py --preset d20 d26 --device-batch-size 16   # one GPU (bf16, torch.compile)
 
-The model goes through the trainer's own compute_setup (autocast, compile policy). Random tokens stand
-in for data (the loader runs ahead in a thread and is not the bottleneck). Each step is timed in two
+The model goes through the trainer's own compute_setup and the optimizer's update through its compile
+policy (runtime.compiles_update), as the trainer does. Random tokens stand in for data (the loader
+runs ahead in a thread and is not the bottleneck). Each step is timed in two
 parts, forward + backward and optimizer step, with a device synchronisation between them, so the
 optimizer's share is what the step really spends there (on CUDA, kernels run asynchronously otherwise).
 """
@@ -23,7 +24,7 @@ import torch
 from trainer.hardware import peak_flops
 from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
-from trainer.runtime import Dist, compute_setup
+from trainer.runtime import Dist, compiles_update, compute_setup
 from trainer.train import PRESETS
 
 GEOMETRY = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "vocab_size", "device_batch_size")
@@ -36,7 +37,8 @@ def measure_throughput(depth: int, device: torch.device, batch: int, seq: int, v
     config = config_for_depth(depth, vocab_size, seq, aspect_ratio, head_dim)
     torch.manual_seed(0)
     model = build_model(config, device)
-    optimizer = HybridOptimizer(model)
+    compile_update = compiles_update(compile_mode, device, model.estimate_flops_per_token())
+    optimizer = HybridOptimizer(model, compile_update=compile_update)  # one process: every name is its own
     train_model, autocast = compute_setup(model, Dist(0, 0, 1, device), compile_mode)
     x = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     y = torch.randint(0, config.vocab_size, (batch, seq), device=device)
@@ -72,6 +74,7 @@ def measure_throughput(depth: int, device: torch.device, batch: int, seq: int, v
     mfu = 100 * model.estimate_flops_per_token() * tok_per_sec / peak if peak else None
     result = {"depth": depth, "width": config.n_embd, "device": name, "params": model.num_params(),
               "batch": batch, "seq": seq, "vocab": vocab_size, "compiled": train_model is not model,
+              "update_compiled": compile_update,
               # The first step holds the compile (when compiled); warm-up's later steps settle caches.
               "first_step_s": round(first_step_s, 2), "warmup_s": round(warmup_s, 2),
               "step_ms": round(seconds * 1000, 2), "tok_per_sec": round(tok_per_sec),

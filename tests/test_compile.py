@@ -14,7 +14,7 @@ import torch
 
 from bench.gpu_probes import COMPILE_RTOL, bf16_check, compile_check
 from trainer.model import GPT, config_for_depth
-from trainer.runtime import compiles
+from trainer.runtime import compiles, compiles_update
 from trainer.sft import parse_sft_config
 from trainer.train import parse_config
 
@@ -71,6 +71,9 @@ def test_compile_flag_is_honest_on_every_device():
         tiny = GPT(config_for_depth(2, 2048, 128, 32, 32)).estimate_flops_per_token()  # the tiny preset
         depth4 = GPT(config_for_depth(4, 8192, 512, 64, 128)).estimate_flops_per_token()
     assert not compiles("auto", cpu, tiny) and compiles("auto", cpu, depth4)  # the tiny CPU demo stays quick
+    # The optimizer's update compiles with the model, on the CPU only at depth-4 sizes (not the probes').
+    assert compiles_update("auto", cuda) and compiles_update("auto", cpu, depth4)
+    assert not compiles_update("on", cpu, tiny) and not compiles_update("off", cpu, depth4)
     assert compiles("on", cpu) and not compiles("off", cuda)
     with pytest.raises(SystemExit):
         parse_config(["--preset", "tiny", "--compile", "--no-compile"])

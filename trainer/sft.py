@@ -14,7 +14,6 @@ import json
 import logging
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,19 +30,18 @@ from trainer.chat_data import (
     load_chat_dataset,
 )
 from trainer.checkpoint import AsyncCheckpointer, load_tensors
+from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.engine import Engine
 from trainer.model import build_model, config_from_dict
-from trainer.optim import HybridOptimizer
 from trainer.runtime import (
     ENV_NAMES,
     ConfigError,
-    Dist,
     StepReporter,
     StopSignal,
     agree,
-    broadcast,
     check_horizon,
     check_optimizer_recipe,
+    compiles_update,
     compute_setup,
     config_from_flags,
     find_resume_checkpoint,
@@ -247,8 +245,9 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     lrs = {name: lr * cfg.init_lr_frac for name, lr in origin["lrs"].items()}
     # No warmup, warmdown_ratio=1: the lr decays linearly from the first step to 0 at the last. No weight
     # decay: base training's cosine ended it at 0 (nanochat's chat_sft does the same).
-    optimizer = HybridOptimizer(model, **lrs, weight_decay=0.0, warmup_steps=0, warmdown_ratio=1.0,
-                                final_lr_frac=0.0)
+    compile_update = compiles_update(cfg.compile, d.device, model.estimate_flops_per_token())
+    optimizer = ShardedOptimizer(model, d, compile_update=compile_update, **lrs,
+                                 weight_decay=0.0, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0)
     num_iterations = cfg.num_iterations
     if num_iterations <= 0:
         num_iterations = cfg.num_epochs * num_train // cfg.conversations_per_step
@@ -331,18 +330,18 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=d.device)
         if d.world_size > 1:
             dist.all_reduce(counts)
-        # DDP averages gradients over ranks: scale by world_size so they come out as the global sum / count.
+        # The optimizer step averages gradients over ranks: scale by world_size so they come out as the
+        # global sum / count.
         scale = d.world_size / max(counts[0].item(), 1.0)
         loss_sum = torch.zeros((), device=d.device)
-        for micro, (x, y) in enumerate(batch.micro_batches):
+        for x, y in batch.micro_batches:  # gradients accumulate locally; the ranks meet in optimizer.step()
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            sync = micro == len(batch.micro_batches) - 1 or d.world_size == 1
-            with (nullcontext() if sync else train_model.no_sync()), autocast:
+            with autocast:
                 loss = train_model(x, y, loss_reduction="sum") * scale
             loss.backward()
             loss_sum += loss.detach() / d.world_size
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         step += 1
         train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
         loop_state["train_time"] = time.time() - train_start
