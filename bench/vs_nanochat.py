@@ -15,8 +15,8 @@ compiles the model and its optimizer on CPU too), phoenix's `trainer.train` with
 schedules. Both evaluate bpb on the same last shard with the same number of tokens. Steady-state tok/s
 is the median of each trainer's own per-step figure after its first `--skip` steps (which hold the
 compile); the first step's excess over that median is reported as compile time. Both run on the same
-torch (the one of `--nanochat-python`'s environment). The CPU is shared: the load average is printed
-next to each run, and `--order` runs them back to back in either order.
+torch when nanochat's venv inherits this environment's packages, as set up above. The CPU is shared:
+the load average is printed next to each run, and `--order` runs them back to back in either order.
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ def fresh_base_dir(work: Path, name: str, corpus: Path, data_folder: str) -> Pat
     shutil.rmtree(base, ignore_errors=True)
     (base / data_folder).mkdir(parents=True)
     for shard in sorted(corpus.glob("shard_*.parquet")):
-        os.link(shard, base / data_folder / shard.name) if shard.stat().st_dev == base.stat().st_dev \
-            else shutil.copy(shard, base / data_folder / shard.name)
+        if shard.stat().st_dev == base.stat().st_dev:
+            os.link(shard, base / data_folder / shard.name)  # no copy: neither trainer writes its shards
+        else:
+            shutil.copy(shard, base / data_folder / shard.name)
     return base
 
 
