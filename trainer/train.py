@@ -31,6 +31,7 @@ from trainer.dataloader import (
     validation_rows,
 )
 from trainer.engine import Engine
+from trainer.gc_freeze import FrozenGC
 from trainer.model import GPT, build_model, config_for_depth, config_from_dict, fa3_attention
 from trainer.optim import HybridOptimizer
 from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
@@ -370,6 +371,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         evaluate()
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
+    gc_habit = FrozenGC()
     timed_from: tuple[int, float] | None = None  # (step, time) after this process's first step
     while step < num_iterations and not stop_now:
         t0 = time.perf_counter()
@@ -386,6 +388,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        gc_habit.after_step(step)
         loss_total, stop_now = agree(loss_sum, stop, checkpointer, d)
         loop_state["train_time"] = time.time() - train_start
         lrm = optimizer.groups[0].lr / optimizer.groups[0].initial_lr
