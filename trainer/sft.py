@@ -353,11 +353,11 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        gc_habit.after_step(step)
         train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
         loop_state["train_time"] = time.time() - train_start
         reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
                       counts[1].item())
+        gc_habit.after_step(step)  # after the step's log line, as nanochat
         if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
             evaluate()
         if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
