@@ -105,7 +105,10 @@ class Syncer:
             raise
         except Fenced as exc:
             result.fenced = True
-            log.error(kv(event="fenced", detail=str(exc), action="not pushing or deleting anything"))
+            if local_generation(self.cfg) == 0:  # the usual start: the sidecar is up before the trainer
+                log.info(kv(event="waiting_for_claim", detail=str(exc), action="pushing once it is claimed"))
+            else:
+                log.error(kv(event="fenced", detail=str(exc), action="not pushing or deleting anything"))
         except Exception as exc:
             error = redact(str(exc) if isinstance(exc, HubError) else short_error(exc))
             result.errors.append(error)

@@ -12,14 +12,15 @@
 #      override, a tiny CPU run against a local Hub: train until the sidecar has pushed; lose the instance
 #      (SIGKILL both, wipe the volume); `up` must restore from the Hub and resume at the last pushed step;
 #      `docker compose stop` must end in an emergency checkpoint that the sidecar's final push carries;
-#      `up` resumes there and the run finishes (exit 0, pushed, not restarted); a wiped redeploy of the
-#      finished run exits 0 without training again.
+#      `up` resumes there and the run finishes (exit 0, pushed, not restarted), and the Hub then holds only
+#      the final checkpoint, its weights in Xet, its history squashed (HF_KEEP_LAST's default); a wiped
+#      redeploy of the finished run exits 0 without training again.
 #
 # Usage: scripts/docker_e2e.sh [--images-only]
 # Environment:
 #   PHOENIX_E2E_DIR     caches (Docker data root, base tarball, wheels) and scratch (/var/tmp/phoenix-e2e)
 #   E2E_STORAGE_DRIVER  dockerd storage driver (default: dockerd's choice; overlay2 works here, vfs anywhere)
-#   E2E_ITERATIONS      length of the tiny run (default 600: about 2 min of training on 2 busy cores)
+#   E2E_ITERATIONS      length of the tiny run (default 150: 6 checkpoints, 1-5 min of training on 2 busy cores)
 #   E2E_SAVE_EVERY      steps between checkpoints (default 25)
 #   E2E_TIMEOUT         seconds allowed for each wait (default 900)
 #   E2E_INDEX_PORT      loopback port of the local wheel index (default 39517)
@@ -29,7 +30,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${PHOENIX_E2E_DIR:-/var/tmp/phoenix-e2e}
 RUNTIME=/run/phoenix-e2e  # sockets: a unix socket path must stay under 108 bytes
-E2E_ITERATIONS=${E2E_ITERATIONS:-600}
+E2E_ITERATIONS=${E2E_ITERATIONS:-150}
 E2E_SAVE_EVERY=${E2E_SAVE_EVERY:-25}
 E2E_TIMEOUT=${E2E_TIMEOUT:-900}
 # Fixed, so that PIP_INDEX_URL, a build arg and thus part of the build cache key, is the same every run.
@@ -100,6 +101,9 @@ cleanup() {
     if [ "$rc" -eq 0 ]; then echo "docker e2e: OK"; else echo "docker e2e: FAILED in phase '$failed'"; fi
 }
 trap cleanup EXIT
+# A run stopped by a signal must not end in "OK": without these, bash's EXIT trap reads status 0.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 wait_for() {  # wait_for WHAT COMMAND...: polls COMMAND every 2 s until it succeeds or E2E_TIMEOUT passes
     local what=$1 deadline=$(($(date +%s) + E2E_TIMEOUT))
@@ -152,7 +156,8 @@ rm -rf "$context"
 mkdir -p "$context"
 read -ra packages < <(python3 -c 'import sys, tomllib
 meta = tomllib.load(open(sys.argv[1], "rb"))
-print(*meta["tool"]["setuptools"]["packages"])' "$REPO/pyproject.toml")
+print(*dict.fromkeys(name.split(".")[0] for name in meta["tool"]["setuptools"]["packages"]))' \
+    "$REPO/pyproject.toml")
 (cd "$REPO" && cp -r pyproject.toml .dockerignore docker "${packages[@]}" "$context/")
 # The builds cannot reach PyPI through this machine's TLS proxy, so the host downloads every wheel once
 # (the CPU torch from /opt/wheels via pip's find-links) and serves them as a PEP 503 index on loopback.
@@ -365,6 +370,23 @@ healthy() {  # the image's health check command, run now rather than at Docker's
 }
 trainer_exited() { trainer_ok; [ "$(status trainer)" = exited ]; }
 pushed_step() { [ "$(max_pushed)" = "$1" ]; }
+hub_state() {  # one line: checkpoint steps on the Hub, commits, prune commits left, weights not in Xet
+    (cd "$REPO" && HF_ENDPOINT=$hub_url HF_TOKEN=$token HF_HUB_DISABLE_PROGRESS_BARS=1 \
+        python3 - e2e/phoenix-e2e) <<'EOF'
+import sys
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+api, repo = HfApi(), sys.argv[1]
+files = [f for f in api.list_repo_files(repo) if f.startswith("base_checkpoints/")]
+steps = sorted({int(f.split("/")[2].removeprefix("step_")) for f in files})
+# A silent fallback to plain LFS uploads would leave the weights without a Xet hash.
+not_xet = [f for f in files if f.endswith(".safetensors")
+           and get_hf_file_metadata(hf_hub_url(repo, f)).xet_file_data is None]
+titles = [c.title for c in api.list_repo_commits(repo)]
+print(f"steps={','.join(map(str, steps)) or '-'} commits={len(titles)}",
+      f"prunes={sum(t.startswith('prune') for t in titles)} not_xet={','.join(not_xet) or '-'}")
+EOF
+}
+hub_keeps_only() { [[ "$(hub_state)" == "steps=$1 "*" prunes=0 "* ]]; }  # and the prunes squashed away
 
 phase first-life
 compose config --quiet
@@ -414,6 +436,11 @@ wait_for "the sidecar to push the final step $final_step" pushed_step "$final_st
 sleep 5  # longer than the first restart back-off: a restarting trainer would show by now
 trainer_ok
 echo "finished at step $final_step, pushed, exit code 0, not restarted"
+wait_for "the Hub to keep only the final step, its history squashed" hub_keeps_only "$final_step"
+state=$(hub_state) || die "could not read the state of the Hub"
+[[ "$state" == *" not_xet=-" ]] || die "checkpoint weights reached the Hub without Xet: $state"
+echo "Hub: $state; since the redeploy the sidecar pruned $(logs sidecar | grep -c 'event=pruned')" \
+    "checkpoints and squashed the history $(logs sidecar | grep -c 'event=squashed') times"
 
 phase finished-redeploy
 compose down

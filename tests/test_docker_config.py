@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -350,8 +352,13 @@ def index_of(parsed: list[Instruction], keyword: str, pattern: str) -> int:
     return found[0]
 
 
-def packages() -> list[str]:
+def declared_packages() -> list[str]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+
+
+def packages() -> list[str]:
+    """The top-level packages: the folders the images copy."""
+    return list(dict.fromkeys(name.split(".")[0] for name in declared_packages()))
 
 
 @pytest.fixture(params=sorted(DOCKERFILES))
@@ -448,6 +455,25 @@ def test_dockerignore_is_an_allowlist_of_what_the_dockerfiles_copy() -> None:
     for name, path in DOCKERFILES.items():
         sources = {i.args.split()[0].rstrip("/") for i in instructions(parse_dockerfile(path), "COPY")}
         assert sources == allowed, name
+
+
+def test_a_non_editable_install_has_every_module(tmp_path: Path) -> None:
+    # The images `pip install .`; setuptools' `packages` list is not recursive, and the editable install
+    # used for development hides a subpackage left out of it (the images' `phoenix` died importing
+    # entrypoint.localhub). Built from a copy: a build in the work tree would leave build/ behind.
+    source = tmp_path / "src"
+    for package in packages():
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", source)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    proc = subprocess.run(
+        [*pip_wheel, "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    in_wheel = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    modules = {str(path.relative_to(REPO)) for top in packages() for path in (REPO / top).rglob("*.py")}
+    assert modules - in_wheel == set(), "add the missing packages to [tool.setuptools] packages"
 
 
 def test_e2e_scripts_parse() -> None:

@@ -333,7 +333,9 @@ def test_sidecar_started_before_the_claim_pushes_as_soon_as_it_is_made(hub, env,
     log_file = base_dir(env) / "logs" / "hf_sync.log"
     proc = subprocess.Popen(PHOENIX + ["sync", "--poll-seconds", "0.1"], env=env, stdout=subprocess.DEVNULL)
     try:
-        wait_for(lambda: log_file.is_file() and "event=fenced" in log_file.read_text(), 20, "a fenced pass")
+        wait_for(lambda: log_file.is_file() and "event=waiting_for_claim" in log_file.read_text(), 20,
+                 "a pass waiting for the claim")
+        assert "ERROR" not in log_file.read_text()  # the usual start order is not an error
         assert claim_generation(hubmod.HubConfig.from_env(env)) == 2  # the entrypoint, at launch
         wait_for(lambda: hub_steps(hub, env) == [250], 20, "the push right after the claim")
     finally:
