@@ -99,6 +99,7 @@ def test_kill9_mid_run_then_resume_is_bitwise_exact(chat, tmp_path):
     code, out = run_sft(base, chat.env, *ARGS)
     assert code == 0, out
     assert f"resuming from step={latest.step} " in out
+    assert f"gc_frozen step={latest.step + 1} " in out  # after the resumed process's first step
     assert not [p for p in sft_dir(base).iterdir() if p.name.startswith(layout.TMP_PREFIX)]
     assert weights_sha256(base, STEPS, stage="sft") == weights_sha256(chat.reference, STEPS, stage="sft")
     assert step_losses(base, "sft") == step_losses(chat.reference, "sft")
