@@ -1,6 +1,6 @@
 """The checks bench/gpu_check.py runs, one function per part; each returns a JSON-ready dict with `passed`.
 
-Everything goes through the trainer's own code (compute_setup, build_model, HybridOptimizer, the
+Everything goes through the trainer's own code (compute_setup, build_model, the ShardedOptimizer, the
 AsyncCheckpointer, `phoenix run`), on CUDA or, with the tiny sizes of --cpu, on the CPU.
 """
 
@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from entrypoint.procs import descendants, signal_pids
+from trainer.distributed import Dist, ShardedOptimizer
 from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
-from trainer.runtime import Dist, compute_setup
+from trainer.runtime import compiles_update, compute_setup
 
 # (depth, aspect_ratio, head_dim, vocab, seq, batch) of the small model the compile checks train; the
 # CPU one is tests/test_compile.py's, so a suite run compiles it once (inductor's on-disk cache).
@@ -110,9 +111,10 @@ def _graph_count() -> int:
 
 
 def train_losses(device: torch.device, compile_mode: str, lengths: list[int], dynamic: bool = False,
-                 seed: int = 0) -> tuple[list[float], int]:
+                 seed: int = 0) -> tuple[list[float], int, list[int]]:
     """Per-step losses of the compile-check model trained on batches of the given lengths, through the
-    trainer's compute_setup; and how many graphs dynamo compiled on the way."""
+    trainer's compute_setup and optimizer (its update compiled where the trainer compiles it); the graphs
+    dynamo compiled for the model, and per step those it compiled for the optimizer update."""
     import torch._dynamo
 
     depth, aspect, head_dim, vocab, seq, batch = COMPILE_GEOMETRY[kind(device)]
@@ -125,21 +127,25 @@ def train_losses(device: torch.device, compile_mode: str, lengths: list[int], dy
         for p in model.parameters():
             if not p.abs().sum():
                 p.normal_(0, 0.02)
-    optimizer = HybridOptimizer(model)
-    train_model, autocast = compute_setup(model, Dist(0, 0, 1, device), compile_mode, dynamic=dynamic)
+    one_process = Dist(0, 0, 1, device)
+    optimizer = ShardedOptimizer(model, one_process, compile_update=compiles_update(compile_mode, device))
+    train_model, autocast = compute_setup(model, one_process, compile_mode, dynamic=dynamic)
     data = torch.Generator().manual_seed(seed + 1)
-    losses = []
-    for length in lengths:
+    losses, update_graphs = [], []
+    for step, length in enumerate(lengths):
+        optimizer.set_schedule(step, len(lengths))  # a new learning rate every step: no recompile
         x = torch.randint(0, vocab, (batch, length), generator=data).to(device)
         y = torch.randint(0, vocab, (batch, length), generator=data)
         y[:, : length // 3] = -1  # SFT-style: no loss on the prompt
         with autocast:
             loss = train_model(x, y.to(device))
         loss.backward()
+        before_update = _graph_count()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update_graphs.append(_graph_count() - before_update)
+        optimizer.zero_grad()
         losses.append(loss.item())
-    return losses, _graph_count() - graphs_before
+    return losses, _graph_count() - graphs_before - sum(update_graphs), update_graphs
 
 
 def compile_check(device: torch.device, steps: int = 5) -> dict[str, Any]:
@@ -148,13 +154,15 @@ def compile_check(device: torch.device, steps: int = 5) -> dict[str, Any]:
     seq = COMPILE_GEOMETRY[k][4]
     result: dict[str, Any] = {"rtol": COMPILE_RTOL[k]}
     for stage, lengths, dynamic in (("base", [seq] * steps, False), ("sft", SFT_LENGTHS[k], True)):
-        eager, _ = train_losses(device, "off", lengths)
+        eager, _, _ = train_losses(device, "off", lengths)
         start = time.perf_counter()
-        compiled, graphs = train_losses(device, "on", lengths, dynamic=dynamic)
+        compiled, graphs, update_graphs = train_losses(device, "on", lengths, dynamic=dynamic)
         rel = max_rel_diff(compiled, eager)
+        # The update compiles once per parameter shape, at the first step, never again.
         result[stage] = {"lengths": lengths, "eager": eager, "compiled": compiled, "max_rel_diff": rel,
-                         "graphs": graphs, "seconds": round(time.perf_counter() - start, 1),
-                         "passed": rel <= COMPILE_RTOL[k] and graphs == 1}
+                         "graphs": graphs, "update_graphs": update_graphs,
+                         "seconds": round(time.perf_counter() - start, 1),
+                         "passed": rel <= COMPILE_RTOL[k] and graphs == 1 and not any(update_graphs[1:])}
     result["passed"] = result["base"]["passed"] and result["sft"]["passed"]
     return result
 
@@ -372,11 +380,12 @@ def resume_check(device: torch.device, workdir: Path, nproc: int, timeout: float
 
 
 def dist_worker(backend: str, result_path: Path) -> None:
-    """One rank under torchrun: DDP + compile (compute_setup) over `backend` for 3 steps on different
-    data per rank; the replicas must stay identical. Rank 0 writes what it saw."""
+    """One rank under torchrun: the trainer's sharded optimizer step + compile (compute_setup) over
+    `backend` for 3 steps on different data per rank; the replicas must stay identical and each rank
+    hold the optimizer state of its own parameters only. Rank 0 writes what it saw."""
     import torch.distributed as dist
 
-    from trainer.runtime import exit_when_orphaned
+    from trainer.distributed import exit_when_orphaned
 
     exit_when_orphaned()  # a killed torchrun must not leave a rank holding the GPU
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -388,25 +397,36 @@ def dist_worker(backend: str, result_path: Path) -> None:
     depth, aspect, head_dim, vocab, seq, batch = COMPILE_GEOMETRY[kind(device)]
     torch.manual_seed(0)
     model = build_model(config_for_depth(depth, vocab, seq, aspect, head_dim), device)
-    optimizer = HybridOptimizer(model)
-    train_model, autocast = compute_setup(model, Dist(rank, device.index or 0, world, device), "on")
+    d = Dist(rank, device.index or 0, world, device)
+    optimizer = ShardedOptimizer(model, d, compile_update=compiles_update("on", device))
+    train_model, autocast = compute_setup(model, d, "on")
     data = torch.Generator().manual_seed(100 + rank)
-    losses = []
-    for _ in range(3):
+    losses, step_ms = [], []
+    for step in range(3):
+        optimizer.set_schedule(step, 3)
         x = torch.randint(0, vocab, (batch, seq), generator=data).to(device)
         y = torch.randint(0, vocab, (batch, seq), generator=data).to(device)
         with autocast:
             loss = train_model(x, y)
         loss.backward()
+        start = time.perf_counter()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss.item())  # a sync: the step's time includes its kernels
+        step_ms.append(round(1000 * (time.perf_counter() - start), 1))
+        optimizer.zero_grad()
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
     sums = [torch.zeros_like(checksum) for _ in range(world)]
     dist.all_gather(sums, checksum)
+    held = sorted({key.split(".", 1)[1].rsplit(".", 1)[0] for key in optimizer.optimizer.state})
+    names_of: list[Any] = [None] * world  # the parameters each rank holds optimizer state for
+    dist.all_gather_object(names_of, held)
+    names = [set(n) for n in names_of]
     if rank == 0:
-        result_path.write_text(json.dumps({"backend": backend, "device": str(device), "losses": losses,
-                                           "replicas_identical": len({s.item() for s in sums}) == 1}))
+        result_path.write_text(json.dumps({
+            "backend": backend, "device": str(device), "losses": losses, "optimizer_step_ms": step_ms,
+            "replicas_identical": len({s.item() for s in sums}) == 1,
+            "state_sharded": not set.intersection(*names) and set.union(*names) == set(optimizer.owners),
+            "state_names_per_rank": [len(n) for n in names]}))
     dist.destroy_process_group()
 
 
@@ -417,7 +437,7 @@ def two_process_check(device: torch.device, workdir: Path, timeout: float) -> di
     attempts = {}
     deadline = time.monotonic() + timeout
     for backend in backends:
-        # A refusal comes at once; a success compiles (DDP graphs), so NCCL gets a third of the time.
+        # A refusal comes at once; a success compiles (model and update), so NCCL gets a third of the time.
         left = deadline - time.monotonic()
         limit = left / 3 if backend == "nccl" else left
         result_path = workdir / f"dist_{backend}.json"
@@ -444,6 +464,7 @@ def two_process_check(device: torch.device, workdir: Path, timeout: float) -> di
                                  "output_tail": lines[-40:]}
         if attempts[backend]["ok"]:
             break  # NCCL worked (two GPUs): the gloo fallback has nothing to add
-    passed = any(a.get("ok") and a.get("replicas_identical") for a in attempts.values())
+    passed = any(a.get("ok") and a.get("replicas_identical") and a.get("state_sharded")
+                 for a in attempts.values())
     return {"gpus": torch.cuda.device_count() if device.type == "cuda" else 0, "attempts": attempts,
             "passed": passed}

@@ -72,9 +72,10 @@ def test_phoenix_run_killed_mid_run_resumes_bitwise_on_cpu(report):
     assert 0 < resume["resumed_from"] <= resume["killed_at_log_of_step"] < resume["steps"]
 
 
-def test_two_ranks_train_in_step_over_ddp_and_compile(report):
+def test_two_ranks_train_in_step_over_the_sharded_step_and_compile(report):
     attempt = report[1]["parts"]["two_process"]["result"]["attempts"]["gloo-cpu"]
     assert attempt["ok"] and attempt["replicas_identical"]
+    assert attempt["state_sharded"] and all(attempt["state_names_per_rank"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")

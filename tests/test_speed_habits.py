@@ -157,7 +157,7 @@ def test_sft_schedule_at_its_breakpoints_is_nanochats(step):
                                 weight_decay=0.0)
     for group in optimizer.groups:
         group.initial_lr *= 0.8  # init_lr_frac, as trainer.sft applies it
-    lrm = set_sft_schedule(optimizer, step, 1000)
+    lrm = set_sft_schedule(optimizer.groups, step, 1000)
     expected = nanochat_sft_lrm(step / 1000)
     assert lrm == pytest.approx(expected, abs=1e-12)
     assert lrm == {750: 0.5, 999: pytest.approx(0.002)}.get(step, 1.0 if step <= 500 else lrm)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trainer import checkpoint_layout as layout
@@ -127,6 +128,17 @@ class AsyncCheckpointer:
         self.poll()
 
 
-def load_tensors(ckpt: layout.Checkpoint, file_name: str) -> dict[str, torch.Tensor]:
-    """Tensors of one file of a verified checkpoint, on the CPU; safetensors never runs code."""
-    return load_file(str(ckpt.path / file_name), device="cpu")
+def load_tensors(ckpt: layout.Checkpoint, file_name: str, keys: list[str] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Tensors of one file of a verified checkpoint (all, or just `keys`), on the CPU; safetensors
+    never runs code."""
+    if keys is None:
+        return load_file(str(ckpt.path / file_name), device="cpu")
+    with safe_open(str(ckpt.path / file_name), framework="pt", device="cpu") as f:
+        return {key: f.get_tensor(key) for key in keys}
+
+
+def tensor_names(ckpt: layout.Checkpoint, file_name: str) -> list[str]:
+    """The keys one file of a checkpoint holds, read from its header alone."""
+    with safe_open(str(ckpt.path / file_name), framework="pt", device="cpu") as f:
+        return list(f.keys())

@@ -1,7 +1,7 @@
 """Muon's per-matrix update as nanochat does it now: Nesterov, Polar Express, NorMuon, cautious decay.
 
 Each function acts on one parameter and its own state tensors, so the caller decides which rank updates
-which matrix (today every rank updates every matrix; a sharded optimizer hands each rank a set of names).
+which matrix (trainer.distributed hands each rank a set of names; one rank alone updates each matrix).
 Sources: Polar Express (Amsel et al., arXiv:2505.16932), NorMuon (arXiv:2510.05491), MuonEq row
 equilibration (arXiv:2603.28254), Muon+ renormalisation (arXiv:2602.21545), cautious weight decay as in
 nanochat's `nanochat/optim.py`.
@@ -86,8 +86,10 @@ def cautious_mask(update: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def muon_update(p: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor,
-                second_moment: torch.Tensor, lr: float, weight_decay: float, momentum: float) -> None:
-    """One Muon step for one matrix, in place on p and its two state tensors, in nanochat's order."""
+                second_moment: torch.Tensor, lr: float | torch.Tensor, weight_decay: float | torch.Tensor,
+                momentum: float | torch.Tensor) -> None:
+    """One Muon step for one matrix, in place on p and its two state tensors, in nanochat's order.
+    The hyperparameters are floats, or 0-d tensors when compiled (trainer.optim.HybridOptimizer)."""
     momentum_buffer.lerp_(grad, 1 - momentum)
     g = grad.lerp(momentum_buffer, momentum)  # Nesterov: look ahead along the buffer
     U = polar_express(equilibrate_rows(g)).to(p.dtype)

@@ -3,12 +3,14 @@
 One object drives both: `step()`, `zero_grad()`, `set_schedule(step, num_iterations)`. Its state is a
 flat dict of tensors keyed by parameter name (`adamw.<fqn>.exp_avg`, `muon.<fqn>.momentum_buffer`,
 `muon.<fqn>.second_momentum_buffer`, ...), so a checkpoint neither depends on world size nor on parameter
-order and saves as-is with safetensors. Gradients must already be averaged across ranks (DDP does that).
-Every update reads and writes one parameter and its own state (`update(name)`): a sharded optimizer only
-has to choose which names a rank updates, then gather the updated parameters and the state by name.
+order and saves as-is with safetensors. Every update reads and writes one parameter and its own state
+(`update(name)`), so ranks can split the work by name: constructed with `owned`, the optimizer keeps state
+for those names only and `step()` updates them alone (trainer.distributed.ShardedOptimizer reduces their
+gradients first and shares the updated weights after).
 """
 
 import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +91,18 @@ def weight_decay_multiplier(step: int, num_iterations: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / num_iterations))
 
 
+def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 decay: float | torch.Tensor, beta1: float | torch.Tensor, beta2: float | torch.Tensor,
+                 bias2_sqrt: float | torch.Tensor, step_size: float | torch.Tensor) -> None:
+    """One AdamW step for one parameter, in place. decay = 1 - lr * wd (decoupled, before the step),
+    bias2_sqrt = sqrt(1 - beta2^t), step_size = lr / (1 - beta1^t). Floats or 0-d tensors alike."""
+    p.mul_(decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(ADAMW_EPS)
+    p.sub_(exp_avg / denom * step_size)
+
+
 @dataclass
 class ParamGroup:
     kind: str  # "adamw" or "muon"
@@ -115,9 +129,14 @@ class HybridOptimizer:
         warmup_steps: int = WARMUP_STEPS,
         warmdown_ratio: float = WARMDOWN_RATIO,
         final_lr_frac: float = FINAL_LR_FRAC,
+        owned: Collection[str] | None = None,
+        compile_update: bool = False,
     ):
-        """model: the bare GPT (not DDP- or compile-wrapped), so names match its state_dict().
-        Learning rates and weight_decay come already scaled for the batch and horizon (trainer.recipe)."""
+        """model: the bare GPT (not compile-wrapped), so names match its state_dict().
+        Learning rates and weight_decay come already scaled for the batch and horizon (trainer.recipe).
+        owned: the parameter names this optimizer keeps state for and updates (default: all of them).
+        compile_update: run each update as one torch.compile'd graph (the hyperparameters go in as 0-d
+        tensors, so a new learning rate is not a recompile)."""
         self.warmup_steps = warmup_steps
         self.warmdown_ratio = warmdown_ratio
         self.final_lr_frac = final_lr_frac
@@ -142,21 +161,40 @@ class HybridOptimizer:
         self.groups = [g for g in (*adamw.values(), muon) if g.params]
         for g in self.groups:  # un-scheduled values, until the first set_schedule()
             g.lr, g.weight_decay, g.momentum = g.initial_lr, g.base_weight_decay, MOMENTUM_START
+        self._group_of = {name: g for g in self.groups for name in g.params}
+        unknown = set(owned or ()) - self._group_of.keys()
+        if unknown:
+            raise ValueError(f"owned names that are not parameters: {sorted(unknown)}")
+        self.owned_names = [n for n in self._group_of if owned is None or n in owned]
         # Allocated up front (not lazily on first step) so the key set is fixed from construction on:
         # load_state_tensors can then check a checkpoint against it before any step has run.
         self.state: dict[str, torch.Tensor] = {}
-        for g in self.groups:
-            for name, p in g.params.items():
-                if g.kind == "adamw":
-                    self.state[f"adamw.{name}.step"] = torch.zeros((), dtype=torch.int64)  # CPU: free .item()
-                    self.state[f"adamw.{name}.exp_avg"] = torch.zeros_like(p)
-                    self.state[f"adamw.{name}.exp_avg_sq"] = torch.zeros_like(p)
-                else:
-                    self.state[f"muon.{name}.momentum_buffer"] = torch.zeros_like(p)
-                    # NorMuon's running mean square: one per row (tall/square) or per column (wide).
-                    self.state[f"muon.{name}.second_momentum_buffer"] = p.new_zeros(
-                        normuon_buffer_shape(p.shape))
-        self._group_of = {name: g for g in self.groups for name in g.params}
+        for name in self.owned_names:
+            self.state.update(self.new_state(name))
+        self._muon: Callable[..., None] = muon_update
+        self._adamw: Callable[..., None] = adamw_update
+        if compile_update:
+            # dynamic=False: one graph per parameter shape (a handful), each specialised for its shape.
+            self._muon = torch.compile(muon_update, dynamic=False, fullgraph=True)
+            self._adamw = torch.compile(adamw_update, dynamic=False, fullgraph=True)
+        self.compile_update = compile_update
+
+    def new_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The zero state of one parameter, by key (also the shape and dtype of what a checkpoint holds)."""
+        p = self._group_of[name].params[name]
+        if self._group_of[name].kind == "adamw":
+            return {f"adamw.{name}.step": torch.zeros((), dtype=torch.int64),  # CPU: free .item()
+                    f"adamw.{name}.exp_avg": torch.zeros_like(p),
+                    f"adamw.{name}.exp_avg_sq": torch.zeros_like(p)}
+        # NorMuon's running mean square: one per row (tall/square) or per column (wide).
+        return {f"muon.{name}.momentum_buffer": torch.zeros_like(p),
+                f"muon.{name}.second_momentum_buffer": p.new_zeros(normuon_buffer_shape(p.shape))}
+
+    def state_keys(self, names: Collection[str]) -> list[str]:
+        """The state keys of these parameters, without allocating anything."""
+        suffixes = {"adamw": ("step", "exp_avg", "exp_avg_sq"),
+                    "muon": ("momentum_buffer", "second_momentum_buffer")}
+        return [f"{self._group_of[n].kind}.{n}.{s}" for n in names for s in suffixes[self._group_of[n].kind]]
 
     def set_schedule(self, step: int, num_iterations: int) -> None:
         """Set lr, weight decay and Muon momentum for `step` (pure functions of it, so never checkpointed)."""
@@ -177,7 +215,7 @@ class HybridOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        for name in self.param_names:
+        for name in self.owned_names:
             self.update(name)
 
     @torch.no_grad()
@@ -187,25 +225,28 @@ class HybridOptimizer:
         p = g.params[name]
         if p.grad is None:
             return
-        if g.kind == "adamw":
-            self._adamw_update(name, p, g.lr, g.weight_decay, g.betas)
-        else:
-            muon_update(p, p.grad, self.state[f"muon.{name}.momentum_buffer"],
-                        self.state[f"muon.{name}.second_momentum_buffer"], g.lr, g.weight_decay, g.momentum)
-
-    def _adamw_update(self, name: str, p: nn.Parameter, lr: float, wd: float,
-                      betas: tuple[float, float]) -> None:
         s = self.state
-        step_t, exp_avg, exp_avg_sq = (s[f"adamw.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq"))
-        step_t += 1
-        step = int(step_t.item())
-        beta1, beta2 = betas
-        g = p.grad
-        p.mul_(1 - lr * wd)  # decoupled weight decay
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(ADAMW_EPS)
-        p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+        if g.kind == "adamw":
+            step_t = s[f"adamw.{name}.step"]
+            step_t += 1
+            step = int(step_t.item())
+            beta1, beta2 = g.betas
+            # Scalars worked out here in float64, so the kernel sees no step counter and never recompiles.
+            hyper = (1 - g.lr * g.weight_decay, beta1, beta2, math.sqrt(1 - beta2**step),
+                     g.lr / (1 - beta1**step))
+            self._adamw(p.detach(), p.grad, s[f"adamw.{name}.exp_avg"], s[f"adamw.{name}.exp_avg_sq"],
+                        *self._scalars(hyper))
+        else:
+            self._muon(p.detach(), p.grad, s[f"muon.{name}.momentum_buffer"],
+                       s[f"muon.{name}.second_momentum_buffer"],
+                       *self._scalars((g.lr, g.weight_decay, g.momentum)))
+
+    def _scalars(self, values: tuple[float, ...]) -> tuple[float, ...] | tuple[torch.Tensor, ...]:
+        """Python floats for the eager kernels; 0-d CPU tensors for compiled ones (a float would be baked
+        into the graph, and each new learning rate would compile it again)."""
+        if not self.compile_update:
+            return values
+        return tuple(torch.tensor(v, dtype=torch.float32) for v in values)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for g in self.groups:

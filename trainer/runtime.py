@@ -1,9 +1,10 @@
 """What both stage scripts (train.py, sft.py) need around their loop: config, processes, resume, logging.
 
 Each stage stays a top-to-bottom script; this module holds the parts that must behave the same in
-both: how flags and environment fill a config, the distributed setup, which checkpoint to resume from
-and how its RNG and optimizer come back, stop signals, the one all-reduce per step, the log line,
-and how a checkpoint is assembled from every rank.
+both: how flags and environment fill a config, the model's compute set-up, which checkpoint to resume
+from and how its RNG and optimizer come back, stop signals, the one all-reduce per step, the log line,
+and how a checkpoint is assembled from every rank. Process groups and the sharded optimizer step live
+in trainer.distributed.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,10 @@ import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
 from trainer import fencing
-from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError, load_tensors
+from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError, load_tensors, tensor_names
 from trainer.data import DataError
-from trainer.optim import OPTIMIZER_RECIPE, HybridOptimizer
+from trainer.distributed import Dist, ShardedOptimizer, broadcast, gather, init_distributed
+from trainer.optim import OPTIMIZER_RECIPE
 
 log = logging.getLogger("phoenix.train")
 
@@ -87,64 +88,6 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
 # Processes
 
 
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_flag: str) -> Dist:
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        exit_when_orphaned()
-    if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Dist(rank, local_rank, world_size, device)
-
-
-def exit_when_orphaned(poll_s: float = 1.0) -> None:
-    """Under torchrun, die with the launcher: workers sit in sessions of their own, so a killed torchrun
-    would leave them training (and checkpointing) next to its replacement."""
-    launcher = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == launcher:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
-
-
-def broadcast(value: Any, d: Dist) -> Any:
-    if d.world_size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather(value: Any, d: Dist) -> list[Any]:
-    if d.world_size == 1:
-        return [value]
-    out: list[Any] = [None] * d.world_size
-    dist.all_gather_object(out, value)
-    return out
-
-
 def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Dist], int],
                argv: list[str] | None = None) -> int:
     """Run a stage: user errors become one `error:` line (exit 2 for config, 1 otherwise), not a trace."""
@@ -193,19 +136,20 @@ def compiles(compile_mode: str, device: torch.device) -> bool:
     return compile_mode == "on" or (compile_mode == "auto" and device.type == "cuda")
 
 
+def compiles_update(compile_mode: str, device: torch.device) -> bool:
+    """Whether the optimizer's per-parameter update is compiled: on CUDA, with the model. On the CPU it
+    costs ~55 s of compiling to save ~25 % of the update (depth 4), so it stays eager there."""
+    return device.type == "cuda" and compiles(compile_mode, device)
+
+
 def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: bool = False
                   ) -> tuple[torch.nn.Module, Any]:
-    """(the module to train through, the autocast context): bf16 autocast on CUDA, DDP across ranks, then
-    torch.compile over the DDP wrapper (its optimizer splits graphs at gradient buckets), on any device."""
+    """(the module to train through, the autocast context): bf16 autocast on CUDA, torch.compile where
+    it pays. No DDP wrapper: ranks meet in the optimizer step (trainer.distributed.ShardedOptimizer)."""
     autocast: Any = nullcontext()
     if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] >= 8:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    train_model = model
-    if d.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if compiles(compile_mode, d.device):
-        train_model = torch.compile(train_model, dynamic=dynamic)
+    train_model = torch.compile(model, dynamic=dynamic) if compiles(compile_mode, d.device) else model
     return train_model, autocast
 
 
@@ -282,12 +226,11 @@ def check_optimizer_recipe(ckpt: layout.Checkpoint, meta: dict[str, Any]) -> Non
 
 
 def restore_trajectory(ckpt: layout.Checkpoint, meta: dict[str, Any], model: torch.nn.Module,
-                       optimizer: HybridOptimizer, d: Dist, seed: int) -> None:
-    """Weights, optimizer state and this rank's RNG from a checkpoint, on any world size."""
+                       optimizer: ShardedOptimizer, d: Dist, seed: int) -> None:
+    """Weights, this rank's share of the optimizer state and its RNG from a checkpoint, on any world size."""
     model.load_state_dict(load_tensors(ckpt, "model.safetensors"))
-    # Step counters stay 0-d CPU tensors (reading them costs no device sync); the rest goes to the device.
-    optimizer.load_state_tensors({k: v.to(d.device) if v.dim() else v
-                                  for k, v in load_tensors(ckpt, "optimizer.safetensors").items()})
+    optimizer.load_state(tensor_names(ckpt, "optimizer.safetensors"),
+                         lambda keys: load_tensors(ckpt, "optimizer.safetensors", keys))
     rng_tensors = load_tensors(ckpt, "rng.safetensors")
     if d.rank < meta["world_size"]:
         set_rng_state(meta["rng"][d.rank], {k.split(".", 1)[1]: v for k, v in rng_tensors.items()
@@ -299,17 +242,24 @@ def restore_trajectory(ckpt: layout.Checkpoint, meta: dict[str, Any], model: tor
 
 
 def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
-                    optimizer: HybridOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
+                    optimizer: ShardedOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
                     rank_state: Any = None) -> float:
-    """Every rank contributes its RNG (and `rank_state`); rank 0 writes, since weights and optimizer are
-    replicated. `meta` turns the ranks' states into the stage's metadata. Returns the stall in seconds.
+    """Every rank contributes its RNG (and `rank_state`) and the optimizer state it owns; rank 0 writes
+    (the weights are replicated). `meta` turns the ranks' states into the stage's metadata. Returns the
+    stall in seconds.
 
     Raises FencedStop on every rank, once this checkpoint is written, if the sidecar found that a newer
     launch took the run over (see trainer.fencing): training on here would only burn GPUs.
     """
     rng_json, rng_tensors = rng_state()
+    start = time.perf_counter()
     contributions = gather({"rng": rng_json, "rng_tensors": rng_tensors, "state": rank_state}, d)
-    stall = _write_checkpoint(checkpointer, step, done, model, optimizer, d, meta, contributions)
+    optimizer_state = optimizer.gather_state()
+    gather_s = time.perf_counter() - start
+    stall = gather_s
+    if d.is_main:
+        stall += _write_checkpoint(checkpointer, step, done, model, optimizer_state, meta, contributions)
+        log.info("checkpoint step=%d stall_ms=%.1f gather_ms=%.1f", step, stall * 1000, gather_s * 1000)
     # One small read on rank 0 per save, its verdict broadcast; the checkpoint is on disk before we stop.
     stage_dir = checkpointer.directory  # <base_dir>/<stage>_checkpoints/<model_tag>
     fence = broadcast(fencing.fenced_by(stage_dir.parent.parent, stage_dir.name) if d.is_main else None, d)
@@ -320,21 +270,17 @@ def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, mode
 
 
 def _write_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
-                      optimizer: HybridOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
+                      optimizer_state: dict[str, torch.Tensor], meta: Callable[[list[Any]], dict[str, Any]],
                       contributions: list[Any]) -> float:
-    if not d.is_main:
-        return 0.0
-    full_meta = {**meta([c["state"] for c in contributions]), "step": step, "world_size": d.world_size,
+    full_meta = {**meta([c["state"] for c in contributions]), "step": step, "world_size": len(contributions),
                  "rng": [c["rng"] for c in contributions], "torch_version": torch.__version__,
                  "optimizer_recipe": OPTIMIZER_RECIPE,
                  "saved_at": time.time()}
     rng_file = {f"rank{r}.{name}": tensor for r, c in enumerate(contributions)
                 for name, tensor in c["rng_tensors"].items()}
-    files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer.state_tensors(),
+    files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer_state,
              "rng.safetensors": rng_file}
-    stall = checkpointer.save(step, files, full_meta, done=done)
-    log.info("checkpoint step=%d stall_ms=%.1f", step, stall * 1000)
-    return stall
+    return checkpointer.save(step, files, full_meta, done=done)
 
 
 def agree(loss_sum: torch.Tensor, stop: StopSignal, checkpointer: AsyncCheckpointer, d: Dist

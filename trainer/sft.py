@@ -15,7 +15,6 @@ import json
 import logging
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,20 +31,19 @@ from trainer.chat_data import (
     load_chat_dataset,
 )
 from trainer.checkpoint import AsyncCheckpointer, load_tensors
+from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.engine import Engine
 from trainer.gc_freeze import FrozenGC
 from trainer.model import build_model, config_from_dict
-from trainer.optim import HybridOptimizer
 from trainer.runtime import (
     ENV_NAMES,
     ConfigError,
-    Dist,
     StepReporter,
     StopSignal,
     agree,
-    broadcast,
     check_horizon,
     check_optimizer_recipe,
+    compiles_update,
     compute_setup,
     config_from_flags,
     find_resume_checkpoint,
@@ -249,7 +247,8 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
                           f"{model.rotary_seq_len}")
     # The base run's unscaled lrs, then every group (scalars too) times init_lr_frac, as nanochat does.
     # No weight decay: base training's cosine ended it at 0. Schedules: trainer.sft_schedule.
-    optimizer = HybridOptimizer(model, **origin["lrs"], weight_decay=0.0)
+    optimizer = ShardedOptimizer(model, d, compile_update=compiles_update(cfg.compile, d.device),
+                                 **origin["lrs"], weight_decay=0.0)
     for group in optimizer.groups:
         group.initial_lr *= cfg.init_lr_frac
     num_iterations = cfg.num_iterations
@@ -333,25 +332,25 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     gc_habit = FrozenGC()
     while step < num_iterations and not stop_now:
         t0 = time.perf_counter()
-        lrm = set_sft_schedule(optimizer, step, num_iterations)
+        lrm = set_sft_schedule(optimizer.groups, step, num_iterations)
         batch = loader.next_step()
         # The loss is a mean over the assistant tokens of the GLOBAL batch, so every rank needs their total
         # first; then any world size (and micro-batch split) gives the same objective.
         counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=d.device)
         if d.world_size > 1:
             dist.all_reduce(counts)
-        # DDP averages gradients over ranks: scale by world_size so they come out as the global sum / count.
+        # The optimizer step averages gradients over ranks: scale by world_size so they come out as the
+        # global sum / count.
         scale = d.world_size / max(counts[0].item(), 1.0)
         loss_sum = torch.zeros((), device=d.device)
-        for micro, (x, y) in enumerate(batch.micro_batches):
+        for x, y in batch.micro_batches:  # gradients accumulate locally; the ranks meet in optimizer.step()
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            sync = micro == len(batch.micro_batches) - 1 or d.world_size == 1
-            with (nullcontext() if sync else train_model.no_sync()), autocast:
+            with autocast:
                 loss = train_model(x, y, loss_reduction="sum") * scale
             loss.backward()
             loss_sum += loss.detach() / d.world_size
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         step += 1
         train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
         loop_state["train_time"] = time.time() - train_start

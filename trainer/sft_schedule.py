@@ -10,7 +10,7 @@ step: a resume needs nothing but the step.
 
 from __future__ import annotations
 
-from trainer.optim import HybridOptimizer
+from trainer.optim import ParamGroup
 
 # Recorded in each SFT checkpoint: a resume under other schedules would change the run silently.
 SFT_SCHEDULE = "nanochat-sft-2026: flat then warmdown, momentum 0.85->0.95/300"
@@ -38,11 +38,11 @@ def sft_muon_momentum(step: int) -> float:
     return (1 - frac) * MOMENTUM_START + frac * MOMENTUM_END
 
 
-def set_sft_schedule(optimizer: HybridOptimizer, step: int, num_iterations: int,
-                     warmdown_ratio: float = WARMDOWN_RATIO) -> float:
-    """Set every group's lr, weight decay (0) and Muon momentum for `step`; returns the lr multiplier."""
-    lrm = sft_lr_multiplier(step / num_iterations, warmdown_ratio=warmdown_ratio)
-    for group in optimizer.groups:
+def set_sft_schedule(groups: list[ParamGroup], step: int, num_iterations: int) -> float:
+    """Set the optimizer groups' lr, weight decay (0) and Muon momentum for `step`; returns the lr
+    multiplier."""
+    lrm = sft_lr_multiplier(step / num_iterations)
+    for group in groups:
         group.lr = group.initial_lr * lrm
         group.weight_decay = 0.0
         if group.kind == "muon":

@@ -12,7 +12,6 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,22 +29,21 @@ from trainer.dataloader import (
     loader_meta,
     validation_rows,
 )
+from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.engine import Engine
 from trainer.fp8 import convert_to_fp8, fp8_unavailable
 from trainer.gc_freeze import FrozenGC
 from trainer.model import GPT, build_model, config_for_depth, config_from_dict, fa3_attention
-from trainer.optim import HybridOptimizer
 from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
 from trainer.runtime import (
     ENV_NAMES,
     ConfigError,
-    Dist,
     StepReporter,
     StopSignal,
     agree,
-    broadcast,
     check_horizon,
     check_optimizer_recipe,
+    compiles_update,
     compute_setup,
     config_from_flags,
     find_resume_checkpoint,
@@ -298,11 +296,13 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         raise ConfigError(f"the derived total batch {total_batch_size} is not a multiple of --max-seq-len "
                           f"{cfg.max_seq_len}: set --total-batch-size")
     lr_scale = run_plan.lr_scale
-    optimizer = HybridOptimizer(model, unembedding_lr=cfg.unembedding_lr * lr_scale,
-                                embedding_lr=cfg.embedding_lr * lr_scale, matrix_lr=cfg.matrix_lr * lr_scale,
-                                scalar_lr=cfg.scalar_lr * lr_scale, weight_decay=run_plan.weight_decay,
-                                warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
-                                final_lr_frac=cfg.final_lr_frac)
+    # Each rank keeps the state of, and updates, its own share of the parameters (trainer.distributed).
+    optimizer = ShardedOptimizer(model, d, compile_update=compiles_update(cfg.compile, d.device),
+                                 unembedding_lr=cfg.unembedding_lr * lr_scale,
+                                 embedding_lr=cfg.embedding_lr * lr_scale, matrix_lr=cfg.matrix_lr * lr_scale,
+                                 scalar_lr=cfg.scalar_lr * lr_scale, weight_decay=run_plan.weight_decay,
+                                 warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
+                                 final_lr_frac=cfg.final_lr_frac)
     if ckpt is not None:
         check_horizon(ckpt, meta, num_iterations)
 
@@ -351,7 +351,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                                      run_id=identity["run_id"])
     log_plan(run_plan, num_params, model.estimate_flops_per_token(), step, loop_state["train_time"],
              reporter.peak, d.world_size)
-    log.info("world_size=%d grad_accum=%d device=%s", d.world_size, loader.grad_accum_steps, d.device)
+    log.info("world_size=%d grad_accum=%d device=%s owned_params=%d/%d optimizer_state_mib=%.1f",
+             d.world_size, loader.grad_accum_steps, d.device, len(optimizer.optimizer.owned_names),
+             len(optimizer.owners), optimizer.state_bytes() / 2**20)
 
     def stage_meta(rank_lanes: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
         positions = {lane: pos for entry in rank_lanes for lane, pos in entry.items()}
@@ -386,15 +388,14 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         optimizer.set_schedule(step, num_iterations)
         micro_batches = loader.next_step()
         loss_sum = torch.zeros((), device=d.device)
-        for micro, (x, y) in enumerate(micro_batches):
+        for x, y in micro_batches:  # gradients accumulate locally; the ranks meet in optimizer.step()
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            sync = micro == len(micro_batches) - 1 or d.world_size == 1
-            with (nullcontext() if sync else train_model.no_sync()), autocast:
+            with autocast:
                 loss = train_model(x, y) / len(micro_batches)
             loss.backward()
             loss_sum += loss.detach()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         step += 1
         loss_total, stop_now = agree(loss_sum, stop, checkpointer, d)
         loop_state["train_time"] = time.time() - train_start
