@@ -43,12 +43,14 @@ GPU_PARTS = [
     Part("resume_1proc", 130, dict(nproc=1)),
     Part("compile", 90, {}),
     Part("bf16", 30, {}),
+    Part("fp8", 60, {}),
     Part("two_process", 90, {}),
 ]
 CPU_PARTS = [
     Part("env", 60, {}),
     Part("compile", 240, {}),
     Part("bf16", 60, {}),
+    Part("fp8", 30, {}),
     Part("throughput_tiny", 120, dict(depth=2, batch=2, seq=64, vocab=512, aspect=32, head_dim=32, steps=5)),
     Part("checkpoint_tiny", 60, dict(depth=2, vocab=2048)),
     Part("resume_1proc", 180, dict(nproc=1)),
@@ -70,6 +72,8 @@ def run_part(name: str, args: dict[str, Any], cpu: bool, workdir: Path, timeout:
         return probes.compile_check(device)
     if name == "bf16":
         return probes.bf16_check(device)
+    if name == "fp8":
+        return probes.fp8_check(device)
     if name.startswith("throughput"):
         return probes.throughput(device, **args)
     if name.startswith("checkpoint"):

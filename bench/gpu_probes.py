@@ -183,6 +183,9 @@ def bf16_check(device: torch.device, steps: int = 3) -> dict[str, Any]:
         seen: set[str] = set()
         model.transformer.h[0].mlp.c_fc.register_forward_hook(
             lambda _m, _i, out, seen=seen: seen.add(str(out.dtype)))
+        residual: set[str] = set()  # bf16 from the embedding lookup on under autocast, as nanochat's
+        model.transformer.h[0].register_forward_pre_hook(
+            lambda _m, args, residual=residual: residual.add(str(args[0].dtype)))
         data = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(steps):
@@ -194,11 +197,64 @@ def bf16_check(device: torch.device, steps: int = 3) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        results[str(dtype).removeprefix("torch.")] = {"losses": losses, "matmul_dtypes": sorted(seen)}
+        results[str(dtype).removeprefix("torch.")] = {"losses": losses, "matmul_dtypes": sorted(seen),
+                                                      "residual_dtypes": sorted(residual)}
     rel = max_rel_diff(results["bfloat16"]["losses"], results["float32"]["losses"])
-    ran_bf16 = results["bfloat16"]["matmul_dtypes"] == ["torch.bfloat16"]
+    bf16_run = results["bfloat16"]
+    ran_bf16 = bf16_run["matmul_dtypes"] == bf16_run["residual_dtypes"] == ["torch.bfloat16"]
     finite = all(map(torch.isfinite, map(torch.tensor, results["bfloat16"]["losses"])))
     return {**results, "max_rel_diff": rel, "passed": bool(ran_bf16 and finite and rel <= 5e-2)}
+
+
+def fp8_check(device: torch.device, steps: int = 5) -> dict[str, Any]:
+    """FP8=1's path where the GPU has FP8 (compute capability >= 8.9): the compile-check model, compiled,
+    `steps` steps with its linears converted (trainer.fp8) next to plain bf16; losses finite and within 5e-2,
+    ms per step of each. Elsewhere the refusal the trainer prints, and the FP8 matmul itself checked
+    against float32 on small operands (the CPU has torch._scaled_mm too)."""
+    from trainer.fp8 import Float8Linear, convert_to_fp8, fp8_unavailable
+
+    refusal = fp8_unavailable(device)
+    if refusal is not None:
+        torch.manual_seed(0)
+        holder = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False, device=device))
+        convert_to_fp8(holder)
+        x = torch.randn(64, 256, device=device)
+        exact = x @ holder[0].weight.t()
+        rel = ((holder(x).float() - exact).norm() / exact.norm()).item()  # with gradients: the FP8 path
+        return {"refused": refusal, "matmul_rel_err": rel,
+                "passed": isinstance(holder[0], Float8Linear) and 1e-4 < rel < 0.08}
+    depth, aspect, head_dim, vocab, seq, batch = COMPILE_GEOMETRY[kind(device)]
+    results: dict[str, Any] = {}
+    for fp8 in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config_for_depth(depth, vocab, seq, aspect, head_dim), device)
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.abs().sum():
+                    p.normal_(0, 0.02)
+        optimizer = HybridOptimizer(model)
+        converted = convert_to_fp8(model)[0] if fp8 else 0
+        train_model, autocast = compute_setup(model, Dist(0, 0, 1, device), "on")
+        data = torch.Generator().manual_seed(1)
+        losses, times = [], []
+        for _ in range(steps):
+            x = torch.randint(0, vocab, (batch, seq), generator=data).to(device)
+            y = torch.randint(0, vocab, (batch, seq), generator=data).to(device)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with autocast:
+                loss = train_model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            times.append(time.perf_counter() - start)
+        results["fp8" if fp8 else "bf16"] = {"losses": losses, "converted_linears": converted,
+                                             "step_ms_after_first": 1000 * sum(times[1:]) / (steps - 1)}
+    rel = max_rel_diff(results["fp8"]["losses"], results["bf16"]["losses"])
+    finite = all(map(torch.isfinite, map(torch.tensor, results["fp8"]["losses"])))
+    return {**results, "max_rel_diff": rel,
+            "passed": bool(finite and rel <= 5e-2 and results["fp8"]["converted_linears"] > 0)}
 
 
 # ---------------------------------------------------------------------------------------------------

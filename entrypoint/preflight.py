@@ -36,7 +36,7 @@ _PRESET_GEOMETRY = {"tiny": (2, 32, 2048), "d20": (20, 64, 32768), "d24": (24, 6
 
 # What a user may edit to fix a failed launch.
 FINGERPRINTED = ("MODEL_TAG", "PRESET", "DEVICE", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RUN_SFT",
-                 "SAVE_EVERY", "KEEP_LAST", "DATASET_REPO", "SFT_DATASET", "SFT_ARGS", "HF_REPO_ID",
+                 "SAVE_EVERY", "KEEP_LAST", "DATASET_REPO", "FP8", "SFT_DATASET", "SFT_ARGS", "HF_REPO_ID",
                  "HF_REPO_TYPE", "HF_ENDPOINT", "HF_TOKEN", "WANDB_RUN", "WANDB_MODE", "WANDB_PROJECT",
                  "WANDB_API_KEY")
 

@@ -114,6 +114,15 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([y1, y2], 3).to(x.dtype)
 
 
+def in_compute_dtype(embedding: torch.Tensor) -> torch.Tensor:
+    """An embedding lookup in the dtype the matmuls run in: bf16 under autocast (CUDA), as nanochat's bf16
+    embedding tables give, so the residual stream stays bf16; unchanged in float32 (CPU). The tables
+    themselves stay float32: the optimizer updates float32 master weights, exactly as before."""
+    if torch.is_autocast_enabled(embedding.device.type):
+        return embedding.to(torch.get_autocast_dtype(embedding.device.type))
+    return embedding
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, with one length per row, for generation.
 
@@ -338,7 +347,7 @@ class GPT(nn.Module):
         With a cache, row b's tokens continue after its cached lengths[b] tokens, and the lengths advance.
         """
         T = idx.size(1)
-        x = norm(self.transformer.wte(idx))
+        x = norm(in_compute_dtype(self.transformer.wte(idx)))
         masks: dict[int, torch.Tensor | None]  # per window size: where queries may attend
         if cache is None:
             if self.cos.size(1) < T:
@@ -358,20 +367,22 @@ class GPT(nn.Module):
             keys = torch.arange(cache.span, device=idx.device)
             masks = {w: attention_mask(positions, keys, w)[:, None] for w in set(self.window_sizes)}
             previous = cache.previous_embeddings(x)
-        smear = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate_channels]))
+        gate = torch.sigmoid(self.smear_gate(x[..., :self.smear_gate_channels]))
+        smear = self.smear_lambda.to(x.dtype) * gate
         x = x + smear * previous
         x0 = x
         backout = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            value_embedding = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            value_embedding = (in_compute_dtype(self.value_embeds[str(i)](idx)) if str(i) in self.value_embeds
+                               else None)
             window = self.window_sizes[i]
             x = block(x, value_embedding, cos, sin, window, masks[window], cache)
             if i == self.backout_layer:
                 backout = x
         if cache is not None:
             cache.lengths += T
-        logits = self.lm_head(norm(x - self.backout_lambda * backout))
+        logits = self.lm_head(norm(x - self.backout_lambda.to(x.dtype) * backout))
         # Soft-cap in float32: tanh keeps logits in (-15, 15) so the loss cannot blow up on outliers.
         logits = LOGIT_SOFTCAP * torch.tanh(logits.float() / LOGIT_SOFTCAP)
         if targets is None:

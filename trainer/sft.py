@@ -2,10 +2,11 @@
 
 Starts from the weights of the finished base stage (its final checkpoint, marked done) with a fresh
 optimizer, and fine-tunes on a Hub chat dataset (`messages` column), taking the loss on assistant tokens
-only. The learning rates are a fraction (--init-lr-frac) of the base run's, decaying linearly to 0, as
-nanochat's chat_sft does. Checkpoints follow the base contract under sft_checkpoints/<MODEL_TAG>/: every
-SAVE_EVERY steps, at the end (marked done) and on SIGTERM; resuming from one, on any world size,
-continues the same run. The order of this file follows trainer/train.py, whose pieces it reuses.
+only. The learning rates start at a fraction (--init-lr-frac, 0.8) of the base run's, flat for half the
+run, then decay linearly to 0, as nanochat's chat_sft does (trainer.sft_schedule). Checkpoints follow the
+base contract under sft_checkpoints/<MODEL_TAG>/: every SAVE_EVERY steps, at the end (marked done) and on
+SIGTERM; resuming from one, on any world size, continues the same run. The order of this file follows
+trainer/train.py, whose pieces it reuses.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from trainer.chat_data import (
 from trainer.checkpoint import AsyncCheckpointer, load_tensors
 from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.engine import Engine
+from trainer.gc_freeze import FrozenGC
 from trainer.model import build_model, config_from_dict
 from trainer.runtime import (
     ENV_NAMES,
@@ -51,6 +53,7 @@ from trainer.runtime import (
     seed_everything,
     stage_main,
 )
+from trainer.sft_schedule import INIT_LR_FRAC, SFT_SCHEDULE, set_sft_schedule
 from trainer.tokenizer import load_tokenizer, tokenizer_sha256
 from trainer.train import PRESETS
 
@@ -79,7 +82,7 @@ class SFTConfig:
     conversations_per_step: int = 32  # the global batch, for any world size
     num_epochs: int = 1
     num_iterations: int = -1  # -1: num_epochs passes over the training conversations
-    init_lr_frac: float = 0.02  # of the base run's learning rates
+    init_lr_frac: float = INIT_LR_FRAC  # of the base run's learning rates, every group
     eval_every: int = 100
     sample_every: int = 100  # answer SAMPLE_QUESTIONS every this many steps and at the end; 0 = off
     eval_conversations: int = 1024  # held out: the last rows of the split
@@ -242,18 +245,23 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     if cfg.max_seq_len > model.rotary_seq_len:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's rotary cache of "
                           f"{model.rotary_seq_len}")
-    lrs = {name: lr * cfg.init_lr_frac for name, lr in origin["lrs"].items()}
-    # No warmup, warmdown_ratio=1: the lr decays linearly from the first step to 0 at the last. No weight
-    # decay: base training's cosine ended it at 0 (nanochat's chat_sft does the same).
+    # The base run's unscaled lrs, then every group (scalars too) times init_lr_frac, as nanochat does.
+    # No weight decay: base training's cosine ended it at 0. Schedules: trainer.sft_schedule.
     compile_update = compiles_update(cfg.compile, d.device, model.estimate_flops_per_token())
-    optimizer = ShardedOptimizer(model, d, compile_update=compile_update, **lrs,
-                                 weight_decay=0.0, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    optimizer = ShardedOptimizer(model, d, compile_update=compile_update, **origin["lrs"], weight_decay=0.0)
+    for group in optimizer.groups:
+        group.initial_lr *= cfg.init_lr_frac
     num_iterations = cfg.num_iterations
     if num_iterations <= 0:
         num_iterations = cfg.num_epochs * num_train // cfg.conversations_per_step
     if ckpt is not None:
         check_optimizer_recipe(ckpt, meta)
         check_horizon(ckpt, meta, num_iterations)
+        if meta.get("schedule") != SFT_SCHEDULE:
+            written_by = meta.get("schedule", "linear decay from the first step (unrecorded)")
+            raise ConfigError(f"{ckpt.path} was trained under SFT schedule {written_by!r}, this trainer runs "
+                              f"{SFT_SCHEDULE!r}: finish it with the phoenix version that started it, or "
+                              "delete sft_checkpoints/<MODEL_TAG> to redo SFT")
 
     # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
     # Micro-batches need not divide a rank's share: the loss is normalised per step, not per micro-batch.
@@ -299,7 +307,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
                 "config": asdict(cfg), "base": origin, "data": data_identity, "loop_state": loop_state,
                 "loader": loader.state_dict(), "run_id": identity["run_id"],
                 "wandb_run_id": identity["wandb_run_id"], "tokenizer_sha256": tokenizer_sha,
-                "stopped": stop_now}
+                "stopped": stop_now, "schedule": SFT_SCHEDULE}
 
     def evaluate() -> None:
         val_loss = evaluate_loss(model, val_batches, d, autocast)
@@ -321,9 +329,10 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         evaluate()
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
+    gc_habit = FrozenGC()
     while step < num_iterations and not stop_now:
         t0 = time.perf_counter()
-        optimizer.set_schedule(step, num_iterations)
+        lrm = set_sft_schedule(optimizer.groups, step, num_iterations)
         batch = loader.next_step()
         # The loss is a mean over the assistant tokens of the GLOBAL batch, so every rank needs their total
         # first; then any world size (and micro-batch split) gives the same objective.
@@ -345,9 +354,9 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         step += 1
         train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
         loop_state["train_time"] = time.time() - train_start
-        lrm = optimizer.groups[0].lr / optimizer.groups[0].initial_lr
         reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
                       counts[1].item())
+        gc_habit.after_step(step)  # after the step's log line, as nanochat
         if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
             evaluate()
         if sampler and (step % cfg.sample_every == 0 or step == num_iterations):

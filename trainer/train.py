@@ -31,6 +31,8 @@ from trainer.dataloader import (
 )
 from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.engine import Engine
+from trainer.fp8 import convert_to_fp8, fp8_unavailable
+from trainer.gc_freeze import FrozenGC
 from trainer.model import GPT, build_model, config_for_depth, config_from_dict, fa3_attention
 from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
 from trainer.runtime import (
@@ -115,13 +117,16 @@ class TrainConfig:
     wandb_run: str = ""
     compile: str = "auto"  # auto (runtime.compiles) | on (--compile) | off (--no-compile)
     device: str = "auto"
+    fp8: int = 0  # 1: FP8 matmuls on GPUs of compute capability >= 8.9 (trainer.fp8)
     allow_fresh_start: bool = False
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < preset < environment (the seed script's names) < flags."""
-    env_names = {**ENV_NAMES, "dataset_repo": "DATASET_REPO"}
+    env_names = {**ENV_NAMES, "dataset_repo": "DATASET_REPO", "fp8": "FP8"}
     cfg = config_from_flags(TrainConfig, argv, "trainer.train", PRESETS, env_names)
+    if cfg.fp8 not in (0, 1):
+        raise ConfigError(f"FP8 / --fp8 is {cfg.fp8}: use 1 (FP8 matmuls) or 0 (bf16)")
     if cfg.total_batch_size > 0 and cfg.total_batch_size % cfg.max_seq_len:
         raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --max-seq-len "
                           f"{cfg.max_seq_len}: pick a multiple")
@@ -232,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: TrainConfig, d: Dist) -> int:
     base_dir = Path(cfg.base_dir)
     ckpt_dir = layout.stage_dir(base_dir, STAGE, cfg.model_tag)
+    if cfg.fp8 and (why := fp8_unavailable(d.device)):
+        raise ConfigError(f"FP8=1 asks for FP8 training but {why}: unset FP8 (or --fp8 0) to train in bf16")
     stop = StopSignal()
 
     # --- what to resume from: decided once on rank 0 (hashing is not free), then broadcast -----------
@@ -335,6 +342,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     val_rows = validation_rows(store, tokenizer, cfg.max_seq_len, max(1, cfg.eval_tokens // cfg.max_seq_len))
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=d.device)
 
+    if cfg.fp8:  # after the weights are in place, before compile: the same parameters, FP8 matmuls
+        log.info("fp8 recipe=tensorwise converted_linears=%d of=%d", *convert_to_fp8(model))
     train_model, autocast = compute_setup(model, d, cfg.compile)
     reporter = StepReporter(STAGE, cfg.base_dir, cfg.model_tag, d, model.estimate_flops_per_token(),
                             cfg.wandb_run, identity["wandb_run_id"],
@@ -373,6 +382,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         evaluate()
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
+    gc_habit = FrozenGC()
     timed_from: tuple[int, float] | None = None  # (step, time) after this process's first step
     while step < num_iterations and not stop_now:
         t0 = time.perf_counter()
@@ -393,6 +403,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         lrm = optimizer.groups[0].lr / optimizer.groups[0].initial_lr
         reporter.step(step, num_iterations, loss_total / d.world_size, loop_state, lrm,
                       time.perf_counter() - t0, total_batch_size)
+        gc_habit.after_step(step)  # after the step's log line, as nanochat
         if timed_from is None:  # the first step pays for compilation and warm-up: time the next ones
             timed_from = (step, time.perf_counter())
         elif step == timed_from[0] + ETA_AFTER_STEPS:
