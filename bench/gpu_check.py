@@ -136,7 +136,8 @@ def summary_line(report: dict[str, Any]) -> str:
             words.append(f"{name}={record['status']}")
         elif name.startswith("throughput"):
             mfu = f"{r['mfu_pct']}%" if r["mfu_pct"] is not None else "-"
-            words.append(f"{name.split('_')[1]} {r['tok_per_sec']:,} tok/s mfu={mfu}")
+            words.append(f"{name.split('_')[1]} {r['tok_per_sec']:,} tok/s mfu={mfu} "
+                         f"optimizer={r['optimizer_pct']}%")
         elif name.startswith("checkpoint"):
             words.append(f"ckpt stall {r['async_stall_ms']:.0f} ms vs torch.save {r['sync_save_ms']:.0f} ms")
         elif name.startswith("resume"):

@@ -1,7 +1,8 @@
 """The compile path the GPUs take, run on the CPU: inductor through the trainer's compute_setup.
 
-torch.compile is on by default only on CUDA, so without these a graph break, a compile error or a
-recompile per SFT batch length would first show on a rented GPU. The probes are the ones
+torch.compile is on by default on CUDA (on the CPU only from depth-4-sized models up, never the tiny
+preset the tests train), so without these a graph break, a compile error or a recompile per SFT batch
+length would first show on a rented GPU. The probes are the ones
 scripts/gpu_check.sh runs there (bench/gpu_probes.py), at the CPU's small geometry; a cold inductor
 cache makes the module fixture take ~60 s on 2 cores (warm: ~15 s).
 """
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from bench.gpu_probes import COMPILE_RTOL, bf16_check, compile_check
-from trainer.runtime import compiles
+from trainer.model import GPT, config_for_depth
+from trainer.runtime import compiles, compiles_update
 from trainer.sft import parse_sft_config
 from trainer.train import parse_config
 
@@ -64,7 +66,14 @@ def test_compile_flag_is_honest_on_every_device():
     assert parse_config(["--preset", "tiny"]).compile == "auto"
     assert parse_config(["--preset", "tiny", "--compile"]).compile == "on"
     assert parse_sft_config(["--preset", "tiny", "--no-compile"]).compile == "off"
-    assert compiles("auto", cuda) and not compiles("auto", cpu)  # the tiny CPU demo stays quick
+    assert compiles("auto", cuda) and not compiles("auto", cpu)
+    with torch.device("meta"):  # shapes are enough to count FLOPs
+        tiny = GPT(config_for_depth(2, 2048, 128, 32, 32)).estimate_flops_per_token()  # the tiny preset
+        depth4 = GPT(config_for_depth(4, 8192, 512, 64, 128)).estimate_flops_per_token()
+    assert not compiles("auto", cpu, tiny) and compiles("auto", cpu, depth4)  # the tiny CPU demo stays quick
+    # The optimizer's update compiles with the model, on the CPU only at depth-4 sizes (not the probes').
+    assert compiles_update("auto", cuda) and compiles_update("auto", cpu, depth4)
+    assert not compiles_update("on", cpu, tiny) and not compiles_update("off", cpu, depth4)
     assert compiles("on", cpu) and not compiles("off", cuda)
     with pytest.raises(SystemExit):
         parse_config(["--preset", "tiny", "--compile", "--no-compile"])

@@ -15,10 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # FlashAttention-3 (the Hopper build's module name); SDPA with a window mask serves everywhere else.
-    from flash_attn_interface import flash_attn_func as fa3_attention
-except (ImportError, OSError):
-    fa3_attention = None
+from trainer.hardware import fa3_applies, fa3_attention
 
 # Bumped whenever the parameters or the computation change: a checkpoint's model config records it, and
 # an older one is refused in one line instead of failing on missing weights.
@@ -205,7 +202,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE  # QK-norm bounds the logits without a learned scale
         gqa = self.n_kv_head != self.n_head
-        if cache is None and fa3_attention is not None and x.is_cuda and torch.is_autocast_enabled("cuda"):
+        if cache is None and fa3_applies(x):
             # FlashAttention-3 takes (B, T, H, D) in bf16 and does the window in-kernel.
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
             y = fa3_attention(q, k, v, causal=True, window_size=(window, 0))
@@ -242,11 +239,6 @@ class Block(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(norm(x), value_embedding, cos, sin, window, mask, cache)
         return x + self.mlp(norm(x))
-
-
-def fa3_applies(x: torch.Tensor) -> bool:
-    """FlashAttention-3 runs training's attention when installed, on CUDA, under bf16 autocast."""
-    return fa3_attention is not None and x.is_cuda and torch.is_autocast_enabled("cuda")
 
 
 class GPT(nn.Module):
@@ -419,34 +411,3 @@ def model_from_weights(config: GPTConfig, weights: dict[str, torch.Tensor],
     model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
     model.cos, model.sin = model._precompute_rotary(torch.device(device))
     return model
-
-# Dense (no sparsity) bf16 tensor-core peak FLOPS per GPU, matched as a case-insensitive substring of
-# torch.cuda.get_device_name(). Order matters: more specific names come before their prefixes.
-PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("B100", 1.75e15),
-    ("H200", 989e12),
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM / HBM3
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),  # fp32 accumulate, as training uses
-    ("RTX 3090", 71e12),
-    ("MI325X", 1307e12),
-    ("MI300X", 1307e12),
-]
-
-
-def peak_flops(device_name: str) -> float | None:
-    """bf16 dense peak FLOPS for a GPU name (for MFU); None for CPU or an unknown device."""
-    name = device_name.lower()
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in name:
-            return flops
-    return None

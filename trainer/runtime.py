@@ -59,8 +59,9 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
     compile_flags = parser.add_mutually_exclusive_group()
     compile_flags.add_argument("--compile", dest="compile", action="store_const", const="on",
-                               help="torch.compile on CPU too (default: on CUDA only, where it pays; a tiny "
-                                    "CPU run would spend longer compiling than training)")
+                               help="torch.compile on CPU too (default: where it pays: on CUDA, and on CPU "
+                                    "from depth-4-sized models up; a tiny run would spend longer compiling "
+                                    "than training)")
     compile_flags.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                                help="skip torch.compile, on CUDA too")
     parser.add_argument("--allow-fresh-start", action="store_true",
@@ -131,15 +132,28 @@ class StopSignal:
                     signal.Signals(signum).name)
 
 
-def compiles(compile_mode: str, device: torch.device) -> bool:
-    """--compile (on) / --no-compile (off) / neither (auto): compile on CUDA only, where it pays."""
-    return compile_mode == "on" or (compile_mode == "auto" and device.type == "cuda")
+# On the CPU, compiling costs about a minute (inductor's C++ builds on 2 cores) and saves a few percent of
+# every step from depth 4 up (bench/throughput.py, bench/vs_nanochat.py): that pays for models whose CPU
+# runs last hours (depth 4, width 256: 3.4e7 FLOPs per token), never for the tiny preset (1.6e6), whose
+# whole demo run is shorter than its compile.
+CPU_COMPILE_MIN_FLOPS_PER_TOKEN = 1e7
 
 
-def compiles_update(compile_mode: str, device: torch.device) -> bool:
-    """Whether the optimizer's per-parameter update is compiled: on CUDA, with the model. On the CPU it
-    costs ~55 s of compiling to save ~25 % of the update (depth 4), so it stays eager there."""
-    return device.type == "cuda" and compiles(compile_mode, device)
+def compiles(compile_mode: str, device: torch.device, flops_per_token: float = 0.0) -> bool:
+    """--compile (on) / --no-compile (off) / neither (auto): compile where it pays, i.e. on CUDA, and on
+    the CPU for models of at least CPU_COMPILE_MIN_FLOPS_PER_TOKEN training FLOPs per token."""
+    if compile_mode != "auto":
+        return compile_mode == "on"
+    return device.type == "cuda" or flops_per_token >= CPU_COMPILE_MIN_FLOPS_PER_TOKEN
+
+
+def compiles_update(compile_mode: str, device: torch.device, flops_per_token: float = 0.0) -> bool:
+    """Whether the optimizer's per-parameter update is compiled: with the model, and on the CPU only from
+    CPU_COMPILE_MIN_FLOPS_PER_TOKEN up even under --compile. There its graphs (one per parameter shape)
+    cost ~55 s of compiling to save ~25 % of the update, which at 512-token CPU batches is half the step
+    (depth 4): it pays over a CPU run of hours, not in a tiny run or the tests' compile probes."""
+    cpu_pays = device.type == "cuda" or flops_per_token >= CPU_COMPILE_MIN_FLOPS_PER_TOKEN
+    return cpu_pays and compiles(compile_mode, device, flops_per_token)
 
 
 def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: bool = False
@@ -149,7 +163,8 @@ def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: b
     autocast: Any = nullcontext()
     if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device)[0] >= 8:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    train_model = torch.compile(model, dynamic=dynamic) if compiles(compile_mode, d.device) else model
+    compiled = compiles(compile_mode, d.device, model.estimate_flops_per_token())
+    train_model = torch.compile(model, dynamic=dynamic) if compiled else model
     return train_model, autocast
 
 
@@ -328,7 +343,7 @@ class StepReporter:
         self.flops_per_token = flops_per_token
         self.peak = None
         if d.device.type == "cuda":
-            from trainer.model import peak_flops
+            from trainer.hardware import peak_flops
 
             self.peak = peak_flops(torch.cuda.get_device_name(d.device))
         logs_dir = Path(base_dir) / "logs"

@@ -94,7 +94,7 @@ class SFTConfig:
     sft_dataset: str = DEFAULT_SFT_DATASET
     sft_split: str = "train"
     wandb_run: str = ""
-    compile: str = "auto"  # auto (CUDA only) | on (--compile) | off (--no-compile)
+    compile: str = "auto"  # auto (runtime.compiles) | on (--compile) | off (--no-compile)
     device: str = "auto"
     allow_fresh_start: bool = False
 
@@ -247,8 +247,8 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
                           f"{model.rotary_seq_len}")
     # The base run's unscaled lrs, then every group (scalars too) times init_lr_frac, as nanochat does.
     # No weight decay: base training's cosine ended it at 0. Schedules: trainer.sft_schedule.
-    optimizer = ShardedOptimizer(model, d, compile_update=compiles_update(cfg.compile, d.device),
-                                 **origin["lrs"], weight_decay=0.0)
+    compile_update = compiles_update(cfg.compile, d.device, model.estimate_flops_per_token())
+    optimizer = ShardedOptimizer(model, d, compile_update=compile_update, **origin["lrs"], weight_decay=0.0)
     for group in optimizer.groups:
         group.initial_lr *= cfg.init_lr_frac
     num_iterations = cfg.num_iterations

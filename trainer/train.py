@@ -115,7 +115,7 @@ class TrainConfig:
     base_dir: str = "~/.cache/nanochat"
     dataset_repo: str = DEFAULT_DATASET_REPO
     wandb_run: str = ""
-    compile: str = "auto"  # auto (CUDA only) | on (--compile) | off (--no-compile)
+    compile: str = "auto"  # auto (runtime.compiles) | on (--compile) | off (--no-compile)
     device: str = "auto"
     fp8: int = 0  # 1: FP8 matmuls on GPUs of compute capability >= 8.9 (trainer.fp8)
     allow_fresh_start: bool = False
@@ -297,7 +297,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                           f"{cfg.max_seq_len}: set --total-batch-size")
     lr_scale = run_plan.lr_scale
     # Each rank keeps the state of, and updates, its own share of the parameters (trainer.distributed).
-    optimizer = ShardedOptimizer(model, d, compile_update=compiles_update(cfg.compile, d.device),
+    compile_update = compiles_update(cfg.compile, d.device, model.estimate_flops_per_token())
+    optimizer = ShardedOptimizer(model, d, compile_update=compile_update,
                                  unembedding_lr=cfg.unembedding_lr * lr_scale,
                                  embedding_lr=cfg.embedding_lr * lr_scale, matrix_lr=cfg.matrix_lr * lr_scale,
                                  scalar_lr=cfg.scalar_lr * lr_scale, weight_decay=run_plan.weight_decay,
