@@ -110,6 +110,19 @@ def _graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def probe_model(device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """The compile-check geometry's model with non-zero head and output projections, so step 1's loss is
+    not log(vocab) in every variant a probe compares."""
+    depth, aspect, head_dim, vocab, seq, _ = COMPILE_GEOMETRY[kind(device)]
+    torch.manual_seed(seed)
+    model = build_model(config_for_depth(depth, vocab, seq, aspect, head_dim), device)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.02)
+    return model
+
+
 def train_losses(device: torch.device, compile_mode: str, lengths: list[int], dynamic: bool = False,
                  seed: int = 0) -> tuple[list[float], int, list[int]]:
     """Per-step losses of the compile-check model trained on batches of the given lengths, through the
@@ -120,13 +133,7 @@ def train_losses(device: torch.device, compile_mode: str, lengths: list[int], dy
     depth, aspect, head_dim, vocab, seq, batch = COMPILE_GEOMETRY[kind(device)]
     torch._dynamo.reset()
     graphs_before = _graph_count()
-    torch.manual_seed(seed)
-    model = build_model(config_for_depth(depth, vocab, seq, aspect, head_dim), device)
-    # Non-zero head and output projections, so step 1's loss is not log(vocab) in every variant.
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.02)
+    model = probe_model(device, seed)
     one_process = Dist(0, 0, 1, device)
     optimizer = ShardedOptimizer(model, one_process, compile_update=compiles_update(compile_mode, device))
     train_model, autocast = compute_setup(model, one_process, compile_mode, dynamic=dynamic)
@@ -173,12 +180,7 @@ def bf16_check(device: torch.device, steps: int = 3) -> dict[str, Any]:
     depth, aspect, head_dim, vocab, seq, batch = COMPILE_GEOMETRY[kind(device)]
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        torch.manual_seed(0)
-        model = build_model(config_for_depth(depth, vocab, seq, aspect, head_dim), device)
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.abs().sum():
-                    p.normal_(0, 0.02)
+        model = probe_model(device)
         optimizer = HybridOptimizer(model)
         seen: set[str] = set()
         model.transformer.h[0].mlp.c_fc.register_forward_hook(
@@ -226,12 +228,7 @@ def fp8_check(device: torch.device, steps: int = 5) -> dict[str, Any]:
     depth, aspect, head_dim, vocab, seq, batch = COMPILE_GEOMETRY[kind(device)]
     results: dict[str, Any] = {}
     for fp8 in (False, True):
-        torch.manual_seed(0)
-        model = build_model(config_for_depth(depth, vocab, seq, aspect, head_dim), device)
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.abs().sum():
-                    p.normal_(0, 0.02)
+        model = probe_model(device)
         optimizer = HybridOptimizer(model)
         converted = convert_to_fp8(model)[0] if fp8 else 0
         train_model, autocast = compute_setup(model, Dist(0, 0, 1, device), "on")

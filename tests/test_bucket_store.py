@@ -111,6 +111,33 @@ def test_sidecar_killed_mid_upload_leaves_a_verifiable_latest(hub, env, tmp_path
     assert bucket_steps(env) == [3, 2]
 
 
+@pytest.mark.parametrize("held_batch", [0, 1], ids=["mid-manifest-delete", "mid-file-delete"])
+def test_sidecar_killed_mid_prune_leaves_a_verifiable_latest(hub, env, tmp_path, held_batch) -> None:
+    base = volume(env)
+    for step in (1, 2, 3):
+        make_checkpoint(base, step)
+    assert Syncer(cfg_of(env, HF_KEEP_LAST="all")).sync_once().ok
+    # Nothing new to push: this pass's batches are the prune's, manifests first, then the files.
+    pauses = [hub.server.pause_next(f"/api/buckets/{env['HF_REPO_ID']}/batch", "POST") for _ in range(2)]
+    proc = subprocess.Popen(PHOENIX + ["sync", "--once"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        for pause in pauses[:held_batch]:
+            assert pause.reached.wait(30), "the prune's manifest batch never came"
+            pause.release()
+        assert pauses[held_batch].reached.wait(30), f"the sidecar never reached prune batch {held_batch}"
+        proc.kill()  # SIGKILL in the middle of the prune
+        proc.wait()
+    finally:
+        for pause in pauses:
+            pause.release()
+    volume_after, step = restore_on_empty_volume(env, tmp_path, "after_kill")
+    assert step == 3 and same_files(base, volume_after, 3)
+    done = phoenix(env, "sync", "--once")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert bucket_steps(env) == [3, 2]
+    assert len(bucket_paths(hub, env)) == 2 * 4  # step 1's files went too, manifest or not
+
+
 def test_a_batch_applied_only_in_part_leaves_no_manifest_and_the_next_pass_completes_it(hub, env) -> None:
     make_checkpoint(volume(env), 1)
     hub.server.fail_bucket_op("step_000001/optim.safetensors")  # buckets are not transactional
