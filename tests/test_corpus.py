@@ -4,13 +4,16 @@ last; and man pages come out as text, not troff. (~1 s: a handful of short docum
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from huggingface_hub import constants
 
 from bench.corpus import ROW_GROUP_DOCS, man_page_text, write_shards
 from trainer.data import ShardStore
 
 
 def test_shards_read_back_as_train_then_validation(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the volume's shards, as the CPU comparison trains
+    # The volume's shards, as the CPU comparison trains. The library reads HF_HUB_OFFLINE once, at import:
+    # setting the variable here would leave ShardStore asking the Hub (minutes of retries in the suite).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     docs = [f"document {i} " + "word " * (i % 50) for i in range(2 * ROW_GROUP_DOCS + 10)]
     val_docs = 7
     paths = write_shards(docs, tmp_path, shard_chars=200_000, val_docs=val_docs)  # two train shards
