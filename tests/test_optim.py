@@ -21,7 +21,8 @@ from trainer.muon import (
 )
 from trainer.optim import HybridOptimizer, lr_multiplier, muon_momentum, weight_decay_multiplier
 from trainer.recipe import auto_total_batch_size, plan, scaling_params
-from trainer.runtime import ConfigError, check_optimizer_recipe
+from trainer.resume import check_optimizer_recipe
+from trainer.runtime import ConfigError
 
 TINY = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
 NUM_ITERATIONS = 6

@@ -20,7 +20,7 @@ from trainer.model import GPT
 from trainer.muon import muon_update, normuon_buffer_shape
 
 # Bumped whenever the update rule or its state changes; a checkpoint records it and a resume under another
-# rule refuses (runtime.restore_trajectory): the trajectory would silently change.
+# rule refuses (resume.restore_trajectory): the trajectory would silently change.
 OPTIMIZER_RECIPE = "muon-polar-express-normuon-cautious-wd/adamw"
 
 ADAMW_EPS = 1e-10

@@ -35,22 +35,24 @@ from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.engine import Engine
 from trainer.gc_freeze import FrozenGC
 from trainer.model import build_model, config_from_dict
+from trainer.resume import (
+    check_horizon,
+    check_optimizer_recipe,
+    find_resume_checkpoint,
+    restore_trajectory,
+    run_identity,
+    save_checkpoint,
+    seed_everything,
+)
 from trainer.runtime import (
     ENV_NAMES,
     ConfigError,
     StepReporter,
     StopSignal,
     agree,
-    check_horizon,
-    check_optimizer_recipe,
     compiles_update,
     compute_setup,
     config_from_flags,
-    find_resume_checkpoint,
-    restore_trajectory,
-    run_identity,
-    save_checkpoint,
-    seed_everything,
     stage_main,
 )
 from trainer.sft_schedule import INIT_LR_FRAC, SFT_SCHEDULE, set_sft_schedule

@@ -35,22 +35,24 @@ from trainer.fp8 import convert_to_fp8, fp8_unavailable
 from trainer.gc_freeze import FrozenGC
 from trainer.model import GPT, build_model, config_for_depth, config_from_dict, fa3_attention
 from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
+from trainer.resume import (
+    check_horizon,
+    check_optimizer_recipe,
+    find_resume_checkpoint,
+    restore_trajectory,
+    run_identity,
+    save_checkpoint,
+    seed_everything,
+)
 from trainer.runtime import (
     ENV_NAMES,
     ConfigError,
     StepReporter,
     StopSignal,
     agree,
-    check_horizon,
-    check_optimizer_recipe,
     compiles_update,
     compute_setup,
     config_from_flags,
-    find_resume_checkpoint,
-    restore_trajectory,
-    run_identity,
-    save_checkpoint,
-    seed_everything,
     stage_main,
 )
 from trainer.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_sha256

@@ -1,0 +1,155 @@
+"""A run's checkpoints as the stage scripts use them: which one to resume from, how a rank's weights,
+optimizer share and RNG come back from it (on any world size), and how every rank's share goes into one.
+
+The files themselves are written by trainer.checkpoint (async, atomic) in trainer.checkpoint_layout's
+layout; the refusals here are ConfigErrors, one line each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer import checkpoint_layout as layout
+from trainer import fencing
+from trainer.checkpoint import AsyncCheckpointer, load_tensors, tensor_names
+from trainer.distributed import Dist, ShardedOptimizer, broadcast, gather
+from trainer.optim import OPTIMIZER_RECIPE
+from trainer.runtime import ConfigError
+
+log = logging.getLogger("phoenix.train")
+
+
+def find_resume_checkpoint(directory: Path, allow_fresh_start: bool) -> layout.Checkpoint | None:
+    """The latest complete checkpoint (sha256-verified), None for a fresh run; refuses a bad volume."""
+    layout.clean_tmp(directory)
+    ckpt = layout.latest_or_quarantine(directory, full_hash=True)
+    if ckpt is None and layout.step_dirs(directory) and not allow_fresh_start:
+        raise ConfigError(f"{directory} has checkpoint directories but none is complete (see warnings "
+                          "above): restore from the Hub (phoenix restore) or pass --allow-fresh-start")
+    return ckpt
+
+
+def run_identity(base_dir: str | Path, model_tag: str) -> dict[str, str]:
+    """The run's ids (run id, W&B run id), created once per MODEL_TAG and kept on the volume."""
+    path = Path(base_dir) / "runs" / model_tag / "run.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    identity = {"run_id": uuid.uuid4().hex, "wandb_run_id": uuid.uuid4().hex[:12], "model_tag": model_tag}
+    layout.write_json_atomic(path, identity)
+    return identity
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    json_part = {"python": [py_version, list(py_state), py_gauss],
+                 "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    return json_part, tensors
+
+
+def set_rng_state(json_part: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = json_part["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, *rest = json_part["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_horizon(ckpt: layout.Checkpoint, meta: dict[str, Any], num_iterations: int) -> None:
+    """A changed horizon reshapes the lr schedule from here on (allowed), unless it is already past."""
+    if meta["num_iterations"] == num_iterations:
+        return
+    if meta["step"] >= num_iterations:
+        raise ConfigError(f"{ckpt.path} is at step {meta['step']}, past the new horizon of "
+                          f"{num_iterations} steps: set --num-iterations above {meta['step']}")
+    log.warning("horizon changed from %d to %d steps: the schedule follows the new horizon",
+                meta["num_iterations"], num_iterations)
+
+
+def check_optimizer_recipe(ckpt: layout.Checkpoint, meta: dict[str, Any]) -> None:
+    """A checkpoint continues only under the update rule that wrote it: another rule (or a checkpoint from
+    before rules were recorded: Newton-Schulz Muon without NorMuon state) would change the run silently."""
+    written_by = meta.get("optimizer_recipe", "newton-schulz-muon/adamw (unrecorded, before NorMuon)")
+    if written_by != OPTIMIZER_RECIPE:
+        raise ConfigError(f"{ckpt.path} was written by optimizer {written_by}, this trainer runs "
+                          f"{OPTIMIZER_RECIPE}: finish that run with the phoenix version that started it, or "
+                          f"start anew under another MODEL_TAG")
+
+
+def restore_trajectory(ckpt: layout.Checkpoint, meta: dict[str, Any], model: torch.nn.Module,
+                       optimizer: ShardedOptimizer, d: Dist, seed: int) -> None:
+    """Weights, this rank's share of the optimizer state and its RNG from a checkpoint, on any world size."""
+    model.load_state_dict(load_tensors(ckpt, "model.safetensors"))
+    optimizer.load_state(tensor_names(ckpt, "optimizer.safetensors"),
+                         lambda keys: load_tensors(ckpt, "optimizer.safetensors", keys))
+    rng_tensors = load_tensors(ckpt, "rng.safetensors")
+    if d.rank < meta["world_size"]:
+        set_rng_state(meta["rng"][d.rank], {k.split(".", 1)[1]: v for k, v in rng_tensors.items()
+                                             if k.startswith(f"rank{d.rank}.")})
+    else:  # a rank that did not exist before: its RNG is unused by training, seed it reproducibly
+        seed_everything(seed + 1000 * meta["step"] + d.rank)
+    log.info("resuming from step=%d path=%s saved_world_size=%d world_size=%d", meta["step"], ckpt.path,
+             meta["world_size"], d.world_size)
+
+
+def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
+                    optimizer: ShardedOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
+                    rank_state: Any = None) -> float:
+    """Every rank contributes its RNG (and `rank_state`) and the optimizer state it owns; rank 0 writes
+    (the weights are replicated). `meta` turns the ranks' states into the stage's metadata. Returns the
+    stall in seconds.
+
+    Raises FencedStop on every rank, once this checkpoint is written, if the sidecar found that a newer
+    launch took the run over (see trainer.fencing): training on here would only burn GPUs.
+    """
+    rng_json, rng_tensors = rng_state()
+    start = time.perf_counter()
+    contributions = gather({"rng": rng_json, "rng_tensors": rng_tensors, "state": rank_state}, d)
+    optimizer_state = optimizer.gather_state()
+    gather_s = time.perf_counter() - start
+    stall = gather_s
+    if d.is_main:
+        stall += _write_checkpoint(checkpointer, step, done, model, optimizer_state, meta, contributions)
+        log.info("checkpoint step=%d stall_ms=%.1f gather_ms=%.1f", step, stall * 1000, gather_s * 1000)
+    # One small read on rank 0 per save, its verdict broadcast; the checkpoint is on disk before we stop.
+    stage_dir = checkpointer.directory  # <base_dir>/<stage>_checkpoints/<model_tag>
+    fence = broadcast(fencing.fenced_by(stage_dir.parent.parent, stage_dir.name) if d.is_main else None, d)
+    if fence is not None:
+        checkpointer.wait()
+        raise fencing.FencedStop(fencing.fence_message(fence))
+    return stall
+
+
+def _write_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
+                      optimizer_state: dict[str, torch.Tensor], meta: Callable[[list[Any]], dict[str, Any]],
+                      contributions: list[Any]) -> float:
+    full_meta = {**meta([c["state"] for c in contributions]), "step": step, "world_size": len(contributions),
+                 "rng": [c["rng"] for c in contributions], "torch_version": torch.__version__,
+                 "optimizer_recipe": OPTIMIZER_RECIPE,
+                 "saved_at": time.time()}
+    rng_file = {f"rank{r}.{name}": tensor for r, c in enumerate(contributions)
+                for name, tensor in c["rng_tensors"].items()}
+    files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer_state,
+             "rng.safetensors": rng_file}
+    return checkpointer.save(step, files, full_meta, done=done)
