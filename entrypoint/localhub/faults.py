@@ -45,6 +45,7 @@ class FaultHooks:
         self.bytes_downloaded = 0  # resolve GET body bytes sent
         self._obs_lock = threading.Lock()  # counters, request log, faults, tickets, connections
         self._log: list[LoggedRequest] = []
+        self._in_flight = 0  # requests whose handler has not returned (a body may still be going out)
         self._faults: list[Fault] = []
         self._cuts: list[Fault] = []
         self._pauses: list[Pause] = []
@@ -99,12 +100,23 @@ class FaultHooks:
 
     @property
     def request_log(self) -> list[LoggedRequest]:
+        """Every request, logged as its status line goes out: a client that read a response finds it here."""
         with self._obs_lock:
             return list(self._log)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests still being handled: 0 once every body has gone out and every byte is counted."""
+        with self._obs_lock:
+            return self._in_flight
 
     def _record(self, entry: LoggedRequest) -> None:
         with self._obs_lock:
             self._log.append(entry)
+
+    def _count_in_flight(self, delta: int) -> None:
+        with self._obs_lock:
+            self._in_flight += delta
 
     def _count(self, uploaded: int = 0, downloaded: int = 0) -> None:
         with self._obs_lock:

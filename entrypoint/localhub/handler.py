@@ -52,6 +52,8 @@ class Handler(RepoRoutes, FileRoutes, BucketRoutes, BaseHTTPRequestHandler):
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self._status = code
+        # Logged before the response leaves: a client that has read it must find it in request_log.
+        self.hub._record(LoggedRequest(self.command, urlsplit(self.path).path, code))
         super().send_response(code, message)
 
     def _dispatch(self) -> None:
@@ -60,6 +62,7 @@ class Handler(RepoRoutes, FileRoutes, BucketRoutes, BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self._query = parse_qs(url.query)
         self._base = f"http://{self.headers.get('Host') or hub.url.split('://', 1)[1]}"
+        hub._count_in_flight(+1)
         try:
             try:
                 hub._hold(self.command, url.path)
@@ -79,7 +82,9 @@ class Handler(RepoRoutes, FileRoutes, BucketRoutes, BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):
             self.close_connection = True  # the client went away, e.g. killed mid-transfer
         finally:
-            hub._record(LoggedRequest(self.command, url.path, self._status))
+            if not self._status:  # no answer sent: the client went away first
+                hub._record(LoggedRequest(self.command, url.path, 0))
+            hub._count_in_flight(-1)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
