@@ -100,9 +100,6 @@ class Pause:
         time.sleep(seconds)
         return True
 
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
 
 def kv(**fields: Any) -> str:
     """One log line in key=value style; values with spaces or quotes are JSON-quoted."""
