@@ -14,7 +14,7 @@ from entrypoint.restore import fetch_weights, restore
 from entrypoint.status import collect
 from entrypoint.store import claim_generation, open_store
 from entrypoint.sync import Syncer
-from tests.test_hub_storage import PHOENIX, TAG, cfg_of, make_checkpoint, same_files
+from tests.test_hub_storage import PHOENIX, TAG, cfg_of, kill_sync_while_held, make_checkpoint, same_files
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
 
@@ -94,14 +94,7 @@ def test_sidecar_killed_mid_upload_leaves_a_verifiable_latest(hub, env, tmp_path
         make_checkpoint(base, step)
     assert Syncer(cfg_of(env)).sync_once().ok
     make_checkpoint(base, 3)
-    pause = hub.server.pause_next(f"/api/buckets/{env['HF_REPO_ID']}{held}", method)
-    proc = subprocess.Popen(PHOENIX + ["sync", "--once"], env=env, stdout=subprocess.DEVNULL)
-    try:
-        assert pause.reached.wait(30), f"the sidecar never reached {held}"
-        proc.kill()  # SIGKILL while the upload is under way
-        proc.wait()
-    finally:
-        pause.release()
+    kill_sync_while_held(hub, env, f"/api/buckets/{env['HF_REPO_ID']}{held}", method)  # mid-upload
     _, step = restore_on_empty_volume(env, tmp_path, "after_kill")
     assert step == 2  # step 3 has no manifest in the bucket, whatever files of it landed
     done = phoenix(env, "sync", "--once")
@@ -118,18 +111,7 @@ def test_sidecar_killed_mid_prune_leaves_a_verifiable_latest(hub, env, tmp_path,
         make_checkpoint(base, step)
     assert Syncer(cfg_of(env, HF_KEEP_LAST="all")).sync_once().ok
     # Nothing new to push: this pass's batches are the prune's, manifests first, then the files.
-    pauses = [hub.server.pause_next(f"/api/buckets/{env['HF_REPO_ID']}/batch", "POST") for _ in range(2)]
-    proc = subprocess.Popen(PHOENIX + ["sync", "--once"], env=env, stdout=subprocess.DEVNULL)
-    try:
-        for pause in pauses[:held_batch]:
-            assert pause.reached.wait(30), "the prune's manifest batch never came"
-            pause.release()
-        assert pauses[held_batch].reached.wait(30), f"the sidecar never reached prune batch {held_batch}"
-        proc.kill()  # SIGKILL in the middle of the prune
-        proc.wait()
-    finally:
-        for pause in pauses:
-            pause.release()
+    kill_sync_while_held(hub, env, f"/api/buckets/{env['HF_REPO_ID']}/batch", "POST", let_through=held_batch)
     volume_after, step = restore_on_empty_volume(env, tmp_path, "after_kill")
     assert step == 3 and same_files(base, volume_after, 3)
     done = phoenix(env, "sync", "--once")

@@ -185,6 +185,23 @@ def hf_bytes(hub, repo: str, path: str) -> bytes:
     return Path(hf_hub_download(repo, path, endpoint=hub.url, token=hub.token)).read_bytes()
 
 
+def kill_sync_while_held(hub, env: dict[str, str], held: str, method: str, let_through: int = 0) -> None:
+    """`phoenix sync --once`, SIGKILLed while the Hub holds its request matching `held` (after letting
+    `let_through` such requests pass): a sidecar killed at that instant."""
+    pauses = [hub.server.pause_next(held, method) for _ in range(let_through + 1)]
+    proc = subprocess.Popen(PHOENIX + ["sync", "--once"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        for pause in pauses[:let_through]:
+            assert pause.reached.wait(30), f"the sidecar never sent {held}"
+            pause.release()
+        assert pauses[-1].reached.wait(30), f"the sidecar never reached {held}"
+        proc.kill()
+        proc.wait()
+    finally:
+        for pause in pauses:
+            pause.release()
+
+
 @pytest.mark.parametrize(
     ("held", "method"),
     [("/xet-write-token/", "GET"), ("/commit/main", "POST"), ("/super-squash/", "POST")],
@@ -198,14 +215,7 @@ def test_sidecar_killed_mid_transfer_prune_or_squash_leaves_a_verifiable_latest(
         make_checkpoint(base, step)
     assert Syncer(cfg_of(env, HF_KEEP_LAST="all")).sync_once().ok
     make_checkpoint(base, 4)
-    pause = hub.server.pause_next(held, method)
-    proc = subprocess.Popen(PHOENIX + ["sync", "--once"], env=env, stdout=subprocess.DEVNULL)
-    try:
-        assert pause.reached.wait(30), f"the sidecar never reached {held}"
-        proc.kill()  # SIGKILL while the Hub holds the request
-        proc.wait()
-    finally:
-        pause.release()
+    kill_sync_while_held(hub, env, held, method)
     _, step = restore_on_empty_volume(env, tmp_path, "after_kill")
     assert step in (3, 4)  # the newest complete checkpoint the Hub had, whatever the kill interrupted
     done = subprocess.run(PHOENIX + ["sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
