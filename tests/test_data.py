@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench.packing import crop_share, long_tailed_lengths, phoenix_best_fit, reference_best_fit
-from entrypoint.synthetic import synthetic_document, write_shards
+from entrypoint.demo.synthetic import synthetic_document, write_shards
 from tests.helpers import DATASET_REPO, publish_corpus, run_trainer
 from trainer.data import CLIMBMIX_DATASET_REPO, DataError, ShardStore, dataset_dir
 from trainer.dataloader import (

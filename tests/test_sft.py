@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bench.packing import long_tailed_chats
-from entrypoint.localhub import LocalHub
+from entrypoint.demo.localhub import LocalHub
 from tests.helpers import (
     MODEL_TAG,
     chat_conversations,
