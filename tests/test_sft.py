@@ -22,6 +22,7 @@ from entrypoint.demo.localhub import LocalHub
 from tests.helpers import (
     MODEL_TAG,
     chat_conversations,
+    plant_edited_checkpoint,
     publish_chat_dataset,
     publish_corpus,
     run_sft,
@@ -129,14 +130,7 @@ def test_a_checkpoint_of_the_former_batches_is_refused_in_one_line(chat, tmp_pat
     position (rewritten here, with a valid manifest)."""
     base = chat.volume(tmp_path / "volume")
     old = next(c for c in layout.complete_checkpoints(sft_dir(chat.reference)) if not c.done)
-    target = sft_dir(base) / old.path.name
-    shutil.copytree(old.path, target)
-    meta = json.loads((target / layout.META_NAME).read_text())
-    meta["loader"] = {"epoch": 0, "index": 40}
-    (target / layout.META_NAME).write_text(json.dumps(meta))
-    manifest = layout.read_manifest(target)
-    layout.write_manifest(target, manifest["step"],
-                          **{k: v for k, v in manifest.items() if k not in ("format", "step", "files")})
+    plant_edited_checkpoint(old, sft_dir(base), lambda meta: meta.update(loader={"epoch": 0, "index": 40}))
     code, out = run_sft(base, chat.env, *ARGS)
     assert code == 2, out
     last = out.strip().splitlines()[-1]

@@ -11,10 +11,10 @@ Each lane packs its documents (BOS + tokens) into rows of seq_len + 1 tokens, ea
 document start, by trainer.packing's best fit: a document longer than a row starts a row alone and loses
 its tail; the others go in whole, the largest that fits first, and when none fits the shortest is cropped
 to fill the row. Those tails are the only tokens lost (nanochat reports ~35% of web text at seq 2048; on
-a long-tailed synthetic stream, bench/packing.py, this packing loses ~23% at 2048 against nanochat's
-~23.5%, where most of it is beyond any packing's reach). A lane's position is exact and small: (next
-document k, the k's still buffered). The loader state is R such positions; a new loader given it
-continues every row bit for bit, on any world size.
+a long-tailed synthetic stream, bench/packing.py, this packing loses 23.2% at 2048 against nanochat's
+23.6%, 20.1% being beyond any packing's reach). A lane's position is exact and small: (next document k,
+the k's still buffered). The loader state is R such positions; a new loader given it continues every row
+bit for bit, on any world size.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Chat SFT after base pretraining, resumable bit for bit: `torchrun ... -m trainer.sft --preset d26`.
 
 Starts from the weights of the finished base stage (its final checkpoint, marked done) with a fresh
-optimizer, and fine-tunes on a Hub chat dataset (`messages` column), taking the loss on assistant tokens
-only. The learning rates start at a fraction (--init-lr-frac, 0.8) of the base run's, flat for half the
-run, then decay linearly to 0, as nanochat's chat_sft does (trainer.sft_schedule). Checkpoints follow the
-base contract under sft_checkpoints/<MODEL_TAG>/: every SAVE_EVERY steps, at the end (marked done) and on
-SIGTERM; resuming from one, on any world size, continues the same run. The order of this file follows
-trainer/train.py, whose pieces it reuses.
+optimizer, and fine-tunes on a Hub chat dataset (`messages` column) packed into rows of whole
+conversations (trainer.chat_data), taking the loss on assistant tokens only. The learning rates start at
+a fraction (--init-lr-frac, 0.8) of the base run's, flat for half the run, then decay linearly to 0, as
+nanochat's chat_sft does (trainer.sft_schedule). Checkpoints follow the base contract under
+sft_checkpoints/<MODEL_TAG>/: every SAVE_EVERY steps, at the end (marked done) and on SIGTERM; resuming
+from one, on any world size, continues the same run. The order of this file follows trainer/train.py,
+whose pieces it reuses.
 """
 
 from __future__ import annotations
