@@ -190,6 +190,7 @@ class ChatLoader:
 
 
 def loader_position(state: dict[str, Any]) -> Position:
+    """The packer's position from a checkpoint's loader state (ChatLoader.state_dict)."""
     return {"next": state["next"], "buffer": [state["next"] - int(b) for b in state["buffer_back"].split()]}
 
 

@@ -70,7 +70,7 @@ SAMPLE_QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "W
 SAMPLE_TOKENS = 32
 
 # SFT settings per preset, on top of the base preset's max_seq_len and device_batch_size. A step is
-# rows_per_step rows of max_seq_len tokens packed with whole conversations (tiny: ~9 of the test chats).
+# rows_per_step rows of max_seq_len tokens packed with whole conversations (tiny: ~6 of the test chats).
 SFT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(rows_per_step=2, eval_every=20, sample_every=20, eval_conversations=32),
     "d20": dict(rows_per_step=16, eval_every=100, sample_every=100, eval_conversations=1024),
