@@ -265,8 +265,8 @@ class RepoStore:
 
     def _credit_dropped(self, repo: Repo, held: dict[str, int]) -> None:
         """What the history held before and holds no more is credited back later (terms.py)."""
-        now = self._history_lfs(repo)
-        self._credit_later(repo, {sha: size for sha, size in held.items() if sha not in now})  # type: ignore[attr-defined]
+        kept = self._history_lfs(repo)
+        self._credit_later(repo, {sha: size for sha, size in held.items() if sha not in kept})  # type: ignore[attr-defined]
 
     def _collect(self, candidates: list[dict[str, Any]]) -> None:
         """Delete the stored content of `candidates` that no commit of any repo references any more."""

@@ -14,6 +14,7 @@ from entrypoint.demo.localhub.common import DEFAULT_USER
 from entrypoint.demo.localhub.handler import Handler
 from entrypoint.demo.localhub.request import HubServer
 from entrypoint.demo.localhub.state import HubState
+from entrypoint.demo.localhub.terms import XET_FAULTS
 
 
 class LocalHub(HubState):
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="a namespace that tripped the storage patterns: 403 on adding files; repeatable")
     terms.add_argument("--refuse-shared-names", action="store_true",
                        help="409 for a bucket with a repo's id, and for a repo with a bucket's")
-    terms.add_argument("--xet-fault", action="append", default=[], metavar="ERROR:TRANSFER",
-                       help="auth:upload, auth:download or not_found:download on the next such Xet transfer")
+    terms.add_argument("--xet-fault", action="append", default=[], choices=[":".join(f) for f in XET_FAULTS],
+                       help="make the next Xet transfer of that kind fail in hf_xet; repeatable")
     args = parser.parse_args(argv)
     tokens = {token: user or DEFAULT_USER for token, _, user in (spec.partition(":") for spec in args.token)}
     stop = threading.Event()

@@ -170,7 +170,7 @@ class ContentStore:
     @staticmethod
     def drop_xet_objects(folder: Path) -> None:
         """Delete the xorbs of a CAS folder, keeping its index: files listed there can no longer be read."""
-        for xorb in (folder / _XET_INDEX / "xorbs").iterdir():
+        for xorb in (folder / _XET_INDEX / "xorbs").glob("*"):  # an empty bucket's folder has none
             xorb.unlink()
 
     def _drop_pack(self, pack: str) -> None:
