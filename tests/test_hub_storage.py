@@ -148,7 +148,8 @@ def test_a_prune_left_unsquashed_is_squashed_before_the_next_push(hub, env) -> N
     result = Syncer(cfg_of(env)).sync_once()
     assert result.ok and result.pushed == [("base", 5)], result.errors
     assert hub_steps(env, "base") == [5, 4]
-    assert hub.server.storage_used(env["HF_REPO_ID"]) == head_lfs_bytes(env) == 2 * checkpoint_bytes(base, 1)
+    settled = hub.server.storage_settled(env["HF_REPO_ID"])
+    assert settled == head_lfs_bytes(env) == 2 * checkpoint_bytes(base, 1)
 
 
 def test_without_pruning_the_quota_answers_the_hubs_403(hub, env) -> None:
