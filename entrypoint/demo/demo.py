@@ -150,6 +150,10 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
         code, _ = _train(volume, env, steps, None)
         if code != 0:
             raise click.ClickException(f"the redeployed run failed (exit {code})")
+        # The new instance's sidecar pushes the final checkpoint, and prunes (and squashes) the older ones.
+        with open(sidecar_log, "a") as out:
+            subprocess.run([*PHOENIX, "sync", "--once"], env={**env, "NANOCHAT_BASE_DIR": str(volume),
+                           "MODEL_TAG": MODEL_TAG, "HF_KEEP_LAST": "2"}, stdout=out, stderr=subprocess.STDOUT)
         squashes = _squashes(sidecar_log)
         storage_now = hub.storage_used(CHECKPOINT_REPO)
 
@@ -161,10 +165,9 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
                f"(step {steps})")
     click.echo(f"  tok/s (median)  {statistics.median(m['tok_per_sec'] for m in metrics):,.0f} on CPU")
     click.echo(f"  reference run   {seconds:.1f} s including start-up")
-    if squashes:
-        before, after = max(b for b, _ in squashes), squashes[-1][1]
-        click.echo(f"  Hub storage     {before / 1e6:.1f} MB before pruning -> {after / 1e6:.1f} MB after "
-                   f"(HF_KEEP_LAST=2, {len(squashes)} squashes); now {storage_now / 1e6:.1f} MB")
+    pruned = (f"{max(b for b, _ in squashes) / 1e6:.1f} MB before pruning -> {squashes[-1][1] / 1e6:.1f} MB "
+              f"after ({len(squashes)} squashes)" if squashes else "nothing pruned")
+    click.echo(f"  Hub storage     {pruned}, HF_KEEP_LAST=2; now {storage_now / 1e6:.1f} MB")
     reference_losses = {m["step"]: m["loss"] for m in metrics}
     # The redeployed volume logs only the steps it ran itself (the old volume's logs were lost with it).
     same_losses = bool(resumed) and all(reference_losses.get(step) == loss for step, loss in resumed.items())

@@ -14,13 +14,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
 
 from entrypoint.launch.config import RunConfig
 from entrypoint.launch.procs import descendants, signal_pids
 from entrypoint.launch.volume import VolumeLock
-from entrypoint.logs import redact
+from entrypoint.logs import log_file, redact
 
 log = logging.getLogger("phoenix.run")
 
@@ -58,17 +60,21 @@ class Launcher:
         self.last_exception: str | None = None  # the last line of a child's traceback
         self._to_workers = True
         self._signaled: set[int] = set()
+        self._signal_seen = False
 
     @property
     def stop_requested(self) -> bool:
         return self.stopping.is_set()
 
     def on_signal(self, signum: int, _frame: Any) -> None:
-        if not self.stopping.is_set():
-            log.warning("received %s: asking the workers for an emergency checkpoint",
-                        signal.Signals(signum).name)
+        # A storm of signals re-enters this handler mid-way (Event.set's lock is not reentrant, and the
+        # recursion would end in RecursionError): only the first one acts; run() forwards the stop.
+        if self._signal_seen:
+            return
+        self._signal_seen = True
+        log.warning("received %s: asking the workers for an emergency checkpoint",
+                    signal.Signals(signum).name)
         self.stopping.set()
-        self._forward_stop()
 
     def _forward_stop(self) -> None:
         proc = self.proc
@@ -94,7 +100,8 @@ class Launcher:
         try:
             while self.proc.poll() is None:
                 if self.stopping.wait(0.2):
-                    self._forward_stop()
+                    self._forward_stop()  # again and again: workers that appear later get it too
+                    time.sleep(0.2)
             relay.join()
             return self.proc.returncode
         finally:
@@ -102,22 +109,19 @@ class Launcher:
 
     def _relay(self, stream: IO[bytes]) -> None:
         """Every line, redacted, to our stdout and log file; after a child's first `error:` line only to
-        the file (the other ranks' copies and torchrun's failure report would bury the one line)."""
-        sink = open(self.log_file, "a") if self.log_file else None  # noqa: SIM115 - closed below
-        try:
-            for raw in stream:
-                line = redact(raw.decode(errors="replace"))
-                quiet = self.error is not None
-                if line.startswith("error: ") and self.error is None:
-                    self.error, quiet = line[len("error: "):].strip(), False
-                elif _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
-                    self.last_exception = line.strip()
-                if sink is not None:
-                    sink.write(line)
-                    sink.flush()
-                if not quiet:
+        the file (the other ranks' copies and torchrun's failure report would bury the one line). Nothing
+        stops the draining: a worker blocked on a full pipe would stop training and never see a stop."""
+        sink = log_file(self.log_file) if self.log_file else None  # never raises (logs.LogFile)
+        for raw in stream:
+            line = redact(raw.decode(errors="replace"))
+            quiet = self.error is not None
+            if line.startswith("error: ") and self.error is None:
+                self.error, quiet = line[len("error: "):].strip(), False
+            elif _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
+                self.last_exception = line.strip()
+            if sink is not None:
+                sink.write(line)
+            if not quiet:
+                with suppress(OSError, ValueError):  # a broken or closed stdout: the file still has it
                     sys.stdout.write(line)
                     sys.stdout.flush()
-        finally:
-            if sink is not None:
-                sink.close()
