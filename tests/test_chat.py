@@ -150,7 +150,7 @@ def test_chat_fetches_only_the_weights_from_the_hub_when_the_volume_has_none(tra
     repo = f"{hub.user}/checkpoints"
     empty = tmp_path / "empty"
     done = chat(empty, "-p", QUESTION, **hub.env, HF_REPO_ID=repo)
-    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert done.stderr.startswith(f"error: no checkpoint of MODEL_TAG={MODEL_TAG}") and repo in done.stderr
 
     pushed = tmp_path / "pushed"
