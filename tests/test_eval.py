@@ -9,10 +9,12 @@ bundle and the chat datasets served by the local Hub under their real repo ids, 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -328,6 +330,68 @@ def test_eval_base_bundle_from_a_zip_url_is_unpacked_once(hub, tmp_path):
     folder = resolve_bundle(url, tmp_path)
     assert (folder / "eval_data" / "recite.jsonl").is_file() and folder.parent == tmp_path / "eval_bundle"
     assert resolve_bundle(url, tmp_path) == folder
+
+
+def test_a_bad_eval_bundle_is_one_line_and_never_fills_the_volume(hub, tmp_path, tokenizer_dir):
+    base = tmp_path / "volume"
+    write_model(base, "base", 10, tokenizer_dir)
+    env = {**hub.env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG, "WANDB_MODE": "offline"}
+
+    def refused(bundle: str, *flags: str, volume: Path = base) -> str:
+        code, out = run_phoenix({**env, "NANOCHAT_BASE_DIR": str(volume)}, "eval", "base", "--bundle", bundle,
+                                "--device", "cpu", *flags)
+        lines = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert code == 2 and "Traceback" not in out and len(lines) == 1, out
+        return lines[0]
+
+    def zipped(files: dict[str, bytes]) -> str:
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in files.items():
+                zf.writestr(f"eval_bundle/{name}", data)
+        name = f"b{len(list(tmp_path.glob('*.zip')))}.zip"
+        (tmp_path / name).write_bytes(archive.getvalue())
+        hub.server.publish_dataset(f"phoenix-test/{name[:-4]}", {name: archive.getvalue()})
+        return f"{hub.url}/datasets/phoenix-test/{name[:-4]}/resolve/main/{name}"
+
+    # Bigger than allowed, packed (random bytes) or only once unpacked (zeros): nothing lands.
+    noise = zipped({**core_bundle(), "noise.bin": np.random.default_rng(0).bytes(1_500_000)})
+    assert "more than the 1.0 MB allowed" in refused(noise, "--max-bundle-mb", "1")
+    zeros = zipped({**core_bundle(), "zeros.bin": bytes(3_000_000)})
+    assert "3.0 MB, more than the 1.0 MB allowed" in refused(zeros, "--max-bundle-mb", "1")
+    assert not [p for p in (base / "eval_bundle").rglob("*") if p.is_file()]
+
+    # A full volume is the volume's fault, not the network's.
+    small = tmp_path / "small_volume"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this test needs root to mount a small tmpfs: {mounted.stderr}"
+    try:
+        write_model(small, "base", 10, tokenizer_dir)
+        with open(small / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while f.write(bytes(65536)):
+                pass
+        line = refused(zeros, volume=small)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert "No space left on device" in line and "free space on the volume" in line and "network" not in line
+
+    # Folders: malformed YAML, a dataset_uri outside the bundle, a malformed example.
+    def folder(name: str, change: dict[str, bytes]) -> str:
+        for path, data in {**core_bundle(), **change}.items():
+            (tmp_path / name / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / path).write_bytes(data)
+        return str(tmp_path / name)
+
+    malformed = folder("yaml", {"core.yaml": b"icl_tasks: ["})
+    assert "core.yaml or eval_meta_data.csv is malformed" in refused(malformed)
+    outside = core_bundle()["core.yaml"].replace(b"recite.jsonl", b"../../secret.jsonl")
+    (tmp_path / "secret.jsonl").write_bytes(jsonl([{"context": "a", "continuation": "b"}]))
+    assert "dataset_uri '../../secret.jsonl' is not a path inside eval_data/" in refused(
+        folder("outside", {"core.yaml": outside}))
+    bad_line = jsonl([{"query": "Q:", "choices": ["a"], "gold": 0}]) + b"{not json\n"
+    assert "line 2 of" in refused(folder("torn", {"eval_data/pick_first.jsonl": bad_line}))
 
 
 def parquet(rows: list[dict]) -> bytes:

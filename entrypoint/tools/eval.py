@@ -105,38 +105,43 @@ def _download_dataset(repo: str, target: Path, max_bytes: int) -> Path:
 
 def _download_zip(url: str, target: Path, max_bytes: int) -> None:
     """Download and unpack next to `target`, then rename into place: a kill leaves no half bundle."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
-        archive = Path(tmp) / "bundle.zip"
-        log.info(kv(event="bundle_download", url=url))
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    if f.tell() > max_bytes:
-                        raise _too_big(url, f.tell(), max_bytes)
-        except OSError as exc:
-            raise _stored(url, exc) or EvalError(
-                f"eval bundle: cannot fetch {url} ({exc}): check EVAL_BUNDLE and the network, or point it at "
-                "a local folder") from None
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                # The sizes the archive declares bound what extraction writes (zipfile reads no further).
-                if (size := sum(info.file_size for info in zf.infolist())) > max_bytes:
-                    raise _too_big(url, size, max_bytes)
-                zf.extractall(Path(tmp) / "unpacked")  # zipfile drops absolute and ".." parts of names
-        except zipfile.BadZipFile as exc:
-            raise EvalError(f"eval bundle: {url} is not a readable zip ({exc}): point EVAL_BUNDLE at "
-                            "nanochat's eval_bundle.zip or a folder laid out like it") from None
-        except OSError as exc:
-            if (stored := _stored(url, exc)) is None:
-                raise
-            raise stored from None
-        found = sorted(p.parent for p in (Path(tmp) / "unpacked").rglob("core.yaml"))
-        if not found:
-            raise EvalError(f"eval bundle: {url} holds no core.yaml: point EVAL_BUNDLE at nanochat's "
-                            "eval_bundle.zip or a folder laid out like it")
-        found[0].rename(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
+            archive = Path(tmp) / "bundle.zip"
+            _fetch(url, archive, max_bytes)
+            try:
+                with zipfile.ZipFile(archive) as zf:
+                    # The sizes the archive declares bound what extraction writes (zipfile reads no further).
+                    if (size := sum(info.file_size for info in zf.infolist())) > max_bytes:
+                        raise _too_big(url, size, max_bytes)
+                    zf.extractall(Path(tmp) / "unpacked")  # zipfile drops absolute and ".." parts of names
+            except zipfile.BadZipFile as exc:
+                raise EvalError(f"eval bundle: {url} is not a readable zip ({exc}): point EVAL_BUNDLE at "
+                                "nanochat's eval_bundle.zip or a folder laid out like it") from None
+            found = sorted(p.parent for p in (Path(tmp) / "unpacked").rglob("core.yaml"))
+            if not found:
+                raise EvalError(f"eval bundle: {url} holds no core.yaml: point EVAL_BUNDLE at nanochat's "
+                                "eval_bundle.zip or a folder laid out like it")
+            found[0].rename(target)
+    except OSError as exc:
+        if (stored := _stored(url, exc)) is None:
+            raise
+        raise stored from None
+
+
+def _fetch(url: str, archive: Path, max_bytes: int) -> None:
+    log.info(kv(event="bundle_download", url=url))
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                if f.tell() > max_bytes:
+                    raise _too_big(url, f.tell(), max_bytes)
+    except OSError as exc:
+        raise _stored(url, exc) or EvalError(
+            f"eval bundle: cannot fetch {url} ({exc}): check EVAL_BUNDLE and the network, or point it at a "
+            "local folder") from None
 
 
 # ---------------------------------------------------------------------------------------------------
