@@ -132,8 +132,8 @@ class RedactingFormatter(logging.Formatter):
 
 
 def setup_logging(file: Path | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Configure the `phoenix` logger once: stdout for `docker compose logs`, plus `file` if given (a
-    LogFile: its failures never reach the caller)."""
+    """Configure the `phoenix` logger once: stdout for `docker compose logs`, plus `file` if given and its
+    volume is there (a LogFile: its failures never reach the caller)."""
     logger = logging.getLogger("phoenix")
     logger.setLevel(level)
     logger.propagate = False
@@ -142,7 +142,9 @@ def setup_logging(file: Path | None = None, level: int = logging.INFO) -> loggin
         handler.close()
     formatter = RedactingFormatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if file is not None:
+    # `file` is <volume>/logs/<name>: a volume that is not there (not mounted yet) gets no log file, and
+    # is never created here (a folder on an unmounted path would pass the next preflight).
+    if file is not None and file.parent.parent.is_dir():
         handlers.append(_LogFileHandler(log_file(file)))
     for handler in handlers:
         handler.setFormatter(formatter)
