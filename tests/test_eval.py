@@ -9,12 +9,10 @@ bundle and the chat datasets served by the local Hub under their real repo ids, 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import math
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from entrypoint.tools.eval import (
     resolve_bundle,
     results_path,
 )
-from tests.helpers import MODEL_TAG, chat_conversations, run_phoenix
+from tests.helpers import MODEL_TAG, chat_conversations, fill, run_phoenix, small_tmpfs
 from trainer import checkpoint_layout as layout
 from trainer.chat_eval import (
     TASKS,
@@ -41,9 +39,12 @@ from trainer.chat_eval import (
     is_right,
 )
 from trainer.core_eval import (
+    BundleError,
     CoreTask,
     centered,
     evaluate_task,
+    load_bundle,
+    load_examples,
     prepare,
     render_language_modeling,
     render_multiple_choice,
@@ -362,36 +363,30 @@ def test_a_bad_eval_bundle_is_one_line_and_never_fills_the_volume(hub, tmp_path,
     assert not [p for p in (base / "eval_bundle").rglob("*") if p.is_file()]
 
     # A full volume is the volume's fault, not the network's.
-    small = tmp_path / "small_volume"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
-                             capture_output=True, text=True)
-    assert mounted.returncode == 0, f"this test needs root to mount a small tmpfs: {mounted.stderr}"
-    try:
+    with small_tmpfs(tmp_path / "small_volume", "1m") as small:
         write_model(small, "base", 10, tokenizer_dir)
-        with open(small / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
-            while f.write(bytes(65536)):
-                pass
+        fill(small)
         line = refused(zeros, volume=small)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
     assert "No space left on device" in line and "free space on the volume" in line and "network" not in line
 
-    # Folders: malformed YAML, a dataset_uri outside the bundle, a malformed example.
-    def folder(name: str, change: dict[str, bytes]) -> str:
+    # Folders: malformed YAML (through the command), a dataset_uri outside the bundle, a malformed example.
+    def folder(name: str, change: dict[str, bytes]) -> Path:
         for path, data in {**core_bundle(), **change}.items():
             (tmp_path / name / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / name / path).write_bytes(data)
-        return str(tmp_path / name)
+        return tmp_path / name
 
     malformed = folder("yaml", {"core.yaml": b"icl_tasks: ["})
-    assert "core.yaml or eval_meta_data.csv is malformed" in refused(malformed)
+    assert "core.yaml or eval_meta_data.csv is malformed" in refused(str(malformed))
     outside = core_bundle()["core.yaml"].replace(b"recite.jsonl", b"../../secret.jsonl")
-    (tmp_path / "secret.jsonl").write_bytes(jsonl([{"context": "a", "continuation": "b"}]))
-    assert "dataset_uri '../../secret.jsonl' is not a path inside eval_data/" in refused(
-        folder("outside", {"core.yaml": outside}))
-    bad_line = jsonl([{"query": "Q:", "choices": ["a"], "gold": 0}]) + b"{not json\n"
-    assert "line 2 of" in refused(folder("torn", {"eval_data/pick_first.jsonl": bad_line}))
+    with pytest.raises(BundleError, match=r"dataset_uri '../../secret.jsonl' is not a path inside eval_da"):
+        load_bundle(folder("outside", {"core.yaml": outside}))
+    torn = folder("torn", {"eval_data/pick_first.jsonl": jsonl([MC_ITEM]) + b'{"query": "Q:", "choi\n'})
+    with pytest.raises(BundleError, match="line 2 of .* is malformed"):
+        load_examples(torn, load_bundle(torn)[0])
+    wrong = folder("wrong", {"eval_data/pick_first.jsonl": jsonl([MC_ITEM, {**MC_ITEM, "gold": 7}])})
+    with pytest.raises(BundleError, match="gold 7 is not an index into 'choices'"):
+        load_examples(wrong, load_bundle(wrong)[0])
 
 
 def parquet(rows: list[dict]) -> bytes:

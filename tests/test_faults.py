@@ -22,10 +22,12 @@ from huggingface_hub import HfApi
 
 from tests.helpers import (
     MODEL_TAG,
+    fill,
     kill_tree,
     publish_chat_dataset,
     run_phoenix,
     run_process,
+    small_tmpfs,
     tiny_job,
     weights_sha256,
 )
@@ -349,20 +351,11 @@ def test_a_full_log_disk_never_stops_training_or_a_stop(job, tmp_path):
     env, volume = job
     logs = volume / "logs"
     logs.mkdir()
-    full = tmp_path / "full_disk"
-    full.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)],
-                             capture_output=True, text=True)
-    assert mounted.returncode == 0, f"this test needs root to mount a small tmpfs: {mounted.stderr}"
-    try:
-        with open(full / "phoenix_run.log", "wb", buffering=0) as f, suppress(OSError):
-            while True:
-                f.write(b"x" * 4096)
-        (logs / "phoenix_run.log").symlink_to(full / "phoenix_run.log")  # only the log is on the full disk
+    with small_tmpfs(tmp_path / "full_disk", "64k") as full:
+        fill(full)
+        (logs / "phoenix_run.log").symlink_to(full / "filler")  # only the log is on the full disk
         code, out = run_phoenix(env, "run", *TRAIN, kill_when=lambda line: "step 00012/" in line,
                                 sig=signal.SIGTERM, timeout=120)
-    finally:
-        subprocess.run(["umount", "-l", str(full)], check=False)
     assert code == 0, out
     assert "Traceback" not in out and "Logging error" not in out, out
     assert out.count("event=log_file_failed") == 1 and "No space left on device" in out
