@@ -41,15 +41,23 @@ SNAPSHOT = (
 )
 
 
+def meta_of(step: int) -> dict:
+    """What checkpoint_layout.check_meta asks of a checkpoint's meta.json, without a model behind it."""
+    return {"stage": "base", "step": step, "world_size": 1, "rng": [{}], "num_iterations": step,
+            "model_config": {}, "config": {}, "loop_state": {}, "loader": {}, "run_id": "bench",
+            "wandb_run_id": "bench", "total_batch_size": 1, "max_seq_len": 1}
+
+
 def build_volume(base: Path, mb: int, checkpoints: int) -> None:
     """Checkpoints of `mb` MB each: a third weights, two thirds optimizer state, like AdamW."""
     rng = np.random.default_rng(0)
     for i in range(1, checkpoints + 1):
         tmp = layout.new_tmp_dir(layout.stage_dir(base, "base", TAG), 250 * i)
-        for name, share in (("model.safetensors", 1 / 3), ("optim.safetensors", 2 / 3)):
+        for name, share in (("model.safetensors", 1 / 3), ("optimizer.safetensors", 2 / 3)):
             data = np.frombuffer(rng.bytes(int(mb * MB * share)), dtype=np.uint8)
             save_file({"data": data}, str(tmp / name))
-        (tmp / "meta.json").write_text(json.dumps({"step": 250 * i}))
+        save_file({"rank0.torch_cpu": np.full(16, i, dtype=np.uint8)}, str(tmp / "rng.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta_of(250 * i)))
         layout.publish(tmp, 250 * i, stage="base", model_tag=TAG)
     (base / "tokenizer").mkdir(parents=True)
     (base / "tokenizer" / "tokenizer.json").write_text(json.dumps({"vocab": list(range(65536))}))

@@ -39,6 +39,38 @@ def tiny_job(hub, tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
     return env, volume
 
 
+def checkpoint_meta(step: int, stage: str = "base", **extra: Any) -> dict[str, Any]:
+    """A meta.json with every key a resume reads (checkpoint_layout.META_KEYS), for synthetic checkpoints."""
+    per_stage = {"total_batch_size": 1024, "max_seq_len": 64} if stage == "base" else {"base": {}, "data": {}}
+    return {"stage": stage, "step": step, "world_size": 1, "rng": [{}], "num_iterations": step,
+            "model_config": {}, "config": {}, "loop_state": {}, "loader": {}, "run_id": "r1",
+            "wandb_run_id": "w1", **per_stage, **extra}
+
+
+def fill_checkpoint(tmp: Path, step: int, stage: str = "base", **meta: Any) -> None:
+    """Make a synthetic checkpoint being written in `tmp` complete: meta.json (`checkpoint_meta`) and a small
+    tensor file, unique to the file, step and stage, for each required one missing."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    for name in layout.REQUIRED_FILES:
+        if name.endswith(".safetensors") and not (tmp / name).exists():
+            save_file({"t": np.full(4, step)}, str(tmp / name), {"stage": stage, "file": name})
+    (tmp / layout.META_NAME).write_text(json.dumps(checkpoint_meta(step, stage, **meta)))
+
+
+def rot_on_hub(hub, repo_id: str, path: str) -> None:
+    """Bit rot behind the Hub's back: the tree still announces the right sha256, one byte is wrong."""
+    from huggingface_hub import HfApi
+
+    entry = next(f for f in HfApi(endpoint=hub.url, token=hub.token).list_repo_tree(repo_id, recursive=True)
+                 if f.path == path)
+    blob = hub.server.data_dir / "blobs" / entry.lfs.sha256
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+
 def stage_command(module: str, nproc: int, *args: str) -> list[str]:
     """A stage script (trainer.train, trainer.sft) on the tiny preset, directly or under torchrun."""
     command = ["-m", module, "--preset", "tiny", *args]

@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from tests.helpers import fill_checkpoint
 from trainer import checkpoint_layout as layout
 
 
 def make_checkpoint(directory, step, payload=b"x", done=False):
     tmp = layout.new_tmp_dir(directory, step)
     save_file({"w": np.full((4, 4), step, dtype=np.float32)}, str(tmp / "model.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "payload": payload.decode()}))
+    fill_checkpoint(tmp, step, payload=payload.decode())
     return layout.publish(tmp, step, stage="base", model_tag="t", done=done)
 
 
 def test_publish_writes_manifest_and_verifies(tmp_path):
     ckpt = make_checkpoint(tmp_path, 250)
     assert ckpt.path.name == "step_000250"
-    assert set(ckpt.files) == {"model.safetensors", "meta.json"}
+    assert set(ckpt.files) == set(layout.REQUIRED_FILES)
     manifest = json.loads((ckpt.path / layout.MANIFEST_NAME).read_text())
     assert manifest["files"]["meta.json"]["sha256"] == layout.sha256_file(ckpt.path / "meta.json")
     assert layout.verify(ckpt.path, full_hash=True).step == 250

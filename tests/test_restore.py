@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from entrypoint.hub.config import HubConfig
 from entrypoint.hub.restore import STAGING_DIR, restore
+from tests.helpers import fill_checkpoint, rot_on_hub
 from trainer import checkpoint_layout as layout
 
 TAG = "d26-hyperbolic"
@@ -30,7 +31,7 @@ def make_checkpoint(base: Path, step: int, tensors: dict[str, int] | None = None
     rng = np.random.default_rng(step)
     for name, nbytes in (tensors or {"model.safetensors": 64 * 1024}).items():
         save_file({"w": rng.random(nbytes // 4, dtype=np.float32)}, str(tmp / name))
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
+    fill_checkpoint(tmp, step)
     return layout.publish(tmp, step, stage="base", model_tag=TAG)
 
 
@@ -108,16 +109,7 @@ def _delete_on_hub(hub, env, path: str) -> None:
 
 
 def _rot_in_storage(hub, env, path: str) -> None:
-    """Bit rot behind the Hub's back: the tree still announces the right sha256, the bytes are wrong."""
-    entry = next(
-        f
-        for f in HfApi(endpoint=hub.url, token=hub.token).list_repo_tree(env["HF_REPO_ID"], recursive=True)
-        if f.path == path
-    )
-    blob = hub.server.data_dir / "blobs" / entry.lfs.sha256
-    data = bytearray(blob.read_bytes())
-    data[-1] ^= 0xFF
-    blob.write_bytes(bytes(data))
+    rot_on_hub(hub, env["HF_REPO_ID"], path)
 
 
 @pytest.mark.parametrize("corrupt", [_replace_on_hub, _delete_on_hub, _rot_in_storage])
