@@ -130,6 +130,17 @@ def test_corrupt_latest_on_the_hub_falls_back_to_the_previous(hub, env, source, 
     ), warnings
 
 
+def test_a_stage_whose_every_checkpoint_is_corrupt_is_an_error_unless_it_may_start_over(hub, env, source):
+    make_checkpoint(source, 250)
+    upload(hub, env, source)
+    _rot_in_storage(hub, env, f"base_checkpoints/{TAG}/step_000250/model.safetensors")
+    done = phoenix(env, "restore")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert done.stderr.startswith("error: the Hub holds 1 base checkpoint(s) of MODEL_TAG=d26-hyperbolic and "
+                                  "not one is intact") and len(done.stderr.splitlines()) == 1, done.stderr
+    assert restore(HubConfig.from_env(env), fresh_start_ok=["base"]) == {"base": None, "sft": None}
+
+
 def test_killed_restore_resumes_without_refetching_finished_files(hub, env, source) -> None:
     # http_get writes in 10 MiB blocks: b.safetensors is big enough to leave a resumable partial behind.
     ckpt = make_checkpoint(source, 250, {"a.safetensors": 2 * MiB, "b.safetensors": 12 * MiB})

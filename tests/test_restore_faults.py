@@ -102,10 +102,11 @@ def test_a_hub_that_cannot_serve_the_run_stops_the_launch_instead_of_starting_ov
     assert failures["count"] == 1 and failures["kind"] == "hub"  # counted by the guard, tried again if held
     assert layout.step_dirs(checkpoint_dir(volume)) == []
 
-    # Told to, it goes on to start over.
+    # Told to, it goes on to start over as a new run: the old run's ids stay behind on the Hub.
     code, out = run_phoenix(env, "run", *TRAIN, "--allow-fresh-start",
-                            kill_when=lambda line: "event=hub_checkpoint_unservable" in line)
-    assert code is None and "starting the base stage over" in out and not errors(out), out
+                            kill_when=lambda line: "event=restore_done" in line)
+    assert code is None and "starting the base stage over as a new run" in out and not errors(out), out
+    assert not (volume / "runs" / MODEL_TAG / "run.json").exists()  # the trainer makes new ids
 
 
 def test_restores_of_one_volume_take_turns_and_a_published_checkpoint_never_changes(trained, hub, tmp_path):

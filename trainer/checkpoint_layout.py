@@ -248,9 +248,10 @@ def check_meta(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointInvalid(f"{path}: not a JSON object")
     for key, kind in {**META_KEYS, **STAGE_META_KEYS.get(meta.get("stage"), {})}.items():
         value = meta.get(key)
+        if key not in meta:
+            raise CheckpointInvalid(f"{path}: {key!r} is missing")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            found = "missing" if key not in meta else f"a {type(value).__name__}"
-            raise CheckpointInvalid(f"{path}: {key!r} is {found}, not a {kind.__name__}")
+            raise CheckpointInvalid(f"{path}: {key!r} is {type(value).__name__}, not {kind.__name__}")
     if (stage := meta["stage"]) not in STAGES or manifest.get("stage", stage) != stage:
         raise CheckpointInvalid(f"{path}: stage {stage!r}, the manifest's is {manifest.get('stage')!r}")
     if meta["step"] != manifest["step"]:

@@ -101,7 +101,7 @@ def _restore_from_head(cfg: HubConfig, store: CheckpointStore,
             )
         )
         return _local_steps(cfg)
-    restored = False
+    restored = new_run = False
     for stage in layout.STAGES:
         local = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
         corrupt: list[str] = []
@@ -128,7 +128,8 @@ def _restore_from_head(cfg: HubConfig, store: CheckpointStore,
         else:
             if corrupt and local is None:
                 _unservable(cfg, stage, corrupt, fresh_start_ok)
-    _restore_side_files(store, view, overwrite=restored)
+                new_run |= stage == "base"
+    _restore_side_files(store, view, overwrite=restored, run_files=not new_run)
     staging_root = cfg.base_dir / STAGING_DIR
     if staging_root.is_dir() and not any(p.is_file() for p in staging_root.rglob("*")):
         shutil.rmtree(staging_root)  # keep partial downloads only: they are what a rerun resumes from
@@ -150,8 +151,9 @@ def _unservable(cfg: HubConfig, stage: str, corrupt: list[str], fresh_start_ok: 
             f"intact ({corrupt[0]}), nor is there one on the volume: put an intact checkpoint back on the "
             f"volume or the Hub, or start the {stage} stage over as a new run ({flag})"
         )
+    over = "as a new run (new ids: the old run's files stay on the Hub)" if stage == "base" else "from base"
     log.warning(kv(event="hub_checkpoint_unservable", stage=stage, checkpoints=len(corrupt),
-                   action=f"starting the {stage} stage over, as {flag} allows"))
+                   action=f"starting the {stage} stage over {over}, as {flag} allows"))
 
 
 def _local_steps(cfg: HubConfig) -> dict[str, int | None]:
@@ -252,18 +254,18 @@ def _publish(cfg: HubConfig, stage: str, staging: Path, manifest: dict) -> layou
     return layout.publish_copy(tmp, manifest, full_hash=False)
 
 
-def _restore_side_files(store: CheckpointStore, view: StoreView, *, overwrite: bool) -> None:
-    """Tokenizer and `runs/<tag>/` files (in the git repo, whatever the store): fetched when missing (a
-    damaged run.json is quarantined, so missing), or replaced along with a restored checkpoint.
+def _restore_side_files(store: CheckpointStore, view: StoreView, *, overwrite: bool, run_files: bool) -> None:
+    """Tokenizer and (unless a new run starts) `runs/<tag>/` files, in the git repo whatever the store:
+    fetched when missing (a damaged run.json is quarantined, so missing), or replaced along with a restored
+    checkpoint.
 
     generation.json is left out: it is the fencing token, owned by `claim_generation`.
     """
     cfg, hub, snapshot = store.cfg, store.hub, view.snapshot
     fetch = partial(RepoStore(cfg, hub).fetch, view)
     run_dir = cfg.run_path("")
-    paths = [TOKENIZER_PATH] + sorted(
-        p for p in snapshot.files if p.startswith(run_dir) and p != cfg.run_path(GENERATION_FILE)
-    )
+    run_paths = [p for p in snapshot.files if p.startswith(run_dir) and p != cfg.run_path(GENERATION_FILE)]
+    paths = [TOKENIZER_PATH] + (sorted(run_paths) if run_files else [])
     for path in paths:
         local = cfg.local(path)
         remote = snapshot.files.get(path)

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from entrypoint.hub.config import HubConfig
 from entrypoint.logs import kv, redact
 from trainer import checkpoint_layout as layout
 
@@ -48,16 +49,16 @@ def volume_has_checkpoint(base_dir: Path, model_tag: str) -> bool:
     return any(layout.latest(layout.stage_dir(base_dir, stage, model_tag)) for stage in layout.STAGES)
 
 
-def restore_or_wait(argv: list[str]) -> None:
+def restore_or_wait(cfg: HubConfig, argv: list[str]) -> None:
     """Restore from the Hub what the volume lacks. With nothing on the volume to resume, a Hub that cannot be
     asked (or cannot serve now) is waited for, with backoff: starting over from step 0 would later publish a
     new run over the Hub's. A Hub that lists a stage but serves no intact checkpoint of it is an error
     (`restore.Unservable`) unless the stage may start over (--allow-fresh-start, in SFT_ARGS for sft)."""
-    from entrypoint.hub.config import HubConfig
     from entrypoint.hub.errors import HubError, HubFatal
     from entrypoint.hub.restore import Unservable, restore
 
-    cfg = HubConfig.from_env()
+    if cfg.repo_id is None:
+        return  # (phoenix run says so)
     sft_args = shlex.split(os.environ.get("SFT_ARGS", ""))
     fresh = ["base"] if "--allow-fresh-start" in argv else []
     if "--allow-fresh-start" in sft_args or os.environ.get("RUN_SFT") == "0":
@@ -83,6 +84,23 @@ def restore_or_wait(argv: list[str]) -> None:
         wait = min(2 * wait, HUB_WAIT_MAX_S)
 
 
+def restore_step(cfg: HubConfig, argv: list[str]) -> int | None:
+    """`restore_or_wait`; a failure is one `error:` line and the exit code to end with (None: go on)."""
+    from entrypoint.hub.errors import HubError
+
+    try:
+        restore_or_wait(cfg, argv)
+    except HubError as exc:  # settings the Hub refuses, a stage it cannot serve
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_HUB
+    except OSError as exc:
+        if (line := volume_error(exc)) is None:
+            raise
+        print(f"error: restoring from the Hub into {cfg.base_dir}: {line}", file=sys.stderr)
+        return EXIT_VOLUME
+    return None
+
+
 def prepare_base(argv: list[str]) -> None:
     from trainer.tokenizer import TOKENIZER_FILE, tokenizer_sha256
     from trainer.train import check_resume, parse_config, prepare_data
@@ -90,9 +108,7 @@ def prepare_base(argv: list[str]) -> None:
     cfg = parse_config(argv)
     base_dir = Path(cfg.base_dir)
     ckpt = layout.latest(layout.stage_dir(base_dir, "base", cfg.model_tag))
-    if ckpt is not None and ckpt.done:
-        return
-    if ckpt is not None:
+    if ckpt is not None and not ckpt.done:
         has_tokenizer = (base_dir / "tokenizer" / TOKENIZER_FILE).is_file()
         check_resume(cfg, ckpt, tokenizer_sha256(base_dir / "tokenizer") if has_tokenizer else None)
     prepare_data(cfg)
@@ -111,20 +127,13 @@ def main(argv: list[str]) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     stage, args = argv[0], argv[1:]
     if stage == "base":
-        from entrypoint.hub.errors import HubError
-
-        try:
-            restore_or_wait(args)
-        except HubError as exc:  # settings the Hub refuses, a stage it cannot serve
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_HUB
-        except OSError as exc:
-            if (line := volume_error(exc)) is None:
-                raise
-            print(f"error: restoring from the Hub into {os.environ.get('NANOCHAT_BASE_DIR')}: {line}",
-                  file=sys.stderr)
-            return EXIT_VOLUME
-    from trainer.data import DataError  # torch comes with these: not needed for the restore above
+        cfg = HubConfig.from_env()
+        if (failed := restore_step(cfg, args)) is not None:
+            return failed
+        ckpt = layout.latest(layout.stage_dir(cfg.base_dir, "base", cfg.model_tag))
+        if ckpt is not None and ckpt.done:
+            return 0  # nothing to prepare, and no reason to import torch
+    from trainer.data import DataError
     from trainer.runtime import ConfigError
 
     try:
