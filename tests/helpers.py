@@ -28,6 +28,14 @@ def publish_corpus(server, tmp_dir: Path, num_shards: int = 4, docs_per_shard: i
     server.publish_dataset(DATASET_REPO, {p.name: p for p in paths})
 
 
+def client_env(server, root: Path) -> dict[str, str]:
+    """The environment of a process whose Hub is the local `server` (cache under `root`), W&B offline."""
+    import os
+
+    return {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(root / "hf_home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
+
+
 def tiny_job(hub, tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
     """Environment of a tiny CPU `phoenix run` with Hub sync configured on `hub`, and its (empty) volume."""
     publish_corpus(hub.server, tmp_path / "shards")
@@ -220,12 +228,10 @@ def train_chat_model(server, root: Path, base_steps: int, sft_steps: int,
                      sft_args: tuple[str, ...] = ()) -> tuple[dict[str, str], Path, str, str]:
     """A volume (root/volume) with a finished tiny base stage and a finished SFT stage, trained on corpus and
     chats published on `server`: (client env, volume, base output, SFT output)."""
-    import os
 
     publish_corpus(server, root / "shards")
     publish_chat_dataset(server)
-    env = {**os.environ, "HF_ENDPOINT": server.url,
-           "HF_HOME": str(root / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
+    env = client_env(server, root)
     volume = root / "volume"
     code, base_out = run_trainer(volume, {**env, **(base_env or {})}, "--num-iterations", str(base_steps),
                                  "--eval-every", "0", *base_args)

@@ -9,7 +9,6 @@ puts what it needs of it on its own Hub or volume.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from entrypoint.hub.restore import STAGING_DIR
 from tests.helpers import (
     MODEL_TAG,
     checkpoint_dir,
+    client_env,
     kill_tree,
     publish_corpus,
     rot_on_hub,
@@ -46,10 +46,8 @@ def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     with LocalHub(root / "hub") as server:
         publish_corpus(server, root / "shards")
-        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(root / "hf_home"),
-               "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
-        code, out = run_trainer(root / "volume", env, *TRAINER_ARGS)
-        assert code == 0, out
+        code, out = run_trainer(root / "volume", client_env(server, root), *TRAINER_ARGS)
+    assert code == 0, out
     return root / "volume"
 
 

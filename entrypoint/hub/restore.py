@@ -314,22 +314,27 @@ def fetch_weights(cfg: HubConfig, hub: Hub | None = None) -> tuple[str, Path] | 
     lock = VolumeLock(cfg.base_dir / WEIGHTS_DIR / f"{cfg.model_tag}.lock", command="phoenix chat")
     lock.acquire(wait_for="phoenix chat")
     try:
-        for stage in reversed(layout.STAGES):  # the finished product first: SFT, then base
-            for stored in view.checkpoints[stage]:
-                try:
-                    folder = _fetch_weight_files(store, view, stored)
-                except CorruptOnHub as exc:
-                    log.warning(kv(event="hub_checkpoint_corrupt", stage=stage, step=stored.step,
-                                   error=str(exc), action="trying the previous checkpoint"))
-                    continue
-                tokenizer = cfg.local(TOKENIZER_PATH)
-                if not tokenizer.exists() and TOKENIZER_PATH in view.snapshot.files:
-                    _fetch_whole(store.hub, partial(RepoStore(cfg, store.hub).fetch, view), TOKENIZER_PATH,
-                                 tokenizer, view.snapshot.files[TOKENIZER_PATH].size)
-                return stage, folder
-        return None
+        return _fetch_newest_weights(store, view)
     finally:
         lock.release()
+
+
+def _fetch_newest_weights(store: CheckpointStore, view: StoreView) -> tuple[str, Path] | None:
+    cfg = store.cfg
+    for stage in reversed(layout.STAGES):  # the finished product first: SFT, then base
+        for stored in view.checkpoints[stage]:
+            try:
+                folder = _fetch_weight_files(store, view, stored)
+            except CorruptOnHub as exc:
+                log.warning(kv(event="hub_checkpoint_corrupt", stage=stage, step=stored.step, error=str(exc),
+                               action="trying the previous checkpoint"))
+                continue
+            tokenizer = cfg.local(TOKENIZER_PATH)
+            if not tokenizer.exists() and TOKENIZER_PATH in view.snapshot.files:
+                _fetch_whole(store.hub, partial(RepoStore(cfg, store.hub).fetch, view), TOKENIZER_PATH,
+                             tokenizer, view.snapshot.files[TOKENIZER_PATH].size)
+            return stage, folder
+    return None
 
 
 def _fetch_weight_files(store: CheckpointStore, view: StoreView, stored: StoredCheckpoint) -> Path:

@@ -16,6 +16,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from entrypoint.hub.config import HubConfig
@@ -84,21 +85,20 @@ def restore_or_wait(cfg: HubConfig, argv: list[str]) -> None:
         wait = min(2 * wait, HUB_WAIT_MAX_S)
 
 
-def restore_step(cfg: HubConfig, argv: list[str]) -> int | None:
-    """`restore_or_wait`; a failure is one `error:` line and the exit code to end with (None: go on)."""
-    from entrypoint.hub.errors import HubError
-
+def run_step(step: Callable[[], None], expected: dict[type[Exception], int], where: str = "") -> int:
+    """Run one set-up step: 0 if it went well; an `expected` failure, or a full or read-only volume, is one
+    `error:` line and the exit code its kind maps to."""
     try:
-        restore_or_wait(cfg, argv)
-    except HubError as exc:  # settings the Hub refuses, a stage it cannot serve
+        step()
+    except tuple(expected) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_HUB
+        return next(code for kind, code in expected.items() if isinstance(exc, kind))
     except OSError as exc:
         if (line := volume_error(exc)) is None:
             raise
-        print(f"error: restoring from the Hub into {cfg.base_dir}: {line}", file=sys.stderr)
+        print(f"error: {where}{line}", file=sys.stderr)
         return EXIT_VOLUME
-    return None
+    return 0
 
 
 def prepare_base(argv: list[str]) -> None:
@@ -127,27 +127,20 @@ def main(argv: list[str]) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     stage, args = argv[0], argv[1:]
     if stage == "base":
+        from entrypoint.hub.errors import HubError  # settings the Hub refuses, a stage it cannot serve
+
         cfg = HubConfig.from_env()
-        if (failed := restore_step(cfg, args)) is not None:
-            return failed
+        if code := run_step(lambda: restore_or_wait(cfg, args), {HubError: EXIT_HUB},
+                            f"restoring from the Hub into {cfg.base_dir}: "):
+            return code
         ckpt = layout.latest(layout.stage_dir(cfg.base_dir, "base", cfg.model_tag))
         if ckpt is not None and ckpt.done:
             return 0  # nothing to prepare, and no reason to import torch
     from trainer.data import DataError
     from trainer.runtime import ConfigError
 
-    try:
-        (prepare_base if stage == "base" else prepare_sft)(args)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STAGE
-    except OSError as exc:
-        if (line := volume_error(exc)) is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_VOLUME
-    return 0
-
+    return run_step(lambda: (prepare_base if stage == "base" else prepare_sft)(args),
+                    {ConfigError: EXIT_STAGE, DataError: EXIT_STAGE})
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
