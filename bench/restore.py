@@ -42,10 +42,9 @@ SNAPSHOT = (
 
 
 def meta_of(step: int) -> dict:
-    """What checkpoint_layout.check_meta asks of a checkpoint's meta.json, without a model behind it."""
-    return {"stage": "base", "step": step, "world_size": 1, "rng": [{}], "num_iterations": step,
-            "model_config": {}, "config": {}, "loop_state": {}, "loader": {}, "run_id": "bench",
-            "wandb_run_id": "bench", "total_batch_size": 1, "max_seq_len": 1}
+    """A meta.json the checkpoint contract accepts (every key it asks for, blank), without a run behind it."""
+    blank = {key: kind() for key, kind in {**layout.META_KEYS, **layout.STAGE_META_KEYS["base"]}.items()}
+    return {**blank, "stage": "base", "step": step, "world_size": 1, "rng": [{}]}
 
 
 def build_volume(base: Path, mb: int, checkpoints: int) -> None:

@@ -48,11 +48,9 @@ def tiny_job(hub, tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
 
 
 def checkpoint_meta(step: int, stage: str = "base", **extra: Any) -> dict[str, Any]:
-    """A meta.json with every key a resume reads (checkpoint_layout.META_KEYS), for synthetic checkpoints."""
-    per_stage = {"total_batch_size": 1024, "max_seq_len": 64} if stage == "base" else {"base": {}, "data": {}}
-    return {"stage": stage, "step": step, "world_size": 1, "rng": [{}], "num_iterations": step,
-            "model_config": {}, "config": {}, "loop_state": {}, "loader": {}, "run_id": "r1",
-            "wandb_run_id": "w1", **per_stage, **extra}
+    """A meta.json the checkpoint contract accepts (each key it asks for, blank): synthetic checkpoints."""
+    blank = {key: kind() for key, kind in {**layout.META_KEYS, **layout.STAGE_META_KEYS[stage]}.items()}
+    return {**blank, "stage": stage, "step": step, "world_size": 1, "rng": [{}], **extra}
 
 
 def fill_checkpoint(tmp: Path, step: int, stage: str = "base", **meta: Any) -> None:
