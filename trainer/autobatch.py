@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.distributed import Dist, ShardedOptimizer
+from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.model import GPTConfig
 from trainer.out_of_memory import OutOfMemory
 from trainer.runtime import ConfigError
@@ -251,6 +251,7 @@ def resolve_device_batch(stage: str, setting: int | None, cpu_default: int, rows
     GPU count change). `auto`: the CPU's default there, else the search on the real step (`trials`).
     Raises OutOfMemory when not even one row fits."""
     d = trials.d
+    setting = broadcast(setting, d)  # every rank as rank 0: the search's collectives run on all or none
     if setting is not None or not trials.cuda:
         requested = setting if setting is not None else cpu_default
         chosen = max(b for b in range(1, min(requested, rows_per_rank) + 1)
