@@ -26,7 +26,7 @@ import torch
 from trainer.autobatch import SAFETY_MARGIN, TrialSteps, activation_bytes_per_token, resolve_device_batch
 from trainer.distributed import Dist, ShardedOptimizer, assign_owners
 from trainer.hardware import peak_flops
-from trainer.model import GPT, config_for_depth
+from trainer.model import GPT, build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 from trainer.recipe import REFERENCE_BATCH, REFERENCE_DEPTH, plan, scaling_params
 from trainer.runtime import compute_setup
@@ -111,8 +111,7 @@ def measure(depth: int, cards_gib: list[float], deadline: float) -> list[dict[st
     device = torch.device("cuda")
     d = Dist(0, 0, 1, device)
     torch.manual_seed(0)
-    model = GPT(config_for_depth(depth, VOCAB, SEQ)).to(device)
-    model.init_weights()
+    model = build_model(config_for_depth(depth, VOCAB, SEQ), device)
     optimizer = ShardedOptimizer(model, d, compile_update=True)
     train_model, autocast = compute_setup(model, d, "on")
     per_rank = rows_per_step(depth)
