@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from entrypoint.procs import descendants, signal_pids
+from entrypoint.launch.procs import descendants, signal_pids
 from trainer.distributed import Dist, ShardedOptimizer
 from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
@@ -91,7 +91,7 @@ def environment() -> dict[str, Any]:
     # (A blocked module sits in sys.modules as None.)
     info["eager_heavy_imports"] = sorted(m for m in ("datasets", "wandb", "httpx2") if sys.modules.get(m))
     try:  # what `phoenix run` needs on top: click, and huggingface_hub 1.x or 2.x
-        import entrypoint.run  # noqa: F401
+        import entrypoint.launch.run  # noqa: F401
 
         info["phoenix_run_imports"] = "ok"
     except Exception as exc:  # reported, and the resume part will fail with the same reason
@@ -297,7 +297,7 @@ def tiny_run_args(steps: int, save_every: int) -> list[str]:
 
 def volume_with_shards(volume: Path) -> None:
     """Shards on the volume plus their listing: the trainer never asks the Hub for anything."""
-    from entrypoint.synthetic import write_shards
+    from entrypoint.demo.synthetic import write_shards
 
     shards = write_shards(volume / "base_data", num_shards=3, docs_per_shard=300)
     (volume / "base_data" / "shards.json").write_text(json.dumps({"shards": [p.name for p in shards]}))
