@@ -1,6 +1,6 @@
-"""`--device-batch-size auto` (trainer.autobatch): the search against a memory limit, on a memory curve and on
-the real training step with an injected out-of-memory, leaving no trace in the trajectory; the fixed
-sizes; the out-of-memory report `phoenix run` reads. `phoenix run`'s halving relaunch: tests/test_run_oom.py."""
+"""`--device-batch-size auto` (trainer.autobatch): the search against a memory limit, on a memory curve and
+on the real training step with an injected out-of-memory, leaving no trace in the trajectory; the fixed
+sizes; the out-of-memory report `phoenix run` reads. The halving relaunch: tests/test_run_oom.py."""
 
 from __future__ import annotations
 
