@@ -162,7 +162,8 @@ class TrialSteps:
         self.cuda = d.device.type == "cuda"
         usable = usable_bytes(d.device)
         self.budget = (1 - SAFETY_MARGIN) * usable if usable else None
-        self._saved: dict[str, Any] | None = None
+        self._rng = (torch.get_rng_state(), torch.cuda.get_rng_state(d.device) if self.cuda else None)
+        self._saved: dict[str, Any] | None = None  # weights and optimizer state, once a trial stepped
 
     def held(self) -> float:
         """The share of the budget held now (0 on the CPU)."""
@@ -211,24 +212,26 @@ class TrialSteps:
         return None if flags[0].item() else flags[1].item()
 
     def _save(self) -> None:
-        cpu_rng = torch.get_rng_state()
-        self._saved = {"params": {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()},
-                       "optimizer": {k: t.cpu().clone() for k, t in self.optimizer.optimizer.state.items()},
-                       "rng": (cpu_rng, torch.cuda.get_rng_state(self.d.device) if self.cuda else None)}
+        def host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+
+        self._saved = {"params": host(dict(self.model.named_parameters())),
+                       "optimizer": host(self.optimizer.optimizer.state)}
 
     @torch.no_grad()
     def restore(self) -> None:
+        """Weights, optimizer state and RNG as they were before the first trial; gradients zero."""
         self.optimizer.zero_grad()
+        cpu_rng, cuda_rng = self._rng
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.d.device)
         if self._saved is None:
             return
         for name, p in self.model.named_parameters():
             p.copy_(self._saved["params"][name])
         for key, t in self.optimizer.optimizer.state.items():
             t.copy_(self._saved["optimizer"][key])
-        cpu_rng, cuda_rng = self._saved["rng"]
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, self.d.device)
         self._saved = None
         self._free()
 
