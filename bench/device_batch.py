@@ -127,7 +127,7 @@ def measure(depth: int, cards_gib: list[float], deadline: float) -> list[dict[st
         start = time.perf_counter()
         trials = TrialSteps(train_model, autocast, model, optimizer, d, SEQ)
         try:
-            chosen = resolve_device_batch("base", None, 1, per_rank, True, trials, 0)
+            chosen = resolve_device_batch("base", None, 1, per_rank, trials, 0, divisors_only=True)
         except Exception as exc:  # noqa: BLE001 - recorded: nothing fits this card
             results.append({"card_gib": card, "device_batch": None, "error": str(exc)})
             continue

@@ -77,10 +77,10 @@ def test_sizes_and_settings():
 def test_a_fixed_size_is_kept_or_lowered_to_split_the_rows_per_rank():
     model, optimizer = build(ONE)
     trials = TrialSteps(model, torch.autocast("cpu", enabled=False), model, optimizer, ONE, TINY.sequence_len)
-    assert resolve_device_batch("base", 3, 4, 8, True, trials, 0) == 2  # lanes: a divisor of 8
-    assert resolve_device_batch("sft", 3, 4, 8, False, trials, 0) == 3
-    assert resolve_device_batch("base", None, 4, 8, True, trials, 0) == 4  # auto on the CPU: the default
-    assert resolve_device_batch("base", 32, 4, 8, True, trials, 0) == 8
+    assert resolve_device_batch("base", 3, 4, 8, trials, 0, divisors_only=True) == 2  # lanes: 8 / 2
+    assert resolve_device_batch("sft", 3, 4, 8, trials, 0) == 3
+    assert resolve_device_batch("base", None, 4, 8, trials, 0, divisors_only=True) == 4  # auto on a CPU
+    assert resolve_device_batch("base", 32, 4, 8, trials, 0, divisors_only=True) == 8
 
 
 def test_search_on_the_real_step_against_an_injected_limit_leaves_no_trace(monkeypatch):

@@ -249,10 +249,11 @@ def exit_on_out_of_memory(stage: str, device_batch_size: int, device: torch.devi
 
 
 def resolve_device_batch(stage: str, setting: int | None, cpu_default: int, rows_per_rank: int,
-                         divisors_only: bool, trials: TrialSteps, step: int) -> int:
-    """The device batch of this launch. A number: the largest size <= it that fits the rows per rank (a
-    GPU count change). `auto`: the CPU's default there, else the search on the real step (`trials`).
-    Raises OutOfMemory when not even one row fits."""
+                         trials: TrialSteps, step: int, divisors_only: bool = False) -> int:
+    """The device batch of this launch (`step`: the one it starts from). A number: the largest size <= it
+    that fits the rows per rank (that divides them, with `divisors_only`: base training's lanes). `auto`:
+    the CPU's default there, else the search on the real step (`trials`). Raises OutOfMemory when not
+    even one row fits."""
     d = trials.d
     setting = broadcast(setting, d)  # every rank as rank 0: the search's collectives run on all or none
     if setting is not None or not trials.cuda:

@@ -310,7 +310,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
                         loss_reduction="sum")
     device_batch_size = resolve_device_batch(STAGE, parse_device_batch(cfg.device_batch_size),
                                              CPU_DEVICE_BATCH.get(cfg.preset, 1),
-                                             cfg.rows_per_step // d.world_size, False, trials, step)
+                                             cfg.rows_per_step // d.world_size, trials, step)
     loader = ChatLoader(fetch, num_train, tokenizer, cfg.rows_per_step, device_batch_size,
                         cfg.max_seq_len, d.rank, d.world_size, cfg.seed, loader_state)
     val_batches = eval_batches(fetch, range(num_train, len(dataset)), tokenizer, device_batch_size,

@@ -349,8 +349,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     # Rows per forward: a fixed number, or `auto`'s search on this very model and compiled step.
     trials = TrialSteps(train_model, autocast, model, optimizer, d, cfg.max_seq_len)
     device_batch_size = resolve_device_batch(STAGE, parse_device_batch(cfg.device_batch_size),
-                                             CPU_DEVICE_BATCH.get(cfg.preset, 1), per_rank, True, trials,
-                                             step)
+                                             CPU_DEVICE_BATCH.get(cfg.preset, 1), per_rank, trials, step,
+                                             divisors_only=True)
 
     docs = DocumentSource(store, tokenizer, num_lanes, range(d.rank * per_rank, (d.rank + 1) * per_rank))
     loader = DistributedTokenLoader(docs, cfg.max_seq_len, device_batch_size, num_lanes, d.rank,
