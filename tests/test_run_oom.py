@@ -99,11 +99,11 @@ def test_a_recorded_size_holds_only_for_the_same_gpus_and_settings(tmp_path, cha
     from trainer.out_of_memory import OutOfMemory
 
     record = DeviceBatchRecord(tmp_path, MODEL_TAG)
-    key = {"gpus": "8 x NVIDIA H100 80GB HBM3", "args": ["--depth", "20"]}
-    assert record.halve("base", key, OutOfMemory("base", 13, 32, 79.1)) == 16
+    key = {"gpus": "8 x NVIDIA H100 80GB HBM3, 81559 MiB", "args": ["--depth", "20"]}
+    record.keep("base", key, 16, OutOfMemory("base", 13, 32, 79.1))
     assert record.get("base", key) == 16 and record.get("sft", key) is None
     assert DeviceBatchRecord(tmp_path, MODEL_TAG).get("base", key) == 16  # on the volume
-    other = {**key, changed: "1 x NVIDIA H200" if changed == "gpus" else ["--depth", "26"]}
+    other = {**key, changed: "1 x NVIDIA H200, 143771 MiB" if changed == "gpus" else ["--depth", "26"]}
     assert record.get("base", other) is None
-    assert record.halve("base", key, OutOfMemory("base", 20, 16, 79.1)) == 8
-    assert record.halve("base", key, OutOfMemory("base", 30, 1, 79.1)) is None
+    record.keep("sft", other, 8, OutOfMemory("sft", 3, 16, 139.8))  # another stage's entry: its own key
+    assert (record.get("base", key), record.get("sft", other)) == (16, 8)

@@ -272,23 +272,24 @@ def _launch_stage(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dic
     record = DeviceBatchRecord(cfg.base_dir, cfg.model_tag)
     key = {"gpus": gpu_inventory(cfg.device), "nproc": nproc, "nnodes": cfg.nnodes, "preset": cfg.preset,
            "fp8": env.get("FP8", ""), "args": list(args)}
+    size = record.get(stage, key)
     while True:
-        size = record.get(stage, key)
         launch_args = [*args, "--device-batch-size", str(size)] if size else list(args)
         code = launcher.run(torchrun_command(cfg, module, nproc, launch_args), env, lock)
         oom = launcher.out_of_memory
         if code == 0 or oom is None or launcher.stop_requested:
             return code
-        smaller = record.halve(stage, key, oom)
-        if smaller is None:
+        if oom.device_batch_size <= 1:
             usable = f", {oom.card_gib:.1f} GiB usable" if oom.card_gib else ""
             raise RunFailed(f"the {stage} stage ran out of GPU memory at device batch "
                             f"{oom.device_batch_size} (step {oom.step}{usable}): not even one sequence at a "
                             "time fits: use GPUs with more memory, more GPUs (NPROC_PER_NODE: each holds 1/N "
                             "of the optimizer state), a smaller PRESET or a shorter --max-seq-len", "memory")
+        size = oom.device_batch_size // 2  # halves every time: the loop ends at 1 at the latest
+        record.keep(stage, key, size, oom)
         newest = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
         log.warning(kv(event="oom_relaunch", stage=stage, step=oom.step,
-                       device_batch_size=oom.device_batch_size, next_device_batch_size=smaller,
+                       device_batch_size=oom.device_batch_size, next_device_batch_size=size,
                        resume_from_step=newest.step if newest else 0))
 
 

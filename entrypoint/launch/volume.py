@@ -149,16 +149,16 @@ class DeviceBatchRecord:
         size = entry.get("device_batch_size")
         return size if isinstance(size, int) and size > 0 else None
 
-    def halve(self, stage: str, key: dict[str, Any], oom: OutOfMemory) -> int | None:
-        """Record half the device batch that ran out; None when it was already 1 (nothing recorded)."""
-        if oom.device_batch_size <= 1:
-            return None
-        smaller = oom.device_batch_size // 2
-        entry = {"device_batch_size": smaller, "key": key, "out_of_memory": {
+    def keep(self, stage: str, key: dict[str, Any], size: int, oom: OutOfMemory) -> None:
+        """Record `size` for the stage after `oom`; a volume that cannot take it costs the next launches
+        (they run out again and halve again), not this one."""
+        entry = {"device_batch_size": size, "key": key, "out_of_memory": {
             "step": oom.step, "device_batch_size": oom.device_batch_size, "card_gib": oom.card_gib,
             "time": time.time()}}
-        layout.write_json_atomic(self.path, {**self._read(), stage: entry})
-        return smaller
+        try:
+            layout.write_json_atomic(self.path, {**self._read(), stage: entry})
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
 
 
 class StatusFile:
