@@ -35,6 +35,7 @@ from tests.helpers import (
     MODEL_TAG,
     kill_tree,
     run_phoenix,
+    run_trainer,
     seed_volume,
     step_losses,
     tiny_job,
@@ -43,7 +44,7 @@ from tests.helpers import (
 from tests.test_sync import PHOENIX, TAG, base_dir, hub_steps, make_checkpoint, sidecar_env, wait_for
 from trainer import checkpoint_layout as layout
 
-STEPS = 30
+STEPS = 20
 TRAIN = ("--", "--num-iterations", str(STEPS), "--save-every", "5", "--eval-every", "0")
 
 # --- each cloud's wording ---------------------------------------------------------------------------
@@ -149,6 +150,10 @@ def test_the_sidecar_pushes_on_a_warning_and_each_new_checkpoint_after_a_notice(
     status_file = base / "runs" / TAG / "trainer_status.json"
     layout.write_json_atomic(status_file, {"status": "running", "updated": time.time(), "generation": 0})
     make_checkpoint(base, 250)
+
+    def log() -> str:
+        return (base / "logs" / "hf_sync.log").read_text()
+
     # The trainer stays "running" throughout and the interval is an hour: only the notice can push.
     proc = subprocess.Popen(PHOENIX + ["sync", "--poll-seconds", "30"], env=env, stdout=subprocess.DEVNULL)
     try:
@@ -157,13 +162,15 @@ def test_the_sidecar_pushes_on_a_warning_and_each_new_checkpoint_after_a_notice(
         write_notice(base, Notice("aws", WARNING, "rebalance"))
         wait_for(lambda: hub_steps(hub, env) == [250, 300], 20, "the push a warning asks for")
         write_notice(base, Notice("aws", PREEMPTION, "terminate", time.time() + 120))
+        wait_for(lambda: log().count("event=preemption_notice_seen") == 2
+                 and log().rstrip().endswith("event=pass_done ok=True pushed=0 pruned=0 errors=0"), 20,
+                 "the pass the notice asks for (nothing new yet)")
         make_checkpoint(base, 301)  # the emergency checkpoint, published while `phoenix run` winds down
         wait_for(lambda: hub_steps(hub, env) == [250, 300, 301], 20, "the emergency checkpoint's push")
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    log = (base / "logs" / "hf_sync.log").read_text()
-    assert log.count("event=preemption_notice_seen") == 2 and "trainer_stopped" not in log
+    assert "trainer_stopped" not in log()
 
 
 # --- phoenix run -----------------------------------------------------------------------------------
@@ -238,9 +245,8 @@ def test_a_notice_mid_run_ends_in_a_pushed_checkpoint_and_an_exact_resume(hub, t
     the next one resumes from the pushed checkpoint and ends bitwise equal to an uninterrupted run."""
     env, volume = tiny_job(hub, tmp_path, HF_SYNC_INTERVAL="3600")
     reference = tmp_path / "reference"
-    reference.mkdir()
-    assert run_phoenix({**env, "NANOCHAT_BASE_DIR": str(reference), "HF_REPO_ID": ""}, "run", *TRAIN)[0] == 0
-    seed_volume(reference, volume)  # its tokenizer and shards: the runs compared share them
+    assert run_trainer(reference, env, *TRAIN[1:])[0] == 0  # uninterrupted, the bare trainer
+    seed_volume(reference, volume)  # its tokenizer and shards: saves training the tokenizer again
 
     with FakeMetadata("aws") as fake:
         sidecar = Launch(env, "sync")
