@@ -30,7 +30,9 @@ from entrypoint.launch.clouds import (
     Notice,
     detect_cloud,
 )
+from entrypoint.launch.config import RunConfig
 from entrypoint.launch.preemption import notice_path, read_notice, start_watch
+from entrypoint.launch.preflight import preflight
 from tests.helpers import (
     MODEL_TAG,
     kill_tree,
@@ -134,6 +136,15 @@ def test_off_and_auto_without_a_cloud_watch_nothing(tmp_path):
             assert start_watch(mode, tmp_path, TAG, stop=lambda: None, fresh=True, environ=env,
                                dmi_dir=tmp_path / "no_dmi") is None
         assert fake.requests == []
+
+
+def test_an_unknown_watch_or_poll_interval_is_one_preflight_line(tmp_path, monkeypatch):
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path), "PRESET": "tiny", "DEVICE": "cpu", "PREEMPTION_WATCH": "ec2"}
+    assert preflight(RunConfig.from_env([], env), check_hub=False) == [
+        "PREEMPTION_WATCH=ec2 is unknown: use one of auto, off, aws, gcp, azure"]
+    monkeypatch.setenv("PREEMPTION_POLL_S", "soon")
+    assert preflight(RunConfig.from_env([], {**env, "PREEMPTION_WATCH": "AWS"}), check_hub=False) == [
+        "PREEMPTION_POLL_S=soon is not a number of seconds: unset it (AWS: 5)"]
 
 
 # --- the sidecar -----------------------------------------------------------------------------------

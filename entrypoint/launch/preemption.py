@@ -137,11 +137,15 @@ def _unavailable_hint(source: str) -> str:
     return "retrying quietly; set PREEMPTION_WATCH=off if this machine has no such metadata server"
 
 
-def watch_problem(mode: str) -> str | None:
-    """The preflight line for a PREEMPTION_WATCH that is not one of WATCH_MODES."""
-    if mode in WATCH_MODES:
-        return None
-    return f"PREEMPTION_WATCH={mode} is unknown: use one of {', '.join(WATCH_MODES)} (auto finds the cloud)"
+def watch_problem(mode: str, poll_s: str) -> str | None:
+    """The preflight line for a PREEMPTION_WATCH or PREEMPTION_POLL_S the watch cannot use."""
+    if mode not in WATCH_MODES:
+        return f"PREEMPTION_WATCH={mode} is unknown: use one of {', '.join(WATCH_MODES)}"
+    try:
+        usable = not poll_s or float(poll_s) >= 0
+    except ValueError:
+        usable = False
+    return None if usable else f"PREEMPTION_POLL_S={poll_s} is not a number of seconds: unset it (AWS: 5)"
 
 
 def start_watch(mode: str, base_dir: Path, model_tag: str, stop: Callable[[], None], fresh: bool,

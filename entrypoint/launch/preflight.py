@@ -91,7 +91,7 @@ def preflight(cfg: RunConfig, check_hub: bool = True) -> list[str]:
     if cfg.device == "auto" and not gpus and cfg.preset != "tiny":
         problems.append(f"no GPU visible for PRESET={cfg.preset}: check the NVIDIA runtime, or set "
                         "DEVICE=cpu to train on the CPU anyway")
-    if problem := watch_problem(cfg.preemption_watch):
+    if problem := watch_problem(cfg.preemption_watch, os.environ.get("PREEMPTION_POLL_S", "").strip()):
         problems.append(problem)
     if cfg.nnodes > 1 and not 0 <= cfg.node_rank < cfg.nnodes:
         problems.append(f"NODE_RANK={cfg.node_rank} is outside 0..{cfg.nnodes - 1}: set it per node")
