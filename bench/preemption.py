@@ -10,7 +10,8 @@ done, and that `phoenix run` exited (as they arrive; regular checkpoints are off
 the notice is the emergency one). The watch's delay is uniform in [0, poll]: --poll-s 0 shows the rest.
 
     python bench/preemption.py                    # tiny preset
-    python bench/preemption.py --depth4           # depth 4, width 256, seq 512, vocab 4096 (compiled)
+    python bench/preemption.py --depth4           # depth 4, width 256, seq 512, vocab 4096 (compiled;
+                                                  # the generated shards hold too few words for 8192)
     python bench/preemption.py --poll-s 0.1 --repeat 3
 """
 
