@@ -119,14 +119,14 @@ class PreemptionWatch:
         else:
             log.warning(kv(event="preemption_warning", **describe(notice),
                            then="the sidecar pushes the newest checkpoint now; training goes on"))
-        if notice.kind == PREEMPTION:
-            self.stop()  # first: the workers need not wait on the volume
         previous = read_notice(self.base_dir, self.model_tag)
         if notice.kind == PREEMPTION or previous is None or previous.kind != PREEMPTION:
-            try:  # for the sidecar
+            try:  # for the sidecar; before the stop, which may end this process soon after
                 layout.write_json_atomic(notice_path(self.base_dir, self.model_tag), notice.to_json())
             except OSError as exc:
                 log.warning("cannot write %s: %s", notice_path(self.base_dir, self.model_tag), exc)
+        if notice.kind == PREEMPTION:
+            self.stop()  # the workers stop at their step boundary: a small write first costs nothing there
 
 
 def _unavailable_hint(source: str) -> str:
