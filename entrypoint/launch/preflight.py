@@ -21,6 +21,7 @@ from entrypoint.hub.calls import retry_after
 from entrypoint.hub.config import HubConfig
 from entrypoint.hub.errors import HubFatal
 from entrypoint.launch.config import PreflightError, RunConfig
+from entrypoint.launch.preemption import watch_problem
 from entrypoint.logs import redact
 from trainer import checkpoint_layout as layout
 
@@ -101,6 +102,8 @@ def preflight(cfg: RunConfig, check_hub: bool = True) -> list[str]:
     if cfg.device == "auto" and not gpus and cfg.preset != "tiny":
         problems.append(f"no GPU visible for PRESET={cfg.preset}: check the NVIDIA runtime, or set "
                         "DEVICE=cpu to train on the CPU anyway")
+    if problem := watch_problem(cfg.preemption_watch, os.environ.get("PREEMPTION_POLL_S", "").strip()):
+        problems.append(problem)
     if cfg.nnodes > 1 and not 0 <= cfg.node_rank < cfg.nnodes:
         problems.append(f"NODE_RANK={cfg.node_rank} is outside 0..{cfg.nnodes - 1}: set it per node")
     mode = os.environ.get("WANDB_MODE", "")

@@ -5,8 +5,9 @@ volume for MODEL_TAG, a generation on the Hub (claimed unless this volume's is a
 damaged checkpoints moved to quarantine, restore from the Hub when the volume lacks the latest
 checkpoint (waiting for the Hub rather than starting over when the volume has nothing to resume),
 tokenizer and first shards, then base pretraining and (RUN_SFT=1) SFT under torchrun, each skipped once
-its final checkpoint is marked done. SIGTERM/SIGINT go to the workers, which write an emergency
-checkpoint and exit 0. The trainer status file tells the sidecar when to do its last push.
+its final checkpoint is marked done. SIGTERM/SIGINT, and a cloud's preemption notice (launch.preemption),
+go to the workers, which write an emergency checkpoint and exit 0. The trainer status file tells the
+sidecar when to do its last push.
 
 How a launch ends, for `restart: on-failure` (compose.yaml): exit 0 when finished, stopped, or held by
 the crash-loop guard (the same failure PHOENIX_MAX_FAILURES launches in a row with the same settings and
@@ -32,6 +33,7 @@ from entrypoint.hub.config import local_generation
 from entrypoint.hub.errors import HubError, HubFatal, RepoMissing
 from entrypoint.hub.stores import claim_generation
 from entrypoint.launch.config import PreflightError, RunConfig, nproc_for
+from entrypoint.launch.preemption import start_watch
 from entrypoint.launch.preflight import gpu_inventory, preflight, visible_gpus
 from entrypoint.launch.prepare import volume_error
 from entrypoint.launch.torchrun import Launcher, torchrun_command
@@ -132,6 +134,9 @@ def _launch(cfg: RunConfig) -> int:
     launcher = Launcher(_log_file())
     signal.signal(signal.SIGTERM, launcher.on_signal)
     signal.signal(signal.SIGINT, launcher.on_signal)
+    # A cloud's preemption notice stops the launch as SIGTERM does, whatever phase it is in.
+    watch = start_watch(cfg.preemption_watch, cfg.base_dir, cfg.model_tag, launcher.stop,
+                        fresh=cfg.node_rank == 0)
     if cfg.nnodes > 1 and cfg.node_rank != 0:
         _wait_for_node0(cfg, launcher)
     status = StatusFile(cfg, local_generation(cfg.hub))
@@ -148,6 +153,8 @@ def _launch(cfg: RunConfig) -> int:
             return 0
         raise
     finally:
+        if watch is not None:
+            watch.close()
         status.set(error=error)
         status.close(outcome)
         lock.release()
@@ -214,6 +221,8 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
         for stage in layout.STAGES:
             # A damaged step the run would save again (or a damaged final one) blocks it forever.
             layout.latest_or_quarantine(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        if launcher.stop_requested:  # a stop (a preemption notice) before the restore: nothing to save
+            return 0
         if cfg.hub.repo_id:
             status.set(phase="restore")
             if not _restore_or_wait(cfg, launcher):

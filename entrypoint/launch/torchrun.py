@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -66,11 +67,15 @@ class Launcher:
         return self.stopping.is_set()
 
     def on_signal(self, signum: int, _frame: Any) -> None:
-        if not self.stopping.is_set():
-            log.warning("received %s: asking the workers for an emergency checkpoint",
-                        signal.Signals(signum).name)
+        self.stop(f"received {signal.Signals(signum).name}: asking the workers for an emergency checkpoint")
+
+    def stop(self, announcement: str | None = None) -> None:
+        """Stop the launch, from a signal handler or another thread (a preemption notice): the workers
+        write an emergency checkpoint at their next step boundary, a preparation process just ends.
+        `announcement` is logged by the first stop only."""
+        if announcement and not self.stopping.is_set():
+            log.warning(announcement)
         self.stopping.set()
-        self._forward_stop()
 
     def _forward_stop(self) -> None:
         proc = self.proc
@@ -96,7 +101,8 @@ class Launcher:
         try:
             while self.proc.poll() is None:
                 if self.stopping.wait(0.2):
-                    self._forward_stop()
+                    self._forward_stop()  # again and again: workers that appear later get it too
+                    time.sleep(0.2)
             relay.join()
             return self.proc.returncode
         finally:
