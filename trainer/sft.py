@@ -24,6 +24,13 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
+from trainer.autobatch import (
+    TrialSteps,
+    exit_on_out_of_memory,
+    inject_oom,
+    parse_device_batch,
+    resolve_device_batch,
+)
 from trainer.chat_data import (
     DEFAULT_SFT_DATASET,
     PACKING,
@@ -60,7 +67,7 @@ from trainer.runtime import (
 )
 from trainer.sft_schedule import INIT_LR_FRAC, SFT_SCHEDULE, set_sft_schedule
 from trainer.tokenizer import load_tokenizer, tokenizer_sha256
-from trainer.train import PRESETS
+from trainer.train import CPU_DEVICE_BATCH, PRESETS
 
 log = logging.getLogger("phoenix.sft")
 STAGE = "sft"
@@ -69,8 +76,8 @@ BASE_STAGE = "base"
 SAMPLE_QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "What is 7 times 6?"]
 SAMPLE_TOKENS = 32
 
-# SFT settings per preset, on top of the base preset's max_seq_len and device_batch_size. A step is
-# rows_per_step rows of max_seq_len tokens packed with whole conversations (tiny: ~6 of the test chats).
+# SFT settings per preset, on top of the base preset's max_seq_len. A step is rows_per_step rows of
+# max_seq_len tokens packed with whole conversations (tiny: ~6 of the test chats).
 SFT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(rows_per_step=2, eval_every=20, sample_every=20, eval_conversations=32),
     "d20": dict(rows_per_step=16, eval_every=100, sample_every=100, eval_conversations=1024),
@@ -83,7 +90,7 @@ SFT_PRESETS: dict[str, dict[str, Any]] = {
 class SFTConfig:
     preset: str = "d26"
     max_seq_len: int = 2048  # rows of this many input tokens; a longer conversation is cut to one row
-    device_batch_size: int = 16
+    device_batch_size: str = "auto"  # rows per forward: auto (the largest that fits: trainer.autobatch) or N
     rows_per_step: int = 16  # the global batch, packed rows, for any world size
     num_epochs: int = 1
     num_iterations: int = -1  # -1: about num_epochs passes over the training conversations
@@ -106,11 +113,12 @@ class SFTConfig:
 
 def parse_sft_config(argv: list[str] | None = None) -> SFTConfig:
     """Defaults < preset < environment (the names base training reads, plus SFT_DATASET) < flags."""
-    presets = {name: {**{k: preset[k] for k in ("max_seq_len", "device_batch_size")}, **SFT_PRESETS[name]}
+    presets = {name: {"max_seq_len": preset["max_seq_len"], **SFT_PRESETS[name]}
                for name, preset in PRESETS.items()}
     env_names = {**ENV_NAMES, "sft_dataset": "SFT_DATASET"}
     cfg = config_from_flags(SFTConfig, argv, "trainer.sft", presets, env_names)
-    for name in ("rows_per_step", "device_batch_size", "max_seq_len", "num_epochs"):
+    parse_device_batch(cfg.device_batch_size)
+    for name in ("rows_per_step", "max_seq_len", "num_epochs"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.eval_conversations < 0:
@@ -274,10 +282,6 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
                               f"{SFT_SCHEDULE!r}: finish it with the phoenix version that started it, or "
                               "delete sft_checkpoints/<MODEL_TAG> to redo SFT")
 
-    # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
-    # Micro-batches need not divide a rank's share: the loss is normalised per step, not per micro-batch.
-    device_batch_size = min(cfg.device_batch_size, cfg.rows_per_step // d.world_size)
-
     # --- restore the trajectory state -----------------------------------------------------------------
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_loss": float("inf"), "train_time": 0.0}
@@ -295,14 +299,22 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         model.load_state_dict(load_tensors(base_ckpt, "model.safetensors"))
         log.info("fresh start from the base weights of step %d: %s", base_ckpt.step, base_ckpt.path)
 
+    # Batches are as long as their longest row (packed rows are nearly full; held-out conversations are
+    # padded to the longest of their batch): dynamic shapes, not a recompile per length.
+    train_model, autocast = compute_setup(model, d, cfg.compile, dynamic=True)
+
+    # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
+    # Micro-batches need not divide a rank's share: the loss is normalised per step, not per micro-batch.
+    # `auto` measures the longest batch there can be: every row at max_seq_len.
+    trials = TrialSteps(train_model, autocast, model, optimizer, d, cfg.max_seq_len, contiguous=True,
+                        loss_reduction="sum")
+    device_batch_size = resolve_device_batch(STAGE, parse_device_batch(cfg.device_batch_size),
+                                             CPU_DEVICE_BATCH.get(cfg.preset, 1),
+                                             cfg.rows_per_step // d.world_size, trials, step)
     loader = ChatLoader(fetch, num_train, tokenizer, cfg.rows_per_step, device_batch_size,
                         cfg.max_seq_len, d.rank, d.world_size, cfg.seed, loader_state)
     val_batches = eval_batches(fetch, range(num_train, len(dataset)), tokenizer, device_batch_size,
                                cfg.max_seq_len, d.rank, d.world_size)
-
-    # Batches are as long as their longest row (packed rows are nearly full; held-out conversations are
-    # padded to the longest of their batch): dynamic shapes, not a recompile per length.
-    train_model, autocast = compute_setup(model, d, cfg.compile, dynamic=True)
     reporter = StepReporter(STAGE, cfg.base_dir, cfg.model_tag, d, model.estimate_flops_per_token(),
                             f"{cfg.wandb_run}-sft" if cfg.wandb_run else "", identity["wandb_run_id"],
                             wandb_config={**asdict(cfg), "base_step": origin["step"]})
@@ -338,45 +350,48 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
 
     # --- the loop ------------------------------------------------------------------------------------
     evaluating = cfg.eval_every > 0 and cfg.eval_conversations > 0
-    if step == 0 and evaluating:
-        evaluate()
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
     gc_habit = FrozenGC()
-    while step < num_iterations and not stop_now:
-        t0 = time.perf_counter()
-        lrm = set_sft_schedule(optimizer.groups, step, num_iterations)
-        batch = loader.next_step()
-        # The loss is a mean over the assistant tokens of the GLOBAL batch, so every rank needs their total
-        # first; then any world size (and micro-batch split) gives the same objective.
-        counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=d.device)
-        if d.world_size > 1:
-            dist.all_reduce(counts)
-        # The optimizer step averages gradients over ranks: scale by world_size so they come out as the
-        # global sum / count.
-        scale = d.world_size / max(counts[0].item(), 1.0)
-        loss_sum = torch.zeros((), device=d.device)
-        for x, y in batch.micro_batches:  # gradients accumulate locally; the ranks meet in optimizer.step()
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            with autocast:
-                loss = train_model(x, y, loss_reduction="sum") * scale
-            loss.backward()
-            loss_sum += loss.detach() / d.world_size
-        optimizer.step()
-        optimizer.zero_grad()
-        step += 1
-        train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
-        loop_state["train_time"] = time.time() - train_start
-        reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
-                      counts[1].item())
-        gc_habit.after_step(step)  # after the step's log line, as nanochat
-        if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
+    # A CUDA out-of-memory ends the stage with its report (trainer.train's loop says why).
+    with exit_on_out_of_memory(STAGE, device_batch_size, d.device, lambda: step + 1, checkpointer.wait):
+        if step == 0 and evaluating:
             evaluate()
-        if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
-            sample()
-        if step % cfg.save_every == 0 or stop_now or step == num_iterations:
-            # The final checkpoint is marked done: a relaunch skips the finished stage.
-            save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta)
+        while step < num_iterations and not stop_now:
+            t0 = time.perf_counter()
+            lrm = set_sft_schedule(optimizer.groups, step, num_iterations)
+            batch = loader.next_step()
+            # The loss is a mean over the assistant tokens of the GLOBAL batch, so every rank needs their
+            # total first; then any world size (and micro-batch split) gives the same objective.
+            counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=d.device)
+            if d.world_size > 1:
+                dist.all_reduce(counts)
+            # The optimizer step averages gradients over ranks: scale by world_size so they come out as the
+            # global sum / count.
+            scale = d.world_size / max(counts[0].item(), 1.0)
+            loss_sum = torch.zeros((), device=d.device)
+            for x, y in batch.micro_batches:  # gradients accumulate locally; ranks meet in optimizer.step()
+                inject_oom(step + 1, len(x), d.device)  # tests only: PHOENIX_TEST_OOM
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                with autocast:
+                    loss = train_model(x, y, loss_reduction="sum") * scale
+                loss.backward()
+                loss_sum += loss.detach() / d.world_size
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
+            loop_state["train_time"] = time.time() - train_start
+            reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
+                          counts[1].item())
+            gc_habit.after_step(step)  # after the step's log line, as nanochat
+            if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
+                evaluate()
+            if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
+                sample()
+            if step % cfg.save_every == 0 or stop_now or step == num_iterations:
+                # The final checkpoint is marked done: a relaunch skips the finished stage.
+                save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta)
 
     checkpointer.wait()
     if stop_now:

@@ -47,6 +47,17 @@ def visible_gpus() -> int:
         return 0
 
 
+def gpu_inventory(device: str) -> str:
+    """The GPUs a launch trains on, as a device batch record's key: each distinct name and memory with its
+    count (nvidia-smi, without initialising CUDA), e.g. "8 x NVIDIA H100 80GB HBM3, 81559 MiB"; "cpu"."""
+    if device == "cpu" or not shutil.which("nvidia-smi"):
+        return "cpu" if device == "cpu" else "unknown"
+    query = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+    cards = [line.strip() for line in query.stdout.splitlines() if line.strip()]
+    return "; ".join(f"{cards.count(card)} x {card}" for card in sorted(set(cards))) or "unknown"
+
+
 def checkpoint_bytes_estimate(cfg: RunConfig) -> int:
     """Bytes of one checkpoint: from the volume if it has one, else from the preset's geometry."""
     for stage in layout.STAGES:
