@@ -19,9 +19,16 @@ from typing import Any
 
 import torch
 
+from trainer import checkpoint_layout as layout
 from trainer.checkpoint import AsyncCheckpointer
 from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
+
+
+def placeholder_meta(step: int) -> dict[str, Any]:
+    """A meta.json the checkpoint contract accepts (every key it asks for, blank), without a run behind it."""
+    blank = {key: kind() for key, kind in {**layout.META_KEYS, **layout.STAGE_META_KEYS["base"]}.items()}
+    return {**blank, "stage": "base", "step": step, "world_size": 1, "rng": [{}]}
 
 
 def measure_stall(depth: int, vocab_size: int, device: torch.device, root: Path, repeats: int = 3
@@ -29,7 +36,8 @@ def measure_stall(depth: int, vocab_size: int, device: torch.device, root: Path,
     """Best of `repeats`: the sync save's time, the async stall, and the async background total."""
     model = build_model(config_for_depth(depth, vocab_size, 2048), device)
     optimizer = HybridOptimizer(model)
-    files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer.state_tensors()}
+    files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer.state_tensors(),
+             "rng.safetensors": {"rank0.torch_cpu": torch.get_rng_state()}}
     nbytes = sum(t.numel() * t.element_size() for ts in files.values() for t in ts.values())
     sync_times, stalls, totals = [], [], []
     for repeat in range(repeats):
@@ -43,7 +51,7 @@ def measure_stall(depth: int, vocab_size: int, device: torch.device, root: Path,
 
         checkpointer = AsyncCheckpointer(root / "async", keep_last=1)
         start = time.perf_counter()
-        stalls.append(checkpointer.save(repeat + 1, files, {"step": repeat + 1}))
+        stalls.append(checkpointer.save(repeat + 1, files, placeholder_meta(repeat + 1)))
         checkpointer.wait()
         totals.append(time.perf_counter() - start)
     shutil.rmtree(root / "async", ignore_errors=True)

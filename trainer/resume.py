@@ -7,7 +7,6 @@ layout; the refusals here are ConfigErrors, one line each.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -39,12 +38,20 @@ def find_resume_checkpoint(directory: Path, allow_fresh_start: bool) -> layout.C
     return ckpt
 
 
-def run_identity(base_dir: str | Path, model_tag: str) -> dict[str, str]:
-    """The run's ids (run id, W&B run id), created once per MODEL_TAG and kept on the volume."""
+def run_identity(base_dir: str | Path, model_tag: str,
+                 resumed: dict[str, Any] | None = None) -> dict[str, str]:
+    """The run's ids (run id, W&B run id), created once per MODEL_TAG and kept on the volume. A missing or
+    damaged file (quarantined) gets the ids of the checkpoint being resumed (`resumed`: its meta), else new
+    ones: a fresh run."""
     path = Path(base_dir) / "runs" / model_tag / "run.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    identity = {"run_id": uuid.uuid4().hex, "wandb_run_id": uuid.uuid4().hex[:12], "model_tag": model_tag}
+    identity = layout.read_run_file(path)
+    if identity is not None:
+        return identity
+    if resumed is not None:
+        identity = {"run_id": resumed["run_id"], "wandb_run_id": resumed["wandb_run_id"]}
+    else:
+        identity = {"run_id": uuid.uuid4().hex, "wandb_run_id": uuid.uuid4().hex[:12]}
+    identity["model_tag"] = model_tag
     layout.write_json_atomic(path, identity)
     return identity
 

@@ -12,7 +12,6 @@ whose pieces it reuses.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -141,7 +140,7 @@ def sft_dataset_revision(cfg: SFTConfig) -> str | None:
     up), so a resumed or redeployed SFT reads the same data even after the dataset moves on. None when
     the Hub cannot say: loading then reports the problem, or falls back on the volume's cache."""
     path = Path(cfg.base_dir) / "runs" / cfg.model_tag / "run.json"
-    identity = json.loads(path.read_text()) if path.exists() else {}
+    identity = layout.read_run_file(path) or {}
     pin = identity.get("sft_dataset") or {}
     if pin.get("repo_id") == cfg.sft_dataset:
         return pin["revision"]
@@ -286,7 +285,9 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_loss": float("inf"), "train_time": 0.0}
     loader_state = None
-    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
+    # A lost run.json gets the base run's ids back (an SFT checkpoint holds base's W&B id + -sft).
+    resumed = {**meta, "wandb_run_id": meta["wandb_run_id"].removesuffix("-sft")} if meta else base_meta
+    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag, resumed) if d.is_main else None, d)
     # A W&B run of its own (steps restart at 0), with an id derived from the run's, stable across restarts.
     identity = {**identity, "wandb_run_id": f"{identity['wandb_run_id']}-sft"}
     if ckpt is not None:

@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_bpb": float("inf"), "train_time": 0.0}
     lanes = None
-    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
+    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag, meta) if d.is_main else None, d)
     if ckpt is not None:
         if meta["total_batch_size"] != total_batch_size or meta["max_seq_len"] != cfg.max_seq_len:
             raise ConfigError(f"{ckpt.path} was trained with total batch {meta['total_batch_size']} x seq "
