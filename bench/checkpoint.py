@@ -72,10 +72,10 @@ def emergency_worker(depth: int, vocab_size: int, root: Path, repeats: int, resu
     torch.manual_seed(0)
     model = build_model(config_for_depth(depth, vocab_size, 2048), d.device)
     optimizer = ShardedOptimizer(model, d)
-    checkpointer = AsyncCheckpointer(root, keep_last=1, stage="base", model_tag="bench")
+    checkpointer = AsyncCheckpointer(root, 1, d, stage="base", model_tag="bench")
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     state_bytes += optimizer.state_bytes()
-    totals, stalls = [], []
+    totals, stalls, phases = [], [], []
     for repeat in range(repeats):
         if d.world_size > 1:
             dist.barrier()
@@ -86,12 +86,14 @@ def emergency_worker(depth: int, vocab_size: int, root: Path, repeats: int, resu
         if d.world_size > 1:
             dist.barrier()  # every rank's part is in: the time a stopped run needs before it can exit
         totals.append(time.perf_counter() - start)
+        phases.append(checkpointer.timing)
     if d.is_main:
         files = sorted(p.name for p in sorted(root.iterdir())[-1].iterdir())
         result.write_text(json.dumps({"processes": d.world_size, "depth": depth,
                                       "model_and_rank0_share_gib": round(state_bytes / 2**30, 3),
                                       "emergency_save_s": round(min(totals), 3),
-                                      "stall_s": round(min(stalls), 3), "files": files}))
+                                      "stall_s": round(min(stalls), 3), "files": files,
+                                      "rank0_phases_s": phases[totals.index(min(totals))]}))
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -135,8 +137,8 @@ def main() -> None:
             r = measure_emergency_save(args.depth, args.vocab_size, processes, root, args.repeats)
             print(f"processes={r['processes']} depth={r['depth']} "
                   f"emergency_save_s={r['emergency_save_s']:.3f} stall_s={r['stall_s']:.3f} "
-                  f"rank0_holds_gib={r['model_and_rank0_share_gib']} "
-                  f"files={','.join(r['files'])}")
+                  f"rank0_holds_gib={r['model_and_rank0_share_gib']} files={','.join(r['files'])}")
+            print("  rank 0: " + " ".join(f"{k}={v:.2f}" for k, v in r["rank0_phases_s"].items()))
         return
     r = measure_stall(args.depth, args.vocab_size, torch.device(args.device), root, args.repeats)
     print(f"state={r['state_gib']:.2f} GiB device={r['device']} depth={r['depth']}")

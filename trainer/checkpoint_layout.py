@@ -7,9 +7,11 @@ checkpoint complete?", so the three can never disagree.
 Layout: $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/step_NNNNNN/ holding tensors as
 *.safetensors, everything else as *.json, and MANIFEST.json (size + sha256 of every other file),
 written last. A directory is published by renaming a fully written, fsynced temporary sibling into
-place, so a crash leaves either the old set of checkpoints or the new one. A damaged step directory
-newer than the latest good one is moved to $NANOCHAT_BASE_DIR/quarantine/ (kept for inspection), so
-the run can save that step again instead of failing on the name forever.
+place, so a crash leaves either the old set of checkpoints or the new one. Several processes may
+write into one temporary directory: each fsyncs and hashes its own files and reports their entries
+(size, sha256) to the one that publishes, which does so only once every report is in. A damaged step
+directory newer than the latest good one is moved to $NANOCHAT_BASE_DIR/quarantine/ (kept for
+inspection), so the run can save that step again instead of failing on the name forever.
 """
 
 from __future__ import annotations
@@ -140,12 +142,16 @@ def _check_format(path: Path) -> None:
             raise CheckpointInvalid(f"{path}: safetensors header is not a JSON object")
 
 
-def write_manifest(ckpt_dir: Path, step: int, **fields: Any) -> dict[str, Any]:
+def write_manifest(ckpt_dir: Path, step: int, finished: dict[str, dict[str, Any]] | None = None,
+                   **fields: Any) -> dict[str, Any]:
     """Hash every file in `ckpt_dir` and write MANIFEST.json last: from then on the directory is complete.
 
-    `fields` (stage, model_tag, run_id, done, ...) are stored alongside, so torch-free readers such as
-    the sidecar learn what they need without opening meta.json.
+    `finished`: entries their writers already computed (fsynced, then hashed), taken as they are once the
+    size on disk agrees; every other file is hashed here. `fields` (stage, model_tag, run_id, done, ...) are
+    stored alongside, so torch-free readers such as the sidecar learn what they need without opening
+    meta.json.
     """
+    finished = finished or {}
     files = {}
     for path in sorted(ckpt_dir.iterdir()):
         if path.name == MANIFEST_NAME:
@@ -153,7 +159,13 @@ def write_manifest(ckpt_dir: Path, step: int, **fields: Any) -> dict[str, Any]:
         if not path.is_file():
             raise CheckpointInvalid(f"{path}: checkpoints hold plain files only")
         _check_format(path)
-        files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        entry = finished.get(path.name) or {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        if entry["size"] != path.stat().st_size:
+            raise CheckpointInvalid(f"{path}: {path.stat().st_size} bytes, its writer reported "
+                                    f"{entry['size']}")
+        files[path.name] = entry
+    if missing := sorted(finished.keys() - files.keys()):
+        raise CheckpointInvalid(f"{ckpt_dir / missing[0]}: reported finished by its writer but missing")
     manifest = {"format": FORMAT, "step": step, **fields, "files": files}
     with open(ckpt_dir / MANIFEST_NAME, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -298,16 +310,19 @@ def new_tmp_dir(directory: Path, step: int) -> Path:
     return path
 
 
-def publish(tmp_dir: Path, step: int, **manifest_fields: Any) -> Checkpoint:
+def publish(tmp_dir: Path, step: int, finished: dict[str, dict[str, Any]] | None = None,
+            **manifest_fields: Any) -> Checkpoint:
     """fsync the files, write the manifest last, rename into place and fsync the parent.
 
-    Raises FileExistsError if a directory for this step already exists: a published checkpoint is
-    immutable, so two writers can never interleave files of one step.
+    `finished`: the entries (size, sha256) of files their writers already fsynced and hashed; call
+    this only once every writer has reported. Raises FileExistsError if a directory for this step already
+    exists: a published checkpoint is immutable, so two writers can never interleave files of one step.
     """
     for path in tmp_dir.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    write_manifest(tmp_dir, step, **manifest_fields)
+        if path.name not in (finished or {}):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    write_manifest(tmp_dir, step, finished, **manifest_fields)
     return _rename_into_place(tmp_dir, step)
 
 
