@@ -57,7 +57,7 @@ CPU_PARTS = [
     Part("checkpoint_tiny", 60, dict(depth=2, vocab=2048)),
     Part("resume_1proc", 180, dict(nproc=1)),
     Part("two_process", 180, {}),
-    Part("save_tiny", 60, dict(depth=2, vocab=2048, processes=2)),
+    Part("save_tiny", 60, dict(depth=2, vocab=2048, processes=1)),
     Part("relaunch_tiny", 120, dict(args=["--no-compile"])),  # the path only: eager, nothing to cache
 ]
 MIN_START_S = 20

@@ -1,13 +1,15 @@
 """Launch to first step after an interruption, with the compile caches on the volume warm and cold.
 
-    python bench/relaunch.py                  # compiled depth-4 CPU model (width 256, seq 512, vocab 8192)
-    python bench/relaunch.py --device cuda    # the same through CUDA
+    python bench/corpus.py --out /tmp/corpus                 # real words for a vocab-8192 tokenizer
+    python bench/relaunch.py --shards /tmp/corpus            # compiled depth 4 (width 256, seq 512) on CPU
+    python bench/relaunch.py --device cuda -- --compile      # the tiny preset, compiled on CUDA
 
-Three launches of the trainer on one volume (generated shards, no Hub): a fresh one, stopped with SIGTERM
-after its second step (emergency checkpoint); a relaunch on the same volume (inductor's cache there,
-warm); a relaunch after deleting that cache (cold, as on a volume without it). Each relaunch stops after
-its first step. Figures are the trainer's own `event=startup` line: launch (process start) to first step,
-split into restore, data (tokenizer, shards, loader), compile and the first step itself.
+Three launches of the trainer on one volume (--shards, else generated ones; no Hub): a fresh one,
+stopped with SIGTERM after its second step (emergency checkpoint); a relaunch on the same volume
+(inductor's cache there, warm); a relaunch after deleting that cache (cold, as on a volume without it).
+Each relaunch stops after its first step. Figures are the trainer's own `event=startup` line: launch
+(process start) to first step, split into restore, data (tokenizer, shards, loader), compile and the
+first step itself.
 """
 
 from __future__ import annotations
@@ -51,12 +53,19 @@ def startup_of(output: str) -> dict[str, float]:
             if key.endswith("_s")}
 
 
-def measure_relaunch(workdir: Path, trainer_args: list[str], device: str, timeout: float) -> dict[str, Any]:
+def measure_relaunch(workdir: Path, trainer_args: list[str], device: str, timeout: float,
+                     shards_dir: Path | None = None) -> dict[str, Any]:
     """Fresh launch, warm relaunch, cold relaunch on one volume: their start-up figures."""
     from entrypoint.synthetic import write_shards
 
     volume = workdir / "volume"
-    shards = write_shards(volume / "base_data", num_shards=3, docs_per_shard=600)
+    if shards_dir is None:
+        shards = write_shards(volume / "base_data", num_shards=3, docs_per_shard=600)
+    else:
+        (volume / "base_data").mkdir(parents=True)
+        shards = sorted(shards_dir.glob("shard_*.parquet"))
+        for shard in shards:
+            (volume / "base_data" / shard.name).symlink_to(shard.resolve())
     (volume / "base_data" / "shards.json").write_text(json.dumps({"shards": [p.name for p in shards]}))
     env = {key: value for key, value in os.environ.items() if key not in ("HF_REPO_ID", "HF_TOKEN",
                                                                          "TORCHINDUCTOR_CACHE_DIR")}
@@ -87,11 +96,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dir", type=Path, default=None, help="where the volume goes (default: a temp dir)")
+    parser.add_argument("--shards", type=Path, default=None, help="shard_NNNNN.parquet files to train on")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("trainer_args", nargs="*", help="after --: trainer flags (default: compiled depth 4)")
     args = parser.parse_args()
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="phoenix-relaunch-"))
-    r = measure_relaunch(workdir, args.trainer_args or [*DEPTH4, "--compile"], args.device, args.timeout)
+    r = measure_relaunch(workdir, args.trainer_args or [*DEPTH4, "--compile"], args.device, args.timeout,
+                         args.shards)
     if not r["passed"]:
         sys.exit(f"error: {r['error']}\n{r['log_tail']}")
     print(f"device={r['device']} args={r['args']} inductor_cache_mib={r['cache_mib']}")

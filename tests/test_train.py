@@ -265,3 +265,6 @@ def test_save_every_auto_changes_its_interval_and_a_kill9_still_resumes_bitwise(
     assert 39 <= record["reached_step"] <= 40 and record["steps_lost"] == record["reached_step"] - max(saved)
     assert record["launch_to_first_step_s"] >= record["restore_s"] + record["data_s"] > 0
     assert "event=interruption stage=base cause=killed" in second
+    startup = next(line for line in second.splitlines() if "event=startup stage=base" in line)
+    assert all(f" {phase}=" in startup for phase in ("launch_to_first_step_s", "restore_s", "data_s",
+                                                     "compile_s", "first_step_s", "other_s"))

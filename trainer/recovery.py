@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +76,21 @@ def process_start_time() -> float:
 
 
 class StartupClock:
-    """Seconds from launch to this process's first step, by phase (PHASES)."""
+    """Seconds from launch to this process's first step, by phase (PHASES): the stage script calls
+    lap(phase) after each stretch of start-up that belongs to a phase, lap() after one that does not."""
 
     def __init__(self) -> None:
         given = json.loads(os.environ.get(LAUNCH_ENV) or "{}")
         self.launch = float(given.pop("time", 0.0)) or process_start_time()
         self.phases = {name: float(given.get(name, 0.0)) for name in ("restore_s", "data_s")}
+        self.mark = time.perf_counter()
 
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[name] += time.perf_counter() - start
+    def lap(self, phase: str | None = None) -> None:
+        """The time since the last lap goes to `phase` (None: to the rest, other_s)."""
+        now = time.perf_counter()
+        if phase is not None:
+            self.phases[phase] += now - self.mark
+        self.mark = now
 
     def first_step(self, step_s: float, compile_s: float) -> dict[str, float]:
         """The breakdown once the first step is done (it took `step_s`, `compile_s` of it compiling)."""

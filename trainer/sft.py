@@ -185,13 +185,13 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
 
     # --- what to start from: our own latest checkpoint, else the finished base; decided on rank 0 -------
     decision: tuple[str | None, str | None] = (None, None)
-    with startup.phase("restore_s"):
-        if d.is_main:
-            ckpt = find_resume_checkpoint(ckpt_dir, cfg.allow_fresh_start)
-            # Only a fresh start needs the base weights: pruned or moved base checkpoints do not block resume.
-            base_ckpt = None if ckpt else finished_base_checkpoint(base_dir, cfg.model_tag)
-            decision = (str(ckpt.path) if ckpt else None, str(base_ckpt.path) if base_ckpt else None)
-        resume_path, base_path = broadcast(decision, d)
+    if d.is_main:
+        ckpt = find_resume_checkpoint(ckpt_dir, cfg.allow_fresh_start)
+        # Only a fresh start needs the base weights, so pruned or moved base checkpoints do not block resume.
+        base_ckpt = None if ckpt else finished_base_checkpoint(base_dir, cfg.model_tag)
+        decision = (str(ckpt.path) if ckpt else None, str(base_ckpt.path) if base_ckpt else None)
+    resume_path, base_path = broadcast(decision, d)
+    startup.lap("restore_s")
     ckpt = layout.verify(Path(resume_path)) if resume_path else None
     meta = ckpt.meta() if ckpt else None
     if ckpt is not None and ckpt.done:
@@ -237,6 +237,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         changed = sorted(k for k in data_identity if meta["data"].get(k) != data_identity[k])
         raise ConfigError(f"{ckpt.path} was trained on {meta['data']}; this run has {data_identity} (differs "
                           f"in {', '.join(changed)}): keep them to resume exactly")
+    startup.lap("data_s")
 
     # --- model, from the base weights or our checkpoint --------------------------------------------------
     try:
@@ -281,8 +282,9 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     # A W&B run of its own (steps restart at 0), with an id derived from the run's, stable across restarts.
     identity = {**identity, "wandb_run_id": f"{identity['wandb_run_id']}-sft"}
     if ckpt is not None:
-        with startup.phase("restore_s"):
-            restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
+        startup.lap()
+        restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
+        startup.lap("restore_s")
         step = meta["step"]
         loop_state = meta["loop_state"]
         loader_state = meta["loader"]
@@ -291,10 +293,12 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         model.load_state_dict(load_tensors(base_ckpt, "model.safetensors"))
         log.info("fresh start from the base weights of step %d: %s", base_ckpt.step, base_ckpt.path)
 
+    startup.lap()
     loader = ChatLoader(fetch, num_train, tokenizer, cfg.conversations_per_step, device_batch_size,
                         cfg.max_seq_len, d.rank, d.world_size, cfg.seed, loader_state)
     val_batches = eval_batches(fetch, range(num_train, len(dataset)), tokenizer, device_batch_size,
                                cfg.max_seq_len, d.rank, d.world_size)
+    startup.lap("data_s")
 
     # Batches are as long as their longest conversation: dynamic shapes, not a recompile per length.
     train_model, autocast = compute_setup(model, d, cfg.compile, dynamic=True)

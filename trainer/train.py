@@ -247,28 +247,28 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     startup = StartupClock()
 
     # --- what to resume from: decided once on rank 0 (hashing is not free), then broadcast -----------
-    with startup.phase("restore_s"):
-        resume_path = None
-        if d.is_main:
-            ckpt = find_resume_checkpoint(ckpt_dir, cfg.allow_fresh_start)
-            resume_path = str(ckpt.path) if ckpt else None
-        resume_path = broadcast(resume_path, d)
-        ckpt = layout.verify(Path(resume_path)) if resume_path else None
-        meta = ckpt.meta() if ckpt else None
+    resume_path = None
+    if d.is_main:
+        ckpt = find_resume_checkpoint(ckpt_dir, cfg.allow_fresh_start)
+        resume_path = str(ckpt.path) if ckpt else None
+    resume_path = broadcast(resume_path, d)
+    ckpt = layout.verify(Path(resume_path)) if resume_path else None
+    meta = ckpt.meta() if ckpt else None
+    startup.lap("restore_s")
     if ckpt is not None and ckpt.done:
         log.info("base stage already finished at step %d: nothing to do", ckpt.step)
         return 0
 
     # --- data and tokenizer ---------------------------------------------------------------------------
-    with startup.phase("data_s"):
-        if d.is_main:
-            store = prepare_data(cfg)
-        if d.world_size > 1:
-            dist.barrier()
-        if not d.is_main:  # reads the listing rank 0 cached; an offline fallback is announced by rank 0 alone
-            store = ShardStore(dataset_dir(base_dir, cfg.dataset_repo), cfg.dataset_repo, announce=False)
-        tokenizer = load_tokenizer(base_dir / "tokenizer")
-        tokenizer_sha = tokenizer_sha256(base_dir / "tokenizer")
+    if d.is_main:
+        store = prepare_data(cfg)
+    if d.world_size > 1:
+        dist.barrier()
+    if not d.is_main:  # reads the listing rank 0 cached; an offline fallback is announced by rank 0 alone
+        store = ShardStore(dataset_dir(base_dir, cfg.dataset_repo), cfg.dataset_repo, announce=False)
+    tokenizer = load_tokenizer(base_dir / "tokenizer")
+    tokenizer_sha = tokenizer_sha256(base_dir / "tokenizer")
+    startup.lap("data_s")
     if ckpt is not None:
         check_resume(cfg, ckpt, tokenizer_sha)
 
@@ -335,8 +335,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         if meta["total_batch_size"] != total_batch_size or meta["max_seq_len"] != cfg.max_seq_len:
             raise ConfigError(f"{ckpt.path} was trained with total batch {meta['total_batch_size']} x seq "
                               f"{meta['max_seq_len']}; keep them to resume exactly")
-        with startup.phase("restore_s"):
-            restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
+        startup.lap()
+        restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
+        startup.lap("restore_s")
         step = meta["step"]
         loop_state = meta["loop_state"]
         lanes = lane_state(meta["loader"], ckpt.path)
@@ -344,12 +345,12 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     else:
         log.info("fresh start: no checkpoint in %s", ckpt_dir)
 
-    with startup.phase("data_s"):
-        docs = DocumentSource(store, tokenizer, num_lanes, range(d.rank * per_rank, (d.rank + 1) * per_rank))
-        loader = DistributedTokenLoader(docs, cfg.max_seq_len, device_batch_size, num_lanes, d.rank,
-                                        d.world_size, lanes, pin_memory=d.device.type == "cuda")
-        val_rows = validation_rows(store, tokenizer, cfg.max_seq_len,
-                                   max(1, cfg.eval_tokens // cfg.max_seq_len))
+    startup.lap()
+    docs = DocumentSource(store, tokenizer, num_lanes, range(d.rank * per_rank, (d.rank + 1) * per_rank))
+    loader = DistributedTokenLoader(docs, cfg.max_seq_len, device_batch_size, num_lanes, d.rank,
+                                    d.world_size, lanes, pin_memory=d.device.type == "cuda")
+    val_rows = validation_rows(store, tokenizer, cfg.max_seq_len, max(1, cfg.eval_tokens // cfg.max_seq_len))
+    startup.lap("data_s")
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=d.device)
 
     if cfg.fp8:  # after the weights are in place, before compile: the same parameters, FP8 matmuls
