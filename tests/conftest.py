@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. `hub`: a live entrypoint.localhub server for the real huggingface_hub client."""
+"""Shared pytest fixtures. `hub`: a live local Hub (entrypoint.demo.localhub) for the real client."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.localhub import LocalHub
+from entrypoint.demo.localhub import LocalHub
 
 HUB_USER = "phoenix-test"
 HUB_TOKEN = "hf_localhub_phoenix_test_write"

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from entrypoint.procs import descendants, signal_pids
-from entrypoint.synthetic import write_shards
+from entrypoint.demo.synthetic import write_shards
+from entrypoint.launch.procs import descendants, signal_pids
 from trainer import checkpoint_layout as layout
 
 DATASET_REPO = "karpathy/fineweb-edu-100b-shuffle"

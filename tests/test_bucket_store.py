@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from entrypoint.restore import fetch_weights, restore
+from entrypoint.hub.restore import fetch_weights, restore
+from entrypoint.hub.stores import claim_generation, open_store
+from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
-from entrypoint.store import claim_generation, open_store
-from entrypoint.sync import Syncer
 from tests.test_hub_storage import PHOENIX, TAG, cfg_of, kill_sync_while_held, make_checkpoint, same_files
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout

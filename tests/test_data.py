@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from entrypoint.synthetic import synthetic_document, write_shards
+from entrypoint.demo.synthetic import synthetic_document, write_shards
 from tests.helpers import DATASET_REPO, publish_corpus, run_trainer
 from trainer.data import CLIMBMIX_DATASET_REPO, DataError, ShardStore, dataset_dir
 from trainer.dataloader import (

@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
-from entrypoint.localhub import LocalHub
+from entrypoint.demo.localhub import LocalHub
 from tests.helpers import MODEL_TAG, train_chat_model
 from tests.test_engine import one_thread  # noqa: F401 (autouse: one torch thread)
 from trainer import checkpoint_layout as layout

@@ -15,10 +15,11 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.numpy import save_file
 
-from entrypoint import hub as hubmod
-from entrypoint.restore import restore
+from entrypoint.hub.client import Hub
+from entrypoint.hub.config import HubConfig
+from entrypoint.hub.restore import restore
+from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
-from entrypoint.sync import Syncer
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
 
@@ -43,8 +44,8 @@ def env(hub, tmp_path: Path) -> dict[str, str]:
     return sidecar_env(hub, tmp_path) | {"HF_KEEP_LAST": "2"}
 
 
-def cfg_of(env: dict[str, str], **change: str) -> hubmod.HubConfig:
-    return hubmod.HubConfig.from_env(env | change)
+def cfg_of(env: dict[str, str], **change: str) -> HubConfig:
+    return HubConfig.from_env(env | change)
 
 
 def checkpoint_bytes(base: Path, step: int) -> int:
@@ -69,12 +70,12 @@ def same_files(a: Path, b: Path, step: int) -> bool:
 
 
 def head_lfs_bytes(env: dict[str, str]) -> int:
-    snapshot = hubmod.Hub(cfg_of(env)).snapshot()
+    snapshot = Hub(cfg_of(env)).snapshot()
     return sum(f.lfs.size for f in snapshot.files.values() if f.lfs)
 
 
 def hub_steps(env: dict[str, str], stage: str) -> list[int]:
-    return hubmod.Hub(cfg_of(env)).snapshot().complete_steps(cfg_of(env), stage)
+    return Hub(cfg_of(env)).snapshot().complete_steps(cfg_of(env), stage)
 
 
 def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, env, tmp_path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.localhub import LocalHub
+from entrypoint.demo.localhub import LocalHub
 from tests.helpers import (
     checkpoint_dir,
     publish_corpus,
