@@ -56,7 +56,7 @@ def startup_of(output: str) -> dict[str, float]:
 def measure_relaunch(workdir: Path, trainer_args: list[str], device: str, timeout: float,
                      shards_dir: Path | None = None) -> dict[str, Any]:
     """Fresh launch, warm relaunch, cold relaunch on one volume: their start-up figures."""
-    from entrypoint.synthetic import write_shards
+    from entrypoint.demo.synthetic import write_shards
 
     volume = workdir / "volume"
     if shards_dir is None:
