@@ -177,9 +177,18 @@ def compiles_update(compile_mode: str, device: torch.device, flops_per_token: fl
 
 
 def keep_compile_caches(base_dir: str) -> None:
-    """inductor's cache (and Triton's, which inductor keeps inside it per GPU) on the volume, unless set
-    already: a relaunch on the same volume loads the compiled kernels instead of compiling them again."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(base_dir) / "cache" / "torchinductor"))
+    """inductor's cache (and Triton's, which inductor keeps inside it per GPU) on the volume, unless the
+    user chose a folder: a relaunch on the same volume loads the compiled kernels instead of compiling them
+    again. Importing torch._dynamo already set the variable to torch's default (/tmp/torchinductor_<user>,
+    lost with the instance), so that value counts as unset; inductor reads it at every compile."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        default = default_cache_dir()
+    except ImportError:
+        default = None
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(base_dir) / "cache" / "torchinductor")
 
 
 def compile_seconds() -> float:

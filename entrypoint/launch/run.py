@@ -37,7 +37,7 @@ from entrypoint.launch.torchrun import Launcher, torchrun_command
 from entrypoint.launch.volume import FailureLog, StatusFile, VolumeLock, node0_is_live
 from entrypoint.logs import kv, redact, setup_logging
 from trainer import checkpoint_layout as layout
-from trainer import fencing
+from trainer import fencing, recovery
 
 log = logging.getLogger("phoenix.run")
 
@@ -207,7 +207,11 @@ def _claim_until_it_lands(cfg: RunConfig, status: StatusFile, launcher: Launcher
 def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: VolumeLock) -> int:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(cfg.base_dir), "MODEL_TAG": cfg.model_tag,
            "DEVICE": cfg.device}
+    # This launch's own phases, handed to the first stage it starts, which then counts its time to first
+    # step from this process's start (trainer.recovery).
+    phases, launched = {"restore_s": 0.0, "data_s": 0.0}, recovery.process_start_time()
     if cfg.node_rank == 0:
+        started = time.monotonic()
         status.set(phase="verify")
         for stage in layout.STAGES:
             # A damaged step the run would save again (or a damaged final one) blocks it forever.
@@ -218,11 +222,14 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
                 return 0
         else:
             log.info("HF_REPO_ID not set: Hub sync and restore are off")
+        phases["restore_s"] = time.monotonic() - started
         if launcher.stop_requested:
             return 0
         if not stage_done(cfg, "base"):
             status.set(phase="prepare")
+            started = time.monotonic()
             _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
+            phases["data_s"] = time.monotonic() - started
     nproc = nproc_for(cfg, visible_gpus())
     stages = [("base", "trainer.train", cfg.train_args)] + ([("sft", "trainer.sft", cfg.sft_args)]
                                                             if cfg.run_sft else [])
@@ -235,10 +242,15 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             continue
         status.set(phase=stage)
         if stage == "sft" and cfg.node_rank == 0:
+            started = time.monotonic()
             _prepare(cfg, launcher, lock, env, "sft", args)
+            phases["data_s"] += time.monotonic() - started
             if launcher.stop_requested:
                 return 0
-        code = launcher.run(torchrun_command(cfg, module, nproc, args), env, lock)
+        stage_env = env
+        if launched:  # the first stage of this launch; a later one counts from its own start
+            stage_env, launched = {**env, **recovery.launch_env(launched, **phases)}, 0.0
+        code = launcher.run(torchrun_command(cfg, module, nproc, args), stage_env, lock)
         if launcher.stop_requested:
             return 0
         if fencing.fenced_by(cfg.base_dir, cfg.model_tag) is not None:
