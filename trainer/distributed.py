@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from trainer.optim import HybridOptimizer
 
 # ---------------------------------------------------------------------------------------------------
 # Processes
+
+CHECKPOINT_EXCHANGE_TIMEOUT = timedelta(minutes=10)  # the longest a rank may take to write its files
 
 
 @dataclass
@@ -57,7 +60,8 @@ def init_distributed(device_flag: str) -> Dist:
     checkpoint_group = None
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-        checkpoint_group = dist.new_group(backend="gloo")
+        # Bounded: a writer thread whose peer died must end (with an error), not hold the process open.
+        checkpoint_group = dist.new_group(backend="gloo", timeout=CHECKPOINT_EXCHANGE_TIMEOUT)
     return Dist(rank, local_rank, world_size, device, checkpoint_group)
 
 

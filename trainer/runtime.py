@@ -226,7 +226,9 @@ def agree(loss_sum: torch.Tensor, stop: StopSignal, checkpointer: AsyncCheckpoin
     if d.world_size > 1:
         dist.all_reduce(flags)
     if flags[2].item() > 0:
-        checkpointer.poll()  # raises the write error where it happened (and on rank 0, which publishes)
+        # The writer threads finish their exchanges first (the process group must outlive them), then the
+        # write error is raised where it happened and on rank 0, which publishes.
+        checkpointer.wait()
         raise CheckpointWriteError("a checkpoint write failed on another rank (see rank 0's log); stopping")
     return flags[0].item(), flags[1].item() > 0, flags[3].item() > 0
 
