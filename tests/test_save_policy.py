@@ -76,10 +76,10 @@ def test_the_startup_clock_splits_launch_to_first_step(monkeypatch):
     clock.lap()  # not a phase of its own: other_s
     time.sleep(0.05)
     clock.lap("restore_s")
-    startup = clock.first_step(step_s=9.0, compile_s=7.5)
+    startup = clock.first_step(step_s=9.0, compile_s=10.5, compile_in_step_s=7.5)  # 3 s before the step
     assert 30 <= startup["launch_to_first_step_s"] < 40
     assert 12.05 <= startup["restore_s"] < 13 and startup["data_s"] == 3.0
-    assert startup["compile_s"] == 7.5 and startup["first_step_s"] == 1.5
+    assert startup["compile_s"] == 10.5 and startup["first_step_s"] == 1.5
     total = startup["launch_to_first_step_s"]
     assert math.isclose(sum(startup[phase] for phase in recovery.PHASES), total, abs_tol=0.01)
     monkeypatch.delenv(recovery.LAUNCH_ENV)  # a bare torchrun: from this process's start

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+NOTICE_FILE = "preemption.json"  # a cloud's notice, written by `phoenix run`'s watch (entrypoint.launch)
 LAUNCH_ENV = "PHOENIX_LAUNCH"  # JSON: {"time": epoch seconds, "restore_s": ..., "data_s": ...}
 # Launch to first step: restore (Hub, verify, load), data (tokenizer, shards, loader), compile (dynamo
 # and inductor during the first step), first_step (the rest of it), other (imports, process start-up,
@@ -25,6 +26,23 @@ PHASES = ("restore_s", "data_s", "compile_s", "first_step_s", "other_s")
 
 def history_path(base_dir: str | os.PathLike, model_tag: str) -> Path:
     return Path(base_dir) / "runs" / model_tag / "interruptions.jsonl"
+
+
+def notice_path(base_dir: str | os.PathLike, model_tag: str) -> Path:
+    return Path(base_dir) / "runs" / model_tag / NOTICE_FILE
+
+
+def notice_deadline(base_dir: str | os.PathLike, model_tag: str) -> float | None:
+    """When the machine goes (epoch seconds), if this launch received a preemption notice that says so:
+    the launcher clears the file at start, so one that is there is this launch's."""
+    try:
+        record = json.loads(notice_path(base_dir, model_tag).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("kind") != "preemption":  # a warning has no deadline
+        return None
+    deadline = record.get("deadline")
+    return float(deadline) if isinstance(deadline, int | float) else None
 
 
 def read(base_dir: str | os.PathLike, model_tag: str, stage: str | None = None) -> list[dict[str, Any]]:
@@ -92,10 +110,12 @@ class StartupClock:
             self.phases[phase] += now - self.mark
         self.mark = now
 
-    def first_step(self, step_s: float, compile_s: float) -> dict[str, float]:
-        """The breakdown once the first step is done (it took `step_s`, `compile_s` of it compiling)."""
+    def first_step(self, step_s: float, compile_s: float, compile_in_step_s: float) -> dict[str, float]:
+        """The breakdown once the first step is done: it took `step_s`, `compile_in_step_s` of it compiling;
+        the process compiled `compile_s` in all (also before the step: the device batch's trial steps)."""
         total = time.time() - self.launch
-        phases = {**self.phases, "compile_s": compile_s, "first_step_s": max(0.0, step_s - compile_s)}
+        phases = {**self.phases, "compile_s": compile_s,
+                  "first_step_s": max(0.0, step_s - compile_in_step_s)}
         phases["other_s"] = max(0.0, total - sum(phases.values()))
         return {"launch_to_first_step_s": round(total, 3), **{k: round(v, 3) for k, v in phases.items()}}
 

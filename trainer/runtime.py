@@ -30,6 +30,7 @@ from trainer import fencing, recovery
 from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError
 from trainer.data import DataError
 from trainer.distributed import Dist, init_distributed
+from trainer.out_of_memory import OUT_OF_MEMORY_EXIT_CODE, OutOfMemory
 from trainer.recovery import StartupClock
 from trainer.save_policy import parse_save_every
 
@@ -91,7 +92,8 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
 
 def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Dist], int],
                argv: list[str] | None = None) -> int:
-    """Run a stage: user errors become one `error:` line (exit 2 for config, 1 otherwise), not a trace."""
+    """Run a stage: user errors become one `error:` line (exit 2 for config, 1 otherwise), not a trace; an
+    out-of-memory its report line (trainer.out_of_memory)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=sys.stdout)
     for chatty in ("httpx", "httpx2", "huggingface_hub", "datasets", "filelock"):
@@ -114,41 +116,43 @@ def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Di
         if d.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return fencing.FENCED_EXIT_CODE
+    except OutOfMemory as exc:  # on any rank: the first report `phoenix run` reads decides the relaunch
+        log.error("%s rank=%d", exc.report(), d.rank)
+        return OUT_OF_MEMORY_EXIT_CODE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 class StopSignal:
-    """SIGTERM/SIGINT (docker stop, preemption) set a flag the loop acts on after the step: an emergency
-    checkpoint, then exit. Anything else that learns the machine is going (a cloud's preemption notice)
-    calls request() with the deadline it was given."""
+    """SIGTERM/SIGINT (docker stop, or `phoenix run` relaying a cloud's preemption notice) set a flag the
+    loop acts on after the step: an emergency checkpoint, then exit."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.requested_at: float | None = None  # time.time() of the first request
-        self.deadline: float | None = None  # time.time() by which the machine goes, when known
+        self.requested_at: float | None = None  # time.time() of the first signal
         self.reason = ""
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        self.request(signal.Signals(signum).name)
-
-    def request(self, reason: str, deadline: float | None = None) -> None:
         if not self.requested:
-            self.requested, self.requested_at, self.reason = True, time.time(), reason
-        if deadline is not None:
-            self.deadline = min(deadline, self.deadline or deadline)
-        log.warning("received %s: will write an emergency checkpoint after this step", reason)
+            self.requested_at, self.reason = time.time(), signal.Signals(signum).name
+        self.requested = True
+        log.warning("received %s: will write an emergency checkpoint after this step",
+                    signal.Signals(signum).name)
 
     def report_saved(self, step: int, checkpointer: AsyncCheckpointer) -> None:
-        """The emergency save's one line: how long it took and how it fared against the deadline."""
+        """The emergency save's one line: how long it took, and what was left of the preemption notice's
+        window (runs/<tag>/preemption.json) when it was published."""
         now, timing = time.time(), checkpointer.timing
+        stage_dir = checkpointer.directory  # <base_dir>/<stage>_checkpoints/<model_tag>
+        deadline = recovery.notice_deadline(stage_dir.parent.parent, stage_dir.name)
         since_stop = f"{now - self.requested_at:.2f}" if self.requested_at else "-"
-        left = f"{self.deadline - now:.1f}" if self.deadline else "-"
+        left = f"{deadline - now:.1f}" if deadline else "-"
         log.info("event=emergency_save step=%d reason=%s emergency_save_s=%.2f since_stop_s=%s "
-                 "deadline_left_s=%s %s", step, self.reason, timing.get("total_s", 0.0), since_stop, left,
+                 "deadline_left_s=%s %s", step, "preemption_notice" if deadline else self.reason,
+                 timing.get("total_s", 0.0), since_stop, left,
                  " ".join(f"{k}={v:.2f}" for k, v in timing.items() if k != "total_s"))
 
 
@@ -262,6 +266,7 @@ class StepReporter:
         self.stage = stage
         self.base_dir, self.model_tag = base_dir, model_tag
         self.startup, self.resumed = startup, resumed
+        self.compiled_before = compile_seconds()  # built just before the loop: what the first step adds
         self.enabled = d.is_main
         self.world_size = d.world_size
         self.flops_per_token = flops_per_token
@@ -327,7 +332,8 @@ class StepReporter:
 
     def _first_step(self, step: int, dt: float) -> None:
         """Launch to first step by phase; after a resume, the interruption's cost in the run's history."""
-        startup = self.startup.first_step(dt, compile_seconds())
+        compiled = compile_seconds()
+        startup = self.startup.first_step(dt, compiled, compiled - self.compiled_before)
         log.info("event=startup stage=%s step=%d %s", self.stage, step,
                  " ".join(f"{key}={value:.2f}" for key, value in startup.items()))
         if self.resumed:
