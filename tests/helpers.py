@@ -54,13 +54,17 @@ def checkpoint_meta(step: int, stage: str = "base", **extra: Any) -> dict[str, A
     return {**blank, "stage": stage, "step": step, "world_size": 1, "rng": [{}], **extra}
 
 
+# What a synthetic checkpoint holds: the required files and the optimizer state in one gathered file.
+SYNTHETIC_FILES = (*layout.REQUIRED_FILES, layout.GATHERED_OPTIMIZER)
+
+
 def fill_checkpoint(tmp: Path, step: int, stage: str = "base", **meta: Any) -> None:
     """Make a synthetic checkpoint being written in `tmp` complete: meta.json (`checkpoint_meta`) and a small
     tensor file, unique to the file, step and stage, for each required one missing."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    for name in layout.REQUIRED_FILES:
+    for name in SYNTHETIC_FILES:
         if name.endswith(".safetensors") and not (tmp / name).exists():
             save_file({"t": np.full(4, step)}, str(tmp / name), {"stage": stage, "file": name})
     (tmp / layout.META_NAME).write_text(json.dumps(checkpoint_meta(step, stage, **meta)))

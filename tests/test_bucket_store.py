@@ -14,11 +14,12 @@ from entrypoint.hub.restore import fetch_weights, restore
 from entrypoint.hub.stores import claim_generation, open_store
 from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
+from tests.helpers import SYNTHETIC_FILES
 from tests.test_hub_storage import PHOENIX, TAG, cfg_of, kill_sync_while_held, make_checkpoint, same_files
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
 
-FILES = len(layout.REQUIRED_FILES) + 1  # per checkpoint in the bucket, MANIFEST.json included
+FILES = len(SYNTHETIC_FILES) + 1  # per checkpoint in the bucket, MANIFEST.json included
 
 
 @pytest.fixture
@@ -150,7 +151,7 @@ def test_partial_or_damaged_checkpoints_in_the_bucket_are_never_restored(hub, en
         api.batch_bucket_files(bucket, add=[((override or {}).get(n) or (local / n).read_bytes(),
                                              f"{folder[step]}/{n}") for n in names])
 
-    data = list(layout.REQUIRED_FILES)  # model.safetensors first
+    data = list(SYNTHETIC_FILES)  # model.safetensors first
     upload(4, data)  # step 4: every file but no manifest (an upload cut short)
     upload(3, [*data[1:], layout.MANIFEST_NAME])  # step 3: a manifest, but a file it lists is missing
     model = (stage_dir / "step_000002" / "model.safetensors").read_bytes()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tests.helpers import fill_checkpoint
+from tests.helpers import SYNTHETIC_FILES, fill_checkpoint
 from trainer import checkpoint_layout as layout
 
 
@@ -22,7 +22,7 @@ def make_checkpoint(directory, step, payload=b"x", done=False):
 def test_publish_writes_manifest_and_verifies(tmp_path):
     ckpt = make_checkpoint(tmp_path, 250)
     assert ckpt.path.name == "step_000250"
-    assert set(ckpt.files) == set(layout.REQUIRED_FILES)
+    assert set(ckpt.files) == set(SYNTHETIC_FILES)
     manifest = json.loads((ckpt.path / layout.MANIFEST_NAME).read_text())
     assert manifest["files"]["meta.json"]["sha256"] == layout.sha256_file(ckpt.path / "meta.json")
     assert layout.verify(ckpt.path, full_hash=True).step == 250
@@ -201,3 +201,12 @@ def test_damaged_steps_above_the_latest_good_one_go_to_quarantine(tmp_path):
     _corrupt_flip_byte(lone / "step_000003")
     assert layout.latest_or_quarantine(lone) is None  # nothing good: nothing moved, not our call
     assert [step for step, _ in layout.step_dirs(lone)] == [3]
+
+
+def test_optimizer_state_is_one_gathered_file_or_every_share() -> None:
+    share = layout.optimizer_share_name
+    assert layout.optimizer_state_problem([layout.GATHERED_OPTIMIZER]) is None
+    assert layout.optimizer_state_problem([share(0, 2), share(1, 2), "model.safetensors"]) is None
+    assert share(1, 3) in layout.optimizer_state_problem([share(0, 3), share(2, 3)])
+    for names in ([], [share(0, 2), share(0, 1)], [layout.GATHERED_OPTIMIZER, share(0, 1)]):
+        assert layout.optimizer_state_problem(names) is not None

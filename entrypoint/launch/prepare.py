@@ -11,6 +11,7 @@ that tells `phoenix run` how the crash-loop guard counts it (EXIT_KINDS).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shlex
@@ -30,6 +31,8 @@ EXIT_STAGE, EXIT_VOLUME, EXIT_HUB = 2, 4, 5
 # settings is refused), volume and hub (fixed outside the settings: tried again).
 EXIT_KINDS = {EXIT_STAGE: "stage", EXIT_VOLUME: "volume", EXIT_HUB: "hub"}
 HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, HUB_WAIT_TICK_S = 5.0, 300.0, 30.0
+# Where `phoenix run` wants this child's phase times (restore_s, data_s), for the time-to-recover record.
+PHASES_ENV = "PHOENIX_PREPARE_PHASES"
 
 # Errors of the volume rather than of phoenix: what to do about each.
 VOLUME_ERRNOS = {errno.ENOSPC: "free space on the volume or grow it",
@@ -126,21 +129,32 @@ def main(argv: list[str]) -> int:
     for chatty in ("httpx", "httpx2", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     stage, args = argv[0], argv[1:]
-    if stage == "base":
-        from entrypoint.hub.errors import HubError  # settings the Hub refuses, a stage it cannot serve
+    phases = {"restore_s": 0.0, "data_s": 0.0}
+    started = time.monotonic()
+    try:
+        if stage == "base":
+            from entrypoint.hub.errors import HubError  # settings the Hub refuses, a stage it cannot serve
 
-        cfg = HubConfig.from_env()
-        if code := run_step(lambda: restore_or_wait(cfg, args), {HubError: EXIT_HUB},
-                            f"restoring from the Hub into {cfg.base_dir}: "):
-            return code
-        ckpt = layout.latest(layout.stage_dir(cfg.base_dir, "base", cfg.model_tag))
-        if ckpt is not None and ckpt.done:
-            return 0  # nothing to prepare, and no reason to import torch
-    from trainer.data import DataError
-    from trainer.runtime import ConfigError
+            cfg = HubConfig.from_env()
+            code = run_step(lambda: restore_or_wait(cfg, args), {HubError: EXIT_HUB},
+                            f"restoring from the Hub into {cfg.base_dir}: ")
+            phases["restore_s"], started = time.monotonic() - started, time.monotonic()
+            if code:
+                return code
+            ckpt = layout.latest(layout.stage_dir(cfg.base_dir, "base", cfg.model_tag))
+            if ckpt is not None and ckpt.done:
+                return 0  # nothing to prepare, and no reason to import torch
+        from trainer.data import DataError
+        from trainer.runtime import ConfigError
 
-    return run_step(lambda: (prepare_base if stage == "base" else prepare_sft)(args),
-                    {ConfigError: EXIT_STAGE, DataError: EXIT_STAGE})
+        code = run_step(lambda: (prepare_base if stage == "base" else prepare_sft)(args),
+                        {ConfigError: EXIT_STAGE, DataError: EXIT_STAGE})
+        phases["data_s"] = time.monotonic() - started
+        return code
+    finally:
+        if path := os.environ.get(PHASES_ENV):
+            Path(path).write_text(json.dumps(phases))
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -18,10 +18,12 @@ A stage that runs out of GPU memory is relaunched here, with half the device bat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from entrypoint.hub.stores import claim_generation
 from entrypoint.launch.config import PreflightError, RunConfig, nproc_for
 from entrypoint.launch.preemption import start_watch
 from entrypoint.launch.preflight import gpu_inventory, preflight, visible_gpus
-from entrypoint.launch.prepare import EXIT_KINDS, HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S
+from entrypoint.launch.prepare import EXIT_KINDS, HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, PHASES_ENV
 from entrypoint.launch.torchrun import Launcher, torchrun_command
 from entrypoint.launch.volume import (
     DeviceBatchRecord,
@@ -48,7 +50,7 @@ from entrypoint.launch.volume import (
 )
 from entrypoint.logs import kv, redact, setup_logging
 from trainer import checkpoint_layout as layout
-from trainer import fencing
+from trainer import fencing, recovery
 
 log = logging.getLogger("phoenix.run")
 
@@ -223,6 +225,9 @@ def _claim_until_it_lands(cfg: RunConfig, status: StatusFile, launcher: Launcher
 def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: VolumeLock) -> int:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(cfg.base_dir), "MODEL_TAG": cfg.model_tag,
            "DEVICE": cfg.device, "RUN_SFT": str(int(cfg.run_sft))}
+    # This launch's own phases, handed to the first stage it starts, which then counts its time to first
+    # step from this process's start (trainer.recovery).
+    phases, launched = {"restore_s": 0.0, "data_s": 0.0}, recovery.process_start_time()
     if cfg.node_rank == 0:
         status.set(phase="verify")
         for stage in layout.STAGES:
@@ -232,7 +237,7 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             return 0
         if cfg.hub.repo_id or not stage_done(cfg, "base"):
             status.set(phase="prepare")  # restore from the Hub, then the base stage's data
-            _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
+            phases = _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
         if not cfg.hub.repo_id:
             log.info("HF_REPO_ID not set: Hub sync and restore are off")
     nproc = nproc_for(cfg, visible_gpus())
@@ -247,10 +252,13 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             continue
         status.set(phase=stage)
         if stage == "sft" and cfg.node_rank == 0:
-            _prepare(cfg, launcher, lock, env, "sft", args)
+            phases["data_s"] += _prepare(cfg, launcher, lock, env, "sft", args)["data_s"]
             if launcher.stop_requested:
                 return 0
-        code = _launch_stage(cfg, launcher, lock, env, stage, module, nproc, args)
+        stage_env = env
+        if launched:  # the first stage of this launch; a later one counts from its own start
+            stage_env, launched = {**env, **recovery.launch_env(launched, **phases)}, 0.0
+        code = _launch_stage(cfg, launcher, lock, stage_env, stage, module, nproc, args)
         if launcher.stop_requested:
             return 0
         if fencing.fenced_by(cfg.base_dir, cfg.model_tag) is not None:
@@ -304,16 +312,20 @@ def _launch_stage(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dic
 
 
 def _prepare(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dict[str, str], stage: str,
-             args: list[str]) -> None:
+             args: list[str]) -> dict[str, float]:
     """Restore (base), resume check and data download in a child process: a stop ends it at once, an error
-    is one line, and its exit code says how the crash-loop guard counts it."""
+    is one line, and its exit code says how the crash-loop guard counts it. Returns its phase times."""
     command = [sys.executable, "-m", "entrypoint.launch.prepare", stage, "--preset", cfg.preset, *args]
-    code = launcher.run(command, env, lock, to_workers=False)
+    with tempfile.TemporaryDirectory(prefix="phoenix-prepare-") as tmp:
+        times = Path(tmp) / "phases.json"
+        code = launcher.run(command, {**env, PHASES_ENV: str(times)}, lock, to_workers=False)
+        phases = json.loads(times.read_text()) if times.is_file() else {"restore_s": 0.0, "data_s": 0.0}
     if code != 0 and not launcher.stop_requested:
         if launcher.error is not None:
             raise RunFailed(launcher.error, EXIT_KINDS.get(code, "stage"), printed=True)
         crash = launcher.last_exception or f"preparing the {stage} stage failed (code {code})"
         raise RunFailed(crash, "crash")
+    return phases
 
 
 def _evaluate_if_asked(cfg: RunConfig, stage: str, status: StatusFile) -> None:
