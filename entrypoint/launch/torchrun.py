@@ -23,6 +23,7 @@ from entrypoint.launch.config import RunConfig
 from entrypoint.launch.procs import descendants, signal_pids
 from entrypoint.launch.volume import VolumeLock
 from entrypoint.logs import log_file, redact
+from trainer.out_of_memory import OutOfMemory, parse_report
 
 log = logging.getLogger("phoenix.run")
 
@@ -57,6 +58,7 @@ class Launcher:
         self.proc: subprocess.Popen | None = None
         self.stopping = threading.Event()
         self.error: str | None = None  # the first `error:` line a child printed
+        self.out_of_memory: OutOfMemory | None = None  # the first out-of-memory report a worker logged
         self.last_exception: str | None = None  # the last line of a child's traceback
         self._to_workers = True
         self._signaled: set[int] = set()
@@ -72,8 +74,14 @@ class Launcher:
         if self._signal_seen:
             return
         self._signal_seen = True
-        log.warning("received %s: asking the workers for an emergency checkpoint",
-                    signal.Signals(signum).name)
+        self.stop(f"received {signal.Signals(signum).name}: asking the workers for an emergency checkpoint")
+
+    def stop(self, announcement: str | None = None) -> None:
+        """Stop the launch, from a signal handler or another thread (a preemption notice): the workers
+        write an emergency checkpoint at their next step boundary, a preparation process just ends.
+        `announcement` is logged by the first stop only."""
+        if announcement and not self.stopping.is_set():
+            log.warning(announcement)
         self.stopping.set()
 
     def _forward_stop(self) -> None:
@@ -88,7 +96,7 @@ class Launcher:
 
     def run(self, command: list[str], env: dict[str, str], lock: VolumeLock, to_workers: bool = True) -> int:
         log.info("launch %s", " ".join(command))
-        self.error = self.last_exception = None
+        self.error = self.last_exception = self.out_of_memory = None
         self._to_workers, self._signaled = to_workers, set()
         # The child inherits the lock (held until it exits, even if we die first) and dies with us;
         # torchrun's workers exit when it does (trainer.runtime's orphan watchdog).
@@ -119,6 +127,8 @@ class Launcher:
                 self.error, quiet = line[len("error: "):].strip(), False
             elif _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
                 self.last_exception = line.strip()
+            elif self.out_of_memory is None:
+                self.out_of_memory = parse_report(line)
             if sink is not None:
                 sink.write(line)
             if not quiet:
