@@ -89,7 +89,7 @@ def emergency_worker(depth: int, vocab_size: int, root: Path, repeats: int, resu
             dist.barrier()
         start = time.perf_counter()
         stalls.append(save_checkpoint(checkpointer, repeat + 1, False, model, optimizer, d,
-                                      lambda _ranks: {"stage": "base"}))
+                                      lambda _ranks, step=repeat + 1: placeholder_meta(step)))
         checkpointer.wait()
         if d.world_size > 1:
             dist.barrier()  # every rank's part is in: the time a stopped run needs before it can exit
