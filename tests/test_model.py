@@ -59,9 +59,22 @@ def test_flops_per_token_d20():
     assert model.estimate_flops_per_token() == 3_137_871_024
 
 
+@pytest.mark.parametrize("depth, aspect, head_dim, width, heads", [
+    (13, 64, 128, 896, 7),  # 832 rounded up to 7 heads of 128, as nanochat's base_train sizes it
+    (5, 64, 128, 384, 3),  # 320 -> 384
+    (20, 64, 128, 1280, 10), (24, 64, 128, 1536, 12), (26, 64, 128, 1664, 13),  # already multiples
+    (2, 32, 32, 64, 2),  # the tiny preset
+])
+def test_any_depth_sizes_as_nanochat(depth: int, aspect: int, head_dim: int, width: int, heads: int):
+    config = config_for_depth(depth, 64, 8, aspect, head_dim)
+    assert (config.n_embd, config.n_head, config.n_kv_head) == (width, heads, heads)
+    with torch.device("meta"):
+        GPT(config)
+
+
 def test_head_split_must_be_exact():
     with pytest.raises(ValueError, match="heads"):
-        GPT(config_for_depth(5, vocab_size=64, sequence_len=8))  # width 320 -> 3 heads of 106.7
+        GPT(GPTConfig(sequence_len=8, vocab_size=64, n_layer=5, n_head=3, n_kv_head=3, n_embd=320))
 
 
 def test_forward_shapes_and_initial_loss():

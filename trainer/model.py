@@ -67,9 +67,10 @@ def config_for_depth(
     depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64, head_dim: int = 128,
     window_pattern: str = "SSSL",
 ) -> GPTConfig:
-    """nanochat's one-knob sizing: width = depth * aspect_ratio, heads of ~head_dim channels."""
-    model_dim = depth * aspect_ratio
-    n_head = max(1, math.ceil(model_dim / head_dim))
+    """nanochat's one-knob sizing: width = depth * aspect_ratio rounded up to a multiple of head_dim, in
+    heads of exactly head_dim channels (d13: 832 -> 896, 7 heads of 128)."""
+    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = model_dim // head_dim
     return GPTConfig(
         sequence_len=sequence_len,
         vocab_size=vocab_size,
