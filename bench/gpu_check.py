@@ -87,7 +87,7 @@ def run_part(name: str, args: dict[str, Any], cpu: bool, workdir: Path, timeout:
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
-    from entrypoint.procs import descendants, signal_pids
+    from entrypoint.launch.procs import descendants, signal_pids
 
     signal_pids([proc.pid, *descendants(proc.pid)], signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):

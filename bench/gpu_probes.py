@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from entrypoint.procs import descendants, signal_pids
+from entrypoint.launch.procs import descendants, signal_pids
 from trainer.distributed import Dist, ShardedOptimizer
 from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
@@ -91,7 +91,7 @@ def environment() -> dict[str, Any]:
     # (A blocked module sits in sys.modules as None.)
     info["eager_heavy_imports"] = sorted(m for m in ("datasets", "wandb", "httpx2") if sys.modules.get(m))
     try:  # what `phoenix run` needs on top: click, and huggingface_hub 1.x or 2.x
-        import entrypoint.run  # noqa: F401
+        import entrypoint.launch.run  # noqa: F401
 
         info["phoenix_run_imports"] = "ok"
     except Exception as exc:  # reported, and the resume part will fail with the same reason
@@ -320,7 +320,7 @@ def resume_check(device: torch.device, workdir: Path, nproc: int, timeout: float
     start, measure that noise, and the steps after the resume must stay within RESUME_RTOL of the
     reference.
     """
-    from entrypoint.synthetic import write_shards
+    from entrypoint.demo.synthetic import write_shards
 
     cuda = device.type == "cuda"
     steps, save_every, kill_at = (300, 50, 160) if cuda else (20, 4, 9)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from entrypoint.synthetic import synthetic_document, write_shards
+from entrypoint.demo.synthetic import synthetic_document, write_shards
 from trainer.data import ShardStore
 from trainer.dataloader import DistributedTokenLoader, DocumentSource
 from trainer.tokenizer import train_tokenizer

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from a checkout: bench/ is not a package
 
-from entrypoint.localhub import LocalHub  # noqa: E402
+from entrypoint.demo.localhub import LocalHub  # noqa: E402
 from trainer import checkpoint_layout as layout  # noqa: E402
 
 TOKEN, USER, TAG = "hf_benchLocalToken0123", "bench", "d26-hyperbolic"

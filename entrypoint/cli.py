@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import click
 
-from entrypoint.chat import chat_command
-from entrypoint.demo import demo_command
-from entrypoint.eval import eval_command
-from entrypoint.export import export_command
-from entrypoint.preflight import doctor_command
-from entrypoint.report import report_command
-from entrypoint.restore import restore_command
-from entrypoint.run import run_command
-from entrypoint.sidecar import sync_command
+from entrypoint.demo.demo import demo_command
+from entrypoint.hub.restore import restore_command
+from entrypoint.launch.preflight import doctor_command
+from entrypoint.launch.run import run_command
+from entrypoint.launch.volume import health_command
+from entrypoint.sidecar.loop import sync_command
 from entrypoint.status import status_command
-from entrypoint.volume import health_command
+from entrypoint.tools.chat import chat_command
+from entrypoint.tools.eval import eval_command
+from entrypoint.tools.export import export_command
+from entrypoint.tools.report import report_command
 from trainer import __version__
 
 

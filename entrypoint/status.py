@@ -9,12 +9,12 @@ from typing import Any
 
 import click
 
-from entrypoint.hub import HubConfig
-from entrypoint.hubcall import HubError
+from entrypoint.hub.config import HubConfig
+from entrypoint.hub.errors import HubError
+from entrypoint.hub.stores import open_store
+from entrypoint.launch.volume import FailureLog
 from entrypoint.logs import redact
-from entrypoint.store import open_store
-from entrypoint.sync import hub_keeps
-from entrypoint.volume import FailureLog
+from entrypoint.sidecar.sync import hub_keeps
 from trainer import checkpoint_layout as layout
 
 

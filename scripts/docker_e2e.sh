@@ -267,11 +267,11 @@ volume=$run_dir/volume
 rm -rf "$run_dir"
 mkdir -p "$run_dir/hub" "$volume"
 chown "$RUNTIME_UID:$RUNTIME_UID" "$volume"
-(cd "$REPO" && python3 -c 'import entrypoint.localhub, entrypoint.synthetic') 2>/dev/null ||
-    die "the scenario needs entrypoint.localhub and entrypoint.synthetic (python -m entrypoint.localhub)"
+(cd "$REPO" && python3 -c 'import entrypoint.demo.localhub, entrypoint.demo.synthetic') 2>/dev/null ||
+    die "the scenario needs entrypoint.demo.localhub and entrypoint.demo.synthetic (python -m entrypoint.demo.localhub)"
 token="hf_e2e$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 # umask 000: the containers' user writes into the Xet CAS folders the Hub creates (casUrl local://<dir>).
-(umask 000 && cd "$REPO" && exec python3 -u -m entrypoint.localhub --data "$run_dir/hub" --port 0 \
+(umask 000 && cd "$REPO" && exec python3 -u -m entrypoint.demo.localhub --data "$run_dir/hub" --port 0 \
     --token "$token:e2e") >"$run_dir/hub.log" 2>&1 &
 HUB_PID=$!
 hub_up() {
@@ -288,7 +288,7 @@ echo "local Hub at $hub_url"
 import sys
 from pathlib import Path
 from huggingface_hub import HfApi
-from entrypoint.synthetic import write_shards
+from entrypoint.demo.synthetic import write_shards
 write_shards(Path(sys.argv[1]), num_shards=5, docs_per_shard=4000)
 api = HfApi()
 api.create_repo("e2e/tiny-fineweb", repo_type="dataset", private=True)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from entrypoint.restore import fetch_weights, restore
+from entrypoint.hub.restore import fetch_weights, restore
+from entrypoint.hub.stores import claim_generation, open_store
+from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
-from entrypoint.store import claim_generation, open_store
-from entrypoint.sync import Syncer
 from tests.test_hub_storage import PHOENIX, TAG, cfg_of, kill_sync_while_held, make_checkpoint, same_files
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
@@ -60,6 +60,7 @@ def restore_on_empty_volume(env: dict[str, str], tmp_path: Path, name: str, cli:
     return empty, latest.step if latest else None
 
 
+@pytest.mark.credit_delayed  # a bucket frees a delete at once: no credit to wait for
 def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, env, tmp_path) -> None:
     base = volume(env)
     make_checkpoint(base, 10)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.localhub import LocalHub
+from entrypoint.demo.localhub import LocalHub
 from tests.helpers import (
     MODEL_TAG,
     checkpoint_dir,

@@ -460,7 +460,7 @@ def test_dockerignore_is_an_allowlist_of_what_the_dockerfiles_copy() -> None:
 def test_a_non_editable_install_has_every_module(tmp_path: Path) -> None:
     # The images `pip install .`; setuptools' `packages` list is not recursive, and the editable install
     # used for development hides a subpackage left out of it (the images' `phoenix` died importing
-    # entrypoint.localhub). Built from a copy: a build in the work tree would leave build/ behind.
+    # entrypoint.demo.localhub). Built from a copy: a build in the work tree would leave build/ behind.
     source = tmp_path / "src"
     for package in packages():
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))

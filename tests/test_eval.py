@@ -20,7 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from entrypoint.eval import EvalError, evaluate_chat, evaluate_finished_stage, resolve_bundle, results_path
+from entrypoint.tools.eval import (
+    EvalError,
+    evaluate_chat,
+    evaluate_finished_stage,
+    resolve_bundle,
+    results_path,
+)
 from tests.helpers import MODEL_TAG, chat_conversations, run_phoenix
 from trainer import checkpoint_layout as layout
 from trainer.chat_eval import (

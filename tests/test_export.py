@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
-from entrypoint.localhub import LocalHub
+from entrypoint.demo.localhub import LocalHub
 from tests.helpers import MODEL_TAG, train_chat_model
 from tests.test_engine import one_thread  # noqa: F401 (autouse: one torch thread)
 from trainer import checkpoint_layout as layout
@@ -60,6 +60,8 @@ def test_export_then_chat_from_round_trips_on_the_local_hub(volume, hub, tmp_pat
     assert len(api.list_repo_commits(repo)) == 2  # the repo's creation, then the whole export in one commit
     card = (volume / "export" / MODEL_TAG / "README.md").read_text()
     assert f"| sft steps | {SFT_STEPS} |" in card and f"| base steps | {BASE_STEPS} |" in card
+    sft_meta = layout.latest(layout.stage_dir(volume, "sft", MODEL_TAG)).meta()
+    assert f"| sft conversations | {sft_meta['conversations']:,} |" in card
     assert "| base val bpb (best) |" in card and "| chat.gsm8k.accuracy | 0.25 |" in card
     assert f"phoenix chat --from {repo}" in card and "chat.time" not in card
 

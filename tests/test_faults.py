@@ -214,7 +214,7 @@ def test_bad_sft_data_is_one_line_and_a_stop_before_the_workers_still_stops(job,
 
     hub.server.throttle_bps = 1000  # the SFT dataset download now takes minutes
     start = time.monotonic()
-    code, out = run_phoenix(env, "run", kill_when=lambda line: "entrypoint.prepare sft" in line,
+    code, out = run_phoenix(env, "run", kill_when=lambda line: "entrypoint.launch.prepare sft" in line,
                             sig=signal.SIGTERM, timeout=90)
     assert code == 0 and time.monotonic() - start < 60, out
     assert status(volume)["status"] == "stopped" and "torch.distributed.run" not in out

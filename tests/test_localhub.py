@@ -1,4 +1,4 @@
-"""entrypoint.localhub driven by the real, unmocked huggingface_hub client."""
+"""entrypoint.demo.localhub driven by the real, unmocked huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from entrypoint.localhub import LocalHub
+from entrypoint.demo.localhub import LocalHub
 
 MiB = 1024 * 1024
 SHARDS = "karpathy/fineweb-edu-100b-shuffle"
@@ -346,7 +346,8 @@ def test_restart_and_outage_keep_repos(hub, model_repo: str, tmp_path: Path) -> 
 def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     token = "hf_cli_secret_token"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint.localhub", "--data", str(tmp_path), "--token", f"{token}:cli"],
+        [sys.executable, "-m", "entrypoint.demo.localhub", "--data", str(tmp_path),
+         "--token", f"{token}:cli"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

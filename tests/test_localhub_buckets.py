@@ -1,4 +1,4 @@
-"""Storage Buckets on entrypoint.localhub, driven by the real huggingface_hub + hf_xet client over HTTP."""
+"""Storage Buckets on entrypoint.demo.localhub, driven by the real huggingface_hub + hf_xet over HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import BucketBatchError, BucketNotFoundError, HfHubHTTPError
 
-from entrypoint.localhub import LocalHub
+from entrypoint.demo.localhub import LocalHub
 
 KiB = 1024
 

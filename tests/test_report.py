@@ -13,8 +13,8 @@ import time
 from click.testing import CliRunner
 
 from entrypoint.cli import main
-from entrypoint.localhub import LocalHub
-from entrypoint.report import read_stage, write_report
+from entrypoint.demo.localhub import LocalHub
+from entrypoint.tools.report import read_stage, write_report
 from tests.helpers import MODEL_TAG, publish_corpus, run_trainer
 
 ARGS = ("--num-iterations", "12", "--save-every", "4", "--eval-every", "6")

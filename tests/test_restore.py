@@ -15,8 +15,8 @@ import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from safetensors.numpy import save_file
 
-from entrypoint.hub import HubConfig
-from entrypoint.restore import STAGING_DIR, restore
+from entrypoint.hub.config import HubConfig
+from entrypoint.hub.restore import STAGING_DIR, restore
 from trainer import checkpoint_layout as layout
 
 TAG = "d26-hyperbolic"

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint import hub as hubmod
-from entrypoint.store import claim_generation
-from entrypoint.sync import Syncer
+from entrypoint.hub.client import Hub
+from entrypoint.hub.config import TOKENIZER_PATH, HubConfig
+from entrypoint.hub.stores import claim_generation
+from entrypoint.sidecar.sync import Syncer
 from tests.helpers import MODEL_TAG, checkpoint_dir, publish_corpus, run_trainer
 from tests.test_sync import PHOENIX, base_dir, hub_steps, make_checkpoint, phoenix, sidecar_env, wait_for
 from trainer import checkpoint_layout as layout
@@ -159,9 +160,9 @@ def test_corrupt_local_tokenizer_never_replaces_the_hubs(hub, env) -> None:
     warned = lines_with(done.stdout, "event=skip_bad_file")
     assert len(warned) == 1 and "tokenizer/tokenizer.json" in warned[0] and "not valid JSON" in warned[0]
     assert hub_steps(hub, env) == [250, 500]
-    cfg = hubmod.HubConfig.from_env(env)
-    remote = hubmod.Hub(cfg)
-    assert remote.read_json(remote.snapshot(), hubmod.TOKENIZER_PATH) == json.loads(good)
+    cfg = HubConfig.from_env(env)
+    remote = Hub(cfg)
+    assert remote.read_json(remote.snapshot(), TOKENIZER_PATH) == json.loads(good)
 
 
 def test_fenced_trainer_stops_at_its_next_checkpoint(hub, tmp_path: Path) -> None:
@@ -169,8 +170,8 @@ def test_fenced_trainer_stops_at_its_next_checkpoint(hub, tmp_path: Path) -> Non
     volume = tmp_path / "volume"
     env = hub.env | {"NANOCHAT_BASE_DIR": str(volume), "MODEL_TAG": MODEL_TAG, "WANDB_MODE": "offline",
                      "HF_REPO_ID": f"{hub.user}/checkpoints"}
-    here = hubmod.HubConfig.from_env(env)
-    elsewhere = hubmod.HubConfig.from_env(env | {"NANOCHAT_BASE_DIR": str(tmp_path / "other_instance")})
+    here = HubConfig.from_env(env)
+    elsewhere = HubConfig.from_env(env | {"NANOCHAT_BASE_DIR": str(tmp_path / "other_instance")})
     assert claim_generation(here) == 1  # this instance's launch
     fenced_at: list[int] = []
 

@@ -9,7 +9,8 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = N
 
 def test_sidecar_commands_import_and_run_without_torch(tmp_path):
     code = BLOCK_TORCH + (
-        "import entrypoint.cli, entrypoint.sync, entrypoint.restore, entrypoint.status, entrypoint.run\n"
+        "import entrypoint.cli, entrypoint.sidecar.sync, entrypoint.hub.restore, entrypoint.status\n"
+        "import entrypoint.launch.run\n"
         "from entrypoint.cli import main\n"
         "main(['status', '--no-hub', '--json'])\n"
     )

@@ -1,0 +1,196 @@
+"""Checkpoints in a Storage Bucket (HF_REPO_TYPE=bucket): manifest written last, deleted first, freed at once.
+
+Layout: `<stage>_checkpoints/<tag>/gen_NNNNNN/step_NNNNNN/<files>` in the bucket HF_REPO_ID, the generation
+being the launch's that pushed it; the generation claim, the tokenizer and the run files stay in the model
+repo of the same id (`store` says why). A bucket is not transactional, so:
+
+- push: every file in one batch, and MANIFEST.json in a later batch, only once all of them are in; a
+  checkpoint is complete only when its manifest is there (restore then checks each listed file's size,
+  and its sha256 once downloaded, and falls back to the previous checkpoint on a mismatch);
+- prune: the manifests in one batch, then their files, so a prune cut short leaves files without a
+  manifest, never something that looks complete; deleting frees the storage at once, so no squash;
+- every pass first deletes what killed passes and fenced launches left: files of checkpoints without a
+  manifest (except the next one this launch is pushing) and checkpoints outside the lineage; and one
+  that lacks a file the volume's copy lists (at its size) is pushed again.
+
+Each pass starts with a check of the claim, and so does every batch that writes or deletes a manifest: a
+newer generation ends the pass (it re-reads, finds itself fenced). A launch paused between that check and
+its batch can still write that batch; its generation's paths and the claim's lineage make sure it never
+becomes what a restore picks, and it deletes only what its own pushes had made redundant before the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import BucketFile
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+from entrypoint.hub.client import Hub, xet_os_error
+from entrypoint.hub.config import HubConfig, local_generation
+from entrypoint.hub.errors import HeadMoved, RepoMissing, RevisionGone
+from entrypoint.hub.repo_store import log_push_done, stored
+from entrypoint.hub.store import RemoteFile, StoredCheckpoint, StoreView, counts
+from entrypoint.logs import kv
+from trainer import checkpoint_layout as layout
+
+log = logging.getLogger("phoenix.sync")
+
+_GENERATION_DIR = re.compile(r"^gen_(\d{6,})$")
+Folders = dict[tuple[int, int], dict[str, BucketFile]]  # (generation, step) -> name -> file
+
+
+class BucketStore:
+    """The checkpoints of the bucket HF_REPO_ID (see the module's first lines)."""
+
+    def __init__(self, cfg: HubConfig, hub: Hub) -> None:
+        self.cfg, self.hub, self.api = cfg, hub, hub.api
+        self.bucket_id: str = hub.repo_id
+
+    def ensure(self) -> None:
+        self.hub.ensure_repo()
+        try:
+            self.hub.call("bucket_info", lambda: self.api.bucket_info(self.bucket_id))
+        except RepoMissing:
+            self.hub.call("create_bucket", lambda: self.api.create_bucket(
+                self.bucket_id, private=self.cfg.private, exist_ok=True))
+
+    def folder(self, stage: str, generation: int, step: int) -> str:
+        return f"{self.cfg.stage_path(stage)}/gen_{generation:06d}/{layout.step_dir_name(step)}"
+
+    def view(self) -> StoreView:
+        snapshot = self.hub.snapshot()
+        claim = self.hub.claim_record(snapshot)
+        view = StoreView(snapshot, {}, lambda: claim)
+        for stage in layout.STAGES:
+            folders = self._folders(stage, view.remote)
+            complete: dict[int, StoredCheckpoint] = {}
+            for (generation, step), files in sorted(folders.items()):  # a newer generation's same step wins
+                if layout.MANIFEST_NAME in files and counts(claim, generation, stage, step) and \
+                        self._as_on_volume(stage, step, files):
+                    complete[step] = StoredCheckpoint(
+                        stage, step, self.folder(stage, generation, step),
+                        {name: RemoteFile(f.size) for name, f in files.items()}, generation)
+            view.checkpoints[stage] = sorted(complete.values(), key=lambda c: c.step, reverse=True)
+            view.garbage += self._garbage(folders, complete)
+        return view
+
+    def _folders(self, stage: str, remote: dict[str, BucketFile]) -> Folders:
+        """The stage's files in the bucket by (generation, step) and name; all of them also into `remote`."""
+        prefix = self.cfg.stage_path(stage) + "/"
+        entries = self.hub.call("list_bucket_tree", lambda: [
+            e for e in self.api.list_bucket_tree(self.bucket_id, prefix=prefix, recursive=True)
+            if isinstance(e, BucketFile)])
+        folders: Folders = {}
+        for entry in entries:
+            remote[entry.path] = entry
+            generation_name, step_name, name = (entry.path[len(prefix):].split("/") + ["", ""])[:3]
+            found, step = _GENERATION_DIR.match(generation_name), layout.parse_step(step_name)
+            if found and step is not None and name:
+                folders.setdefault((int(found.group(1)), step), {})[name] = entry
+        return folders
+
+    def _as_on_volume(self, stage: str, step: int, files: dict[str, BucketFile]) -> bool:
+        """False if the volume holds this step and a file its manifest lists is missing from the bucket or
+        of another size: not complete then, so the sidecar pushes it again (restore checks the same against
+        the bucket's own manifest)."""
+        try:
+            local = layout.read_manifest(layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag)
+                                         / layout.step_dir_name(step))
+        except layout.CheckpointInvalid:
+            return True
+        return all(name in files and files[name].size == e["size"] for name, e in local["files"].items())
+
+    def _garbage(self, folders: Folders, complete: dict[int, StoredCheckpoint]) -> list[str]:
+        """Files of folders that are not complete checkpoints counted here, but this launch's next one."""
+        own, newest, garbage = local_generation(self.cfg), max(complete, default=-1), []
+        for (generation, step), files in folders.items():
+            if step in complete and complete[step].generation == generation:
+                continue
+            if generation == own and step > newest and layout.MANIFEST_NAME not in files:
+                continue  # this launch's next checkpoint, cut short: its next push overwrites it
+            if generation <= own:  # a newer one fences us: what it writes is not ours to delete
+                garbage += [f.path for f in files.values()]
+        return garbage
+
+    def tidy(self, view: StoreView) -> None:
+        """Delete files of checkpoints without a manifest and of checkpoints outside the lineage."""
+        if not view.garbage:
+            return
+        self._batch("delete partial and fenced checkpoints", delete=view.garbage)
+        log.info(kv(event="deleted_leftovers", files=len(view.garbage)))
+        view.garbage = []
+
+    def push(self, view: StoreView, stage: str, ckpt: layout.Checkpoint, side_files: list[Any]) -> None:
+        generation = local_generation(self.cfg)
+        folder = self.folder(stage, generation, ckpt.step)
+        record = stored(ckpt, stage, folder, generation)
+        manifest = (ckpt.path / layout.MANIFEST_NAME).read_bytes()  # the one `layout.verify` just checked
+        names = sorted(ckpt.files)
+        nbytes = sum(ckpt.files[name]["size"] for name in names)
+        log.info(kv(event="push_start", stage=stage, step=ckpt.step, files=len(names) + 1, bytes=nbytes,
+                    bucket_folder=folder))
+        start = time.monotonic()
+        self._batch(f"upload {folder}", add=[(str(ckpt.path / name), f"{folder}/{name}") for name in names])
+        # Only now, and only if we are still the newest generation, does it become complete.
+        self._check_claim()
+        self._batch(f"upload {folder}/{layout.MANIFEST_NAME}",
+                    add=[(manifest, f"{folder}/{layout.MANIFEST_NAME}")])
+        log_push_done(stage, ckpt.step, nbytes, time.monotonic() - start, extras=len(side_files),
+                      bucket_folder=folder)
+        view.add(record)
+        if side_files:
+            self.push_side_files(view, side_files)
+
+    def push_side_files(self, view: StoreView, side_files: list[Any]) -> None:
+        paths = ", ".join(op.path_in_repo for op in side_files)
+        view.head = self.hub.commit(side_files, f"update {paths} of {self.cfg.model_tag}", parent=view.head)
+        log.info(kv(event="pushed_extras", paths=paths, commit=view.head[:12]))
+
+    def prune(self, view: StoreView, doomed: list[StoredCheckpoint]) -> None:
+        """Manifests first, in their own batch: from then on none of them counts; then their files."""
+        self._check_claim()
+        self._batch("delete manifests", delete=[f"{c.folder}/{layout.MANIFEST_NAME}" for c in doomed])
+        for ckpt in doomed:
+            view.remove(ckpt)
+            log.info(kv(event="pruned", stage=ckpt.stage, step=ckpt.step, bucket_folder=ckpt.folder))
+        files = [f"{c.folder}/{name}" for c in doomed for name in c.files if name != layout.MANIFEST_NAME]
+        self._batch("delete pruned files", delete=files)
+        freed = sum(f.size for c in doomed for f in c.files.values())
+        log.info(kv(event="freed", files=len(files), bytes=freed))
+
+    def fetch(self, view: StoreView, path: str, partial: Path, size: int) -> None:
+        """hf_xet rebuilds the whole file (a killed one restarts; finished files are kept by the caller)."""
+        entry = view.remote.get(path)
+        try:
+            if entry is None:
+                raise EntryNotFoundError(path)
+            self.api.download_bucket_files(self.bucket_id, [(entry, str(partial))],
+                                           raise_on_missing_files=True)
+        except (EntryNotFoundError, HfHubHTTPError) as exc:
+            if isinstance(exc, HfHubHTTPError) and getattr(exc.response, "status_code", None) != 404:
+                raise
+            raise RevisionGone(f"{path} was deleted from the bucket while being read (pruned)") from exc
+        except RuntimeError as exc:
+            if (error := xet_os_error(exc, partial)) is None:
+                raise
+            raise error from exc
+
+    def used_storage(self) -> int | None:
+        """The bucket's size: what it holds now (no history)."""
+        return self.hub.call("bucket_info", lambda: self.api.bucket_info(self.bucket_id)).size
+
+    def _check_claim(self) -> None:
+        """Before a batch that makes checkpoints count or stop counting (a manifest written or deleted):
+        a newer generation ends the pass. Other batches need no check: files without a manifest never
+        count, and what tidy deletes no longer counts under any newer claim either."""
+        theirs = self.hub.generation(self.hub.snapshot())
+        if theirs > (own := local_generation(self.cfg)):
+            raise HeadMoved(f"generation {theirs} was claimed during the pass (ours: {own})")
+
+    def _batch(self, what: str, **operations: Any) -> None:
+        self.hub.call(what, lambda: self.api.batch_bucket_files(self.bucket_id, **operations))

@@ -1,0 +1,260 @@
+"""Calling the Hub: client errors turned into one-line HubErrors, retries with backoff, SIGTERM-aware waits.
+
+Every Hub call of phoenix (the git repo, a Storage Bucket, Xet transfers) goes through `call`, so a fault is
+either retried (5xx, 429 with Retry-After capped, network) or one line naming what to do (`errors`).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+try:  # huggingface_hub 2.x's HTTP client; 1.x (a bare GPU image's) uses httpx, with the same names
+    import httpx2
+except ImportError:
+    import httpx as httpx2
+from huggingface_hub.errors import (
+    BucketBatchError,
+    BucketNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import parse_ratelimit_headers
+
+from entrypoint.hub.config import HubConfig
+from entrypoint.hub.errors import (
+    HeadMoved,
+    HubError,
+    HubFatal,
+    HubUnavailable,
+    QuotaExceeded,
+    RepoMissing,
+    RevisionGone,
+    bad_repo_id,
+)
+from entrypoint.logs import kv
+
+log = logging.getLogger("phoenix.hub")
+T = TypeVar("T")
+
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# The Hub's rate limits count over 5-minute windows, so no honest Retry-After is longer; a bigger one (an
+# hour was seen) would park the sidecar, and its final push, past any stop grace period.
+MAX_RETRY_AFTER_S = 300.0
+# How the Hub words a full account (403): "Private repository storage limit reached, please upgrade your
+# plan...", "Your storage patterns tripped our internal systems! Please contact us...".
+_QUOTA_MESSAGE = re.compile(r"storage limit|storage patterns|quota", re.IGNORECASE)
+_URL_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+class Pause:
+    """How retries wait in one process: SIGTERM (`stop`) ends a wait at once; once stopping, a wait must
+    end before `deadline` (the final push has to fit the stop grace period) or it is not started."""
+
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop or threading.Event()
+        self.deadline: float | None = None  # time.monotonic() by which the process must be done
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait `seconds`; False if the wait was cut short or would overrun the deadline: give up."""
+        if self.deadline is None:
+            return not self.stop.wait(seconds)
+        if time.monotonic() + seconds > self.deadline:
+            return False
+        time.sleep(seconds)
+        return True
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes: the LFS upload wraps the HTTP error in a RuntimeError."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _response(exc: BaseException) -> httpx2.Response | None:
+    for err in _chain(exc):
+        if isinstance(err, HfHubHTTPError) and err.response is not None:
+            return err.response
+    return None
+
+
+def _status(exc: BaseException) -> int | None:
+    response = _response(exc)
+    return response.status_code if response is not None else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: connection refused/reset/timeouts, 5xx, 408, 429, a download cut short."""
+    status = _status(exc)
+    if status is not None:
+        return status in _TRANSIENT_STATUS
+    return any(
+        isinstance(err, httpx2.TransportError | ConnectionError | TimeoutError)
+        or (isinstance(err, OSError) and "Consistency check failed" in str(err))
+        for err in _chain(exc)
+    )
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds the server asked us to wait, if it did: Retry-After (seconds or HTTP date), else on a 429
+    the Hub's RateLimit header (seconds until the window resets)."""
+    response = _response(exc)
+    if response is None:
+        return None
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    if value:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+    limit = parse_ratelimit_headers(response.headers)
+    if response.status_code == 429 and limit is not None and limit.remaining == 0:
+        return float(limit.reset_in_seconds)
+    return None
+
+
+def _server_message(exc: BaseException) -> str:
+    response = _response(exc)
+    header = response.headers.get("X-Error-Message", "") if response is not None else ""
+    return " ".join([header, *(str(err) for err in _chain(exc))])
+
+
+def _batch_failures(exc: BaseException) -> list[dict[str, str]]:
+    """The operations a bucket batch reported as failed (the others were applied: not transactional)."""
+    return next((err.failures for err in _chain(exc) if isinstance(err, BucketBatchError)), [])
+
+
+def _is_hub_api(exc: BaseException) -> bool:
+    """Whether the failed request went to the Hub's API (token checked there), not to file storage."""
+    response = _response(exc)
+    try:
+        path = response.request.url.path if response is not None else ""
+    except RuntimeError:  # a response built without its request
+        return True
+    return path.startswith("/api/") and "/xet-" not in path
+
+
+def short_error(exc: BaseException) -> str:
+    """First line of the error (the server's, under a client wrapper), prefixed by its status if it has
+    one, without URL queries (upload URLs carry signatures): enough for a log line."""
+    status = _status(exc)
+    source = next((err for err in _chain(exc) if isinstance(err, HfHubHTTPError)), exc)
+    line = (str(source).strip().splitlines() or [type(exc).__name__])[0]
+    line = _URL_QUERY.sub("", line)
+    return f"{status} {line}" if status is not None and str(status) not in line else line
+
+
+def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
+    """Translate a client exception into a one-line HubError, or None if it looks like a bug."""
+    if isinstance(exc, HubError):
+        return exc
+    repo = (f"bucket HF_REPO_ID={cfg.repo_id} (or its model repo, which holds the run's generation claim)"
+            if cfg.repo_type == "bucket" else f"{cfg.repo_type} repo HF_REPO_ID={cfg.repo_id}")
+    if any(isinstance(err, OfflineModeIsEnabled) for err in _chain(exc)):
+        return HubFatal("HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to sync or restore")
+    if any(isinstance(err, HFValidationError) for err in _chain(exc)):
+        return HubFatal(bad_repo_id(cfg.repo_id or ""))
+    if is_transient(exc):
+        return HubUnavailable(f"Hub unreachable or overloaded: {short_error(exc)}")
+    status = _status(exc)
+    failures = _batch_failures(exc)
+    not_found = any(isinstance(err, RepositoryNotFoundError | BucketNotFoundError) for err in _chain(exc))
+    if status == 412:
+        return HeadMoved("the repo moved on while we were committing (412)")
+    if any(isinstance(err, RevisionNotFoundError) for err in _chain(exc)):
+        return RevisionGone("the commit being read is gone from the Hub (history squashed)")
+    if (status == 403 or failures) and _QUOTA_MESSAGE.search(_server_message(exc)):
+        free = ("delete other files from the bucket" if cfg.repo_type == "bucket"
+                else "delete old checkpoints with their history, or use HF_REPO_TYPE=bucket")
+        return QuotaExceeded(
+            f"the Hub account's storage is full ({short_error(exc)}): nothing new is backed up until space "
+            f"is freed; lower HF_KEEP_LAST, {free}, or get a bigger plan (retried every pass)"
+        )
+    if failures:
+        first = failures[0]
+        return HubError(f"the bucket refused {len(failures)} file operation(s), e.g. {first.get('path')}: "
+                        f"{first.get('error')}")
+    if status in (401, 403) and not _is_hub_api(exc):
+        # The API accepted the token (every pass starts with repo_info), so a refusal from the storage
+        # side (an expired upload URL, a Xet token refresh) is not a settings problem: try again later.
+        return HubError(f"the Hub's storage refused an upload: {short_error(exc)}")
+    if status == 401 and not cfg.token:  # anonymous callers get 401 for any private or missing repo
+        return HubFatal("HF_TOKEN is not set (401 unauthenticated): set it to a token with write access")
+    if status == 401 and not not_found:
+        return HubFatal(
+            "the Hub rejected HF_TOKEN (401 invalid credentials): set HF_TOKEN to a valid access token"
+        )
+    if status == 401 or not_found:
+        return (RepoMissing if status == 404 else HubFatal)(
+            f"{repo} does not exist or HF_TOKEN cannot see it: check HF_REPO_ID and HF_REPO_TYPE, and that "
+            "HF_TOKEN is set and has access to that repo"
+        )
+    if status == 403:
+        return HubFatal(
+            f"HF_TOKEN may not write to {repo} (403 forbidden): use a token with write access, or a repo "
+            "in a namespace the token owns"
+        )
+    if status is not None:
+        return HubError(f"the Hub refused the request: {short_error(exc)}")
+    return None
+
+
+def call(
+    what: str,
+    fn: Callable[[], T],
+    cfg: HubConfig,
+    *,
+    attempts: int = 4,
+    max_wait: float = 30.0,
+    pause: Pause | None = None,
+) -> T:
+    """Run `fn`, retrying transient Hub errors with exponential backoff; Retry-After is honoured up to
+    MAX_RETRY_AFTER_S, and `pause` ends the waits at SIGTERM.
+
+    Raises a HubError subclass (HubFatal, HubUnavailable, HeadMoved, ...) instead of library exceptions,
+    and lets anything unrecognised through (a sync pass reports it as a failed pass).
+    """
+    pause = pause or Pause()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            err = to_hub_error(exc, cfg)
+            if err is None:
+                raise
+            if not isinstance(err, HubUnavailable) or attempt == attempts:
+                raise err from exc
+            asked = retry_after(exc)
+            wait = (
+                min(asked, MAX_RETRY_AFTER_S)
+                if asked is not None
+                else min(max_wait, 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            )
+            log.warning(
+                kv(
+                    event="hub_retry",
+                    what=what,
+                    attempt=f"{attempt}/{attempts}",
+                    wait_s=round(wait, 2),
+                    retry_after=asked if asked is not None else "-",
+                    error=short_error(exc),
+                )
+            )
+            if not pause.sleep(wait):
+                raise HubUnavailable(f"{err} (stopping: no time left to retry)") from exc
+    raise AssertionError("unreachable")

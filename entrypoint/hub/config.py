@@ -1,0 +1,131 @@
+"""HubConfig: everything phoenix needs to talk to the Hub, read once from the environment, and the paths that
+the Hub repo and the volume share (the repo mirrors the volume: one relative path names a file in both).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from entrypoint.hub.errors import HubFatal, bad_repo_id
+from entrypoint.logs import redact
+from trainer import checkpoint_layout as layout
+from trainer import fencing
+
+DEFAULT_MODEL_TAG = "d26-hyperbolic"
+DEFAULT_SYNC_INTERVAL = 1200.0
+# Checkpoints per stage kept on the Hub: a pass may push this many before pruning, so a stage peaks at
+# twice it; with base's last ones kept while SFT runs, a d26 run (~9 GB each) peaks at 6 x 9 = 54 GB,
+# inside a free account's 100 GB of private storage (README, "Hub storage").
+DEFAULT_HUB_KEEP_LAST = 2
+TOKENIZER_PATH = "tokenizer/tokenizer.json"
+RUN_FILE = "run.json"
+EVAL_DIR = "eval"  # runs/<tag>/eval/<stage>_stepNNNNNN.json: `phoenix eval` results
+GENERATION_FILE = fencing.GENERATION_FILE
+TRAINER_STATUS_FILE = "trainer_status.json"
+REPO_TYPES = ("model", "dataset", "bucket")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything phoenix needs to talk to the Hub, read once from the environment."""
+
+    base_dir: Path
+    model_tag: str
+    repo_id: str | None
+    repo_type: str = "model"
+    private: bool = True
+    token: str | None = None
+    endpoint: str | None = None
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
+    keep_last: int | None = DEFAULT_HUB_KEEP_LAST  # None keeps every checkpoint (HF_KEEP_LAST=all)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> HubConfig:
+        """Raise HubFatal (one line: which variable, what to set) on a malformed value."""
+        env = os.environ if environ is None else environ
+        repo_id = env.get("HF_REPO_ID", "").strip() or None
+        if repo_id is not None:
+            try:
+                validate_repo_id(repo_id)
+            except HFValidationError:
+                raise HubFatal(bad_repo_id(repo_id)) from None
+            if repo_id.count("/") != 1:  # the bare-name form only works for create_repo, not for reads
+                raise HubFatal(bad_repo_id(repo_id))
+        repo_type = env.get("HF_REPO_TYPE", "").strip() or "model"
+        if repo_type not in REPO_TYPES:
+            raise HubFatal(f"HF_REPO_TYPE={repo_type!r} is not supported: set it to 'model', 'dataset' or "
+                           "'bucket' (checkpoints in a Storage Bucket)")
+        private_text = env.get("HF_PRIVATE", "").strip().lower() or "true"
+        if private_text not in _TRUE | _FALSE:
+            raise HubFatal(f"HF_PRIVATE={private_text!r} is not a boolean: set it to 'true' or 'false'")
+        interval_text = env.get("HF_SYNC_INTERVAL", "").strip() or str(DEFAULT_SYNC_INTERVAL)
+        try:
+            interval = float(interval_text)
+            if interval <= 0:
+                raise ValueError
+        except ValueError:
+            raise HubFatal(
+                f"HF_SYNC_INTERVAL={interval_text!r} is not a positive number of seconds: set it to e.g. 1200"
+            ) from None
+        keep_text = env.get("HF_KEEP_LAST", "").strip()
+        try:
+            keep_last = None if keep_text == "all" else int(keep_text or DEFAULT_HUB_KEEP_LAST)
+            if keep_last is not None and keep_last < 1:
+                raise ValueError
+        except ValueError:
+            raise HubFatal(
+                f"HF_KEEP_LAST={keep_text!r} is not a positive integer: set it to e.g. 2, or to 'all' to "
+                "keep every checkpoint on the Hub"
+            ) from None
+        return cls(
+            base_dir=Path(env.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat"),
+            model_tag=env.get("MODEL_TAG", "").strip() or DEFAULT_MODEL_TAG,
+            repo_id=repo_id,
+            repo_type=repo_type,
+            private=private_text in _TRUE,
+            token=env.get("HF_TOKEN") or None,
+            endpoint=(env.get("HF_ENDPOINT") or "").rstrip("/") or None,
+            sync_interval=interval,
+            keep_last=keep_last,
+        )
+
+    @classmethod
+    def from_env_or_exit(cls) -> HubConfig:
+        """For CLI commands: the config, or one `error:` line (token masked) and exit code 2."""
+        try:
+            return cls.from_env()
+        except HubFatal as exc:
+            print(f"error: {redact(str(exc))}", file=sys.stderr)
+            sys.exit(2)
+
+    # The repo mirrors the volume, so one relative path names a file in both places.
+    def local(self, path_in_repo: str) -> Path:
+        return self.base_dir / path_in_repo
+
+    def stage_path(self, stage: str) -> str:
+        return layout.stage_dir("", stage, self.model_tag).as_posix()
+
+    def checkpoint_path(self, stage: str, step: int) -> str:
+        return f"{self.stage_path(stage)}/{layout.step_dir_name(step)}"
+
+    def run_path(self, name: str) -> str:
+        return f"runs/{self.model_tag}/{name}"
+
+    @property
+    def git_repo_type(self) -> str:
+        """The type of the git repo that holds the claim and run files (and the checkpoints, unless they go
+        to a bucket: then it is the model repo of the same id, see `bucket_store`)."""
+        return "model" if self.repo_type == "bucket" else self.repo_type
+
+
+def local_generation(cfg: HubConfig) -> int:
+    """This volume's launch generation (0 before the first claim)."""
+    return fencing.local_generation(cfg.base_dir, cfg.model_tag)

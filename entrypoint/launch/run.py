@@ -1,0 +1,345 @@
+"""`phoenix run`: the trainer container's entrypoint; running it again is the whole recovery procedure.
+
+In order: preflight (one line per problem, before any download or launch), an exclusive lock on the
+volume for MODEL_TAG, a generation on the Hub (claimed unless this volume's is already the newest),
+damaged checkpoints moved to quarantine, restore from the Hub when the volume lacks the latest
+checkpoint (waiting for the Hub rather than starting over when the volume has nothing to resume),
+tokenizer and first shards, then base pretraining and (RUN_SFT=1) SFT under torchrun, each skipped once
+its final checkpoint is marked done. SIGTERM/SIGINT go to the workers, which write an emergency
+checkpoint and exit 0. The trainer status file tells the sidecar when to do its last push.
+
+How a launch ends, for `restart: on-failure` (compose.yaml): exit 0 when finished, stopped, or held by
+the crash-loop guard (the same failure PHOENIX_MAX_FAILURES launches in a row with the same settings and
+no new checkpoint: Docker stops relaunching); exit 1 on a crash (relaunched, resumes); exit 2 on an error
+the user must fix, printed as one `error:` line (relaunched with Docker's backoff until the guard holds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from entrypoint.hub.client import Hub
+from entrypoint.hub.config import local_generation
+from entrypoint.hub.errors import HubError, HubFatal, RepoMissing
+from entrypoint.hub.stores import claim_generation
+from entrypoint.launch.config import PreflightError, RunConfig, nproc_for
+from entrypoint.launch.preflight import preflight, visible_gpus
+from entrypoint.launch.prepare import volume_error
+from entrypoint.launch.torchrun import Launcher, torchrun_command
+from entrypoint.launch.volume import FailureLog, StatusFile, VolumeLock, node0_is_live
+from entrypoint.logs import kv, redact, setup_logging
+from trainer import checkpoint_layout as layout
+from trainer import fencing
+
+log = logging.getLogger("phoenix.run")
+
+EXIT_CRASH, EXIT_ERROR = 1, 2
+# Kinds of failure whose cause a plain relaunch cannot change (they are in the checkpoint or the data,
+# not on the machine): a held guard refuses these outright; the others are cheap to check again.
+_REFUSED_KINDS = ("stage", "crash")
+HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, HUB_WAIT_TICK_S = 5.0, 300.0, 30.0
+
+
+class RunFailed(Exception):
+    """The launch ends on a failure. `kind`: preflight | volume | stage (user-fixable) | crash."""
+
+    def __init__(self, line: str, kind: str, printed: bool = False) -> None:
+        super().__init__(line)
+        self.line, self.kind, self.printed = line, kind, printed
+
+
+def stage_done(cfg: RunConfig, stage: str) -> bool:
+    ckpt = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+    return ckpt is not None and ckpt.done
+
+
+def stopped_elsewhere(cfg: RunConfig, stage: str) -> bool:
+    """The stage's newest checkpoint is an emergency one: the workers were stopped, wherever the signal
+    came from."""
+    ckpt = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+    return ckpt is not None and not ckpt.done and bool(ckpt.meta().get("stopped"))
+
+
+def volume_progress(cfg: RunConfig) -> str:
+    """The volume's newest checkpoint per stage: a failure after progress is not "the same" failure."""
+    steps = []
+    for stage in layout.STAGES:
+        ckpt = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        steps.append(f"{stage}={ckpt.step if ckpt else '-'}")
+    return ",".join(steps)
+
+
+def volume_has_checkpoint(cfg: RunConfig) -> bool:
+    return any(layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag)) for stage in layout.STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The story
+
+
+def run(cfg: RunConfig, max_failures: int = 3) -> int:
+    """One launch, with the crash-loop guard around it; returns the exit code."""
+    failures = FailureLog(cfg.base_dir, cfg.model_tag, max_failures, cfg.node_rank)
+    held = failures.read()
+    if (held and held.get("held") and held.get("kind") in _REFUSED_KINDS
+            and held.get("fingerprint") == cfg.fingerprint and held.get("progress") == volume_progress(cfg)):
+        click.echo(f"error: {held['error']} (the last {held['count']} launches ended so, with these settings "
+                   "and no new checkpoint: not relaunching; fix it, then relaunch)", err=True)
+        return 0
+    try:
+        code = _launch(cfg)
+    except PreflightError as exc:
+        lines = [redact(line) for line in str(exc).splitlines()]
+        for line in lines:
+            click.echo(f"error: {line}", err=True)
+        return _failed(failures, cfg, RunFailed(lines[0], "preflight", printed=True))
+    except HubFatal as exc:
+        return _failed(failures, cfg, RunFailed(redact(str(exc)), "preflight"))
+    except RunFailed as exc:
+        return _failed(failures, cfg, exc)
+    failures.clear()
+    return code
+
+
+def _failed(failures: FailureLog, cfg: RunConfig, failure: RunFailed) -> int:
+    if not failure.printed:
+        click.echo(f"error: {failure.line}", err=True)
+    record = failures.record(failure.line, failure.kind, cfg.fingerprint, volume_progress(cfg))
+    if record["held"]:
+        log.warning(kv(event="crash_loop_guard", failures_in_a_row=record["count"], exit_code=0,
+                       action="not relaunching until the settings or the volume change; phoenix status "
+                              "and phoenix health show it"))
+        return 0
+    return EXIT_CRASH if failure.kind == "crash" else EXIT_ERROR
+
+
+def _launch(cfg: RunConfig) -> int:
+    problems = preflight(cfg)
+    if problems:
+        raise PreflightError("\n".join(problems))
+    lock = VolumeLock(cfg.base_dir / "runs" / cfg.model_tag / f"trainer.node{cfg.node_rank}.lock")
+    lock.acquire()
+    launcher = Launcher(_log_file())
+    signal.signal(signal.SIGTERM, launcher.on_signal)
+    signal.signal(signal.SIGINT, launcher.on_signal)
+    if cfg.nnodes > 1 and cfg.node_rank != 0:
+        _wait_for_node0(cfg, launcher)
+    status = StatusFile(cfg, local_generation(cfg.hub))
+    _take_generation(cfg, status, launcher)
+    status.start()
+    outcome, error = "failed", None
+    try:
+        code = _stages(cfg, launcher, status, lock)
+        outcome = {"done": "finished", "fenced": "fenced"}.get(status.state["phase"], "stopped")
+        return code
+    except RunFailed as exc:
+        outcome, error = ("stopped", None) if launcher.stop_requested else ("failed", exc.line)
+        if launcher.stop_requested:
+            return 0
+        raise
+    finally:
+        status.set(error=error)
+        status.close(outcome)
+        lock.release()
+        log.info("phoenix run %s", outcome)
+
+
+def _wait_for_node0(cfg: RunConfig, launcher: Launcher) -> None:
+    """A node other than 0 needs node 0's volume (checkpoints, data): see node 0's status file on ours."""
+    wait_s = float(os.environ.get("PHOENIX_SHARED_WAIT_S", "60"))
+    deadline = time.monotonic() + wait_s
+    while not node0_is_live(cfg.base_dir, cfg.model_tag):
+        if time.monotonic() > deadline:
+            raise PreflightError(f"NANOCHAT_BASE_DIR={cfg.base_dir} is not shared with node 0 (no live "
+                                 f"status of node 0 there after {wait_s:.0f}s): mount the same shared folder "
+                                 "on every node, and start node 0")
+        if launcher.stopping.wait(1.0):
+            return
+
+
+def _take_generation(cfg: RunConfig, status: StatusFile, launcher: Launcher) -> None:
+    """Fence off older launches: claim a new generation unless this volume's is already the Hub's newest
+    (a relaunch on the same volume then adds no Hub commit). A claim the Hub does not answer is retried
+    in the background, so the sidecar is not left fenced for the whole run."""
+    if not cfg.hub.repo_id or cfg.node_rank != 0:
+        return
+    try:
+        hub = Hub(cfg.hub)
+        if status.generation:
+            try:
+                newest = hub.generation(hub.snapshot())
+            except RepoMissing:
+                newest = -1
+            if newest == status.generation:
+                log.info(kv(event="generation_kept", generation=newest, reason="still the Hub's newest"))
+                return
+        status.generation = claim_generation(cfg.hub, hub)
+    except HubFatal:
+        raise
+    except HubError as exc:
+        log.warning(kv(event="generation_claim_failed", error=redact(str(exc)),
+                       action="retrying in the background; the sidecar waits for it"))
+        threading.Thread(target=_claim_until_it_lands, args=(cfg, status, launcher), daemon=True,
+                         name="claim").start()
+
+
+def _claim_until_it_lands(cfg: RunConfig, status: StatusFile, launcher: Launcher) -> None:
+    wait = HUB_WAIT_FIRST_S
+    while not launcher.stopping.wait(wait):
+        try:
+            status.generation = claim_generation(cfg.hub)
+        except HubError as exc:
+            wait = min(2 * wait, HUB_WAIT_MAX_S)
+            log.warning(kv(event="generation_claim_failed", error=redact(str(exc)), retry_in_s=round(wait)))
+            continue
+        status.set()
+        return
+
+
+def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: VolumeLock) -> int:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(cfg.base_dir), "MODEL_TAG": cfg.model_tag,
+           "DEVICE": cfg.device}
+    if cfg.node_rank == 0:
+        status.set(phase="verify")
+        for stage in layout.STAGES:
+            # A damaged step the run would save again (or a damaged final one) blocks it forever.
+            layout.latest_or_quarantine(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        if cfg.hub.repo_id:
+            status.set(phase="restore")
+            if not _restore_or_wait(cfg, launcher):
+                return 0
+        else:
+            log.info("HF_REPO_ID not set: Hub sync and restore are off")
+        if launcher.stop_requested:
+            return 0
+        if not stage_done(cfg, "base"):
+            status.set(phase="prepare")
+            _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
+    nproc = nproc_for(cfg, visible_gpus())
+    stages = [("base", "trainer.train", cfg.train_args)] + ([("sft", "trainer.sft", cfg.sft_args)]
+                                                            if cfg.run_sft else [])
+    for stage, module, args in stages:
+        if launcher.stop_requested:
+            return 0
+        if stage_done(cfg, stage):
+            log.info("%s stage already finished: skipping it", stage)
+            _evaluate_if_asked(cfg, stage, status)
+            continue
+        status.set(phase=stage)
+        if stage == "sft" and cfg.node_rank == 0:
+            _prepare(cfg, launcher, lock, env, "sft", args)
+            if launcher.stop_requested:
+                return 0
+        code = launcher.run(torchrun_command(cfg, module, nproc, args), env, lock)
+        if launcher.stop_requested:
+            return 0
+        if fencing.fenced_by(cfg.base_dir, cfg.model_tag) is not None:
+            # The workers printed the one line; exit 0, since a relaunch would take the run back.
+            status.set(phase="fenced")
+            return 0
+        if code != 0 and launcher.error is not None:
+            raise RunFailed(launcher.error, "stage", printed=True)
+        if code != 0:
+            raise RunFailed(launcher.last_exception or f"{stage} stage exited with code {code}", "crash")
+        if stopped_elsewhere(cfg, stage):
+            # A stop that reached another node (or process) first: the ranks agreed on an emergency
+            # checkpoint, and this node's entrypoint ends as stopped too, to resume with the others.
+            log.info("%s stage stopped with an emergency checkpoint: exiting for resume", stage)
+            return 0
+        if not stage_done(cfg, stage):
+            raise RunFailed(f"{stage} stage exited 0 without a final checkpoint", "crash")
+        _evaluate_if_asked(cfg, stage, status)
+    status.set(phase="done")
+    return 0
+
+
+def _prepare(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dict[str, str], stage: str,
+             args: list[str]) -> None:
+    """Resume check and data download in a child process: a stop ends it at once, an error is one line."""
+    command = [sys.executable, "-m", "entrypoint.launch.prepare", stage, "--preset", cfg.preset, *args]
+    code = launcher.run(command, env, lock, to_workers=False)
+    if code != 0 and not launcher.stop_requested:
+        if launcher.error is not None:
+            raise RunFailed(launcher.error, "stage", printed=True)
+        crash = launcher.last_exception or f"preparing the {stage} stage failed (code {code})"
+        raise RunFailed(crash, "crash")
+
+
+def _restore_or_wait(cfg: RunConfig, launcher: Launcher) -> bool:
+    """Restore from the Hub. With nothing on the volume to resume, a Hub that cannot be asked (or holds
+    checkpoints it cannot serve now) is waited for, with backoff: starting over from step 0 would later
+    publish a new run over the Hub's. Returns False when a stop came during the wait."""
+    from entrypoint.hub.restore import restore
+
+    wait = HUB_WAIT_FIRST_S
+    while True:
+        try:
+            restore(cfg.hub)
+            return True
+        except HubFatal:
+            raise
+        except OSError as exc:
+            if (line := volume_error(exc)) is None:
+                raise
+            raise RunFailed(f"restoring from the Hub into {cfg.base_dir}: {line}", "volume") from None
+        except HubError as exc:
+            if volume_has_checkpoint(cfg):
+                log.warning("Hub unreachable for restore (%s): continuing from the volume", redact(str(exc)))
+                return True
+            error = redact(str(exc))
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            log.warning(kv(event="hub_wait", retry_in_s=round(left), error=error,
+                           reason="the volume has nothing to resume and the Hub may hold the run: waiting "
+                                  "for it rather than starting over"))
+            if launcher.stopping.wait(min(left, HUB_WAIT_TICK_S)):
+                return False
+        wait = min(2 * wait, HUB_WAIT_MAX_S)
+
+
+def _evaluate_if_asked(cfg: RunConfig, stage: str, status: StatusFile) -> None:
+    """EVAL=1: phoenix eval base/chat on a finished stage, once (see entrypoint.tools.eval)."""
+    if os.environ.get("EVAL") == "1" and cfg.node_rank == 0:
+        from entrypoint.tools.eval import evaluate_finished_stage
+
+        status.set(phase=f"eval_{stage}")
+        evaluate_finished_stage(cfg.base_dir, cfg.model_tag, stage, cfg.device)
+
+
+@click.command("run", context_settings={"ignore_unknown_options": True})
+@click.option("--model-tag", envvar="MODEL_TAG", default="d26-hyperbolic", show_default=True)
+@click.option("--preset", envvar="PRESET", default="d26", show_default=True)
+@click.option("--nproc-per-node", envvar="NPROC_PER_NODE", type=int, default=None,
+              help="Processes per node [default: all visible GPUs]")
+@click.option("--run-sft/--no-sft", envvar="RUN_SFT", default=True, show_default=True)
+@click.option("--device", envvar="DEVICE", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def run_command(model_tag: str, preset: str, nproc_per_node: int | None, run_sft: bool, device: str,
+                train_args: tuple[str, ...]) -> None:
+    """Preflight, lock, restore, then base pretraining and SFT under torchrun.
+
+    Base trainer flags go after --; SFT flags in the SFT_ARGS variable."""
+    setup_logging(_log_file())
+    # Flags override the environment (click already read it as their default): fold them back in.
+    environ = {**os.environ, "MODEL_TAG": model_tag, "PRESET": preset, "RUN_SFT": str(int(run_sft)),
+               "DEVICE": device, "NPROC_PER_NODE": "" if nproc_per_node is None else str(nproc_per_node)}
+    try:
+        cfg = RunConfig.from_env(list(train_args), environ)
+    except PreflightError as exc:
+        click.echo(f"error: {redact(str(exc))}", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(run(cfg, max_failures=int(os.environ.get("PHOENIX_MAX_FAILURES", "3"))))
+
+
+def _log_file() -> Path | None:
+    base = Path(os.environ.get("NANOCHAT_BASE_DIR", "~/.cache/nanochat")).expanduser()
+    # A missing or read-only volume is for preflight to report, not for the log set-up to crash on.
+    return base / "logs" / "phoenix_run.log" if base.is_dir() and os.access(base, os.W_OK) else None

@@ -1,0 +1,123 @@
+"""Stage processes for `phoenix run`: torchrun's command line, and a launcher that relays and stops them.
+
+Every line a child prints passes through the secret redaction on its way to the container log and
+`logs/phoenix_run.log`. A stop goes to torchrun's workers (torchrun itself would SIGKILL them in 30 s),
+and again to each worker that appears later; a preparation process is simply ended.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from entrypoint.launch.config import RunConfig
+from entrypoint.launch.procs import descendants, signal_pids
+from entrypoint.launch.volume import VolumeLock
+from entrypoint.logs import redact
+
+log = logging.getLogger("phoenix.run")
+
+# The last line of a Python traceback: what a crash is remembered by.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+
+
+def torchrun_command(cfg: RunConfig, module: str, nproc: int, args: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if cfg.nnodes > 1:
+        # c10d rendezvous; node 0 hosts the store so the others always know where it is.
+        command += [f"--nnodes={cfg.nnodes}", f"--node_rank={cfg.node_rank}", "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint={cfg.master_addr}:{cfg.master_port}", f"--rdzv_id={cfg.model_tag}",
+                    f"--rdzv_conf=is_host={int(cfg.node_rank == 0)}"]
+    else:
+        command += ["--standalone"]
+    return [*command, "-m", module, "--preset", cfg.preset, *args]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent (this entrypoint) dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Launcher:
+    """Runs one child at a time (torchrun, or a preparation process); `stopping` is set by the first stop
+    signal and stays set, so a stop while torchrun is still starting reaches its workers once they exist."""
+
+    def __init__(self, log_file: Path | None) -> None:
+        self.log_file = log_file
+        self.proc: subprocess.Popen | None = None
+        self.stopping = threading.Event()
+        self.error: str | None = None  # the first `error:` line a child printed
+        self.last_exception: str | None = None  # the last line of a child's traceback
+        self._to_workers = True
+        self._signaled: set[int] = set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stopping.is_set()
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        if not self.stopping.is_set():
+            log.warning("received %s: asking the workers for an emergency checkpoint",
+                        signal.Signals(signum).name)
+        self.stopping.set()
+        self._forward_stop()
+
+    def _forward_stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        # Workers catch SIGTERM and checkpoint; a preparation process has nothing to save and just ends.
+        targets = descendants(proc.pid) if self._to_workers else [proc.pid, *descendants(proc.pid)]
+        fresh = [pid for pid in targets if pid not in self._signaled]
+        self._signaled.update(fresh)
+        signal_pids(fresh, signal.SIGTERM)
+
+    def run(self, command: list[str], env: dict[str, str], lock: VolumeLock, to_workers: bool = True) -> int:
+        log.info("launch %s", " ".join(command))
+        self.error = self.last_exception = None
+        self._to_workers, self._signaled = to_workers, set()
+        # The child inherits the lock (held until it exits, even if we die first) and dies with us;
+        # torchrun's workers exit when it does (trainer.runtime's orphan watchdog).
+        self.proc = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, pass_fds=(lock.fileno(),),
+                                     preexec_fn=_die_with_parent)
+        relay = threading.Thread(target=self._relay, args=(self.proc.stdout,), name="relay", daemon=True)
+        relay.start()
+        try:
+            while self.proc.poll() is None:
+                if self.stopping.wait(0.2):
+                    self._forward_stop()
+            relay.join()
+            return self.proc.returncode
+        finally:
+            self.proc = None
+
+    def _relay(self, stream: IO[bytes]) -> None:
+        """Every line, redacted, to our stdout and log file; after a child's first `error:` line only to
+        the file (the other ranks' copies and torchrun's failure report would bury the one line)."""
+        sink = open(self.log_file, "a") if self.log_file else None  # noqa: SIM115 - closed below
+        try:
+            for raw in stream:
+                line = redact(raw.decode(errors="replace"))
+                quiet = self.error is not None
+                if line.startswith("error: ") and self.error is None:
+                    self.error, quiet = line[len("error: "):].strip(), False
+                elif _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
+                    self.last_exception = line.strip()
+                if sink is not None:
+                    sink.write(line)
+                    sink.flush()
+                if not quiet:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        finally:
+            if sink is not None:
+                sink.close()

@@ -1,0 +1,185 @@
+"""The run's footprint on the volume: per-node lock and status file, the failure record, `phoenix health`.
+
+The failure record (runs/<tag>/failures.json) is the crash-loop guard's memory: the last launch's error
+line and how many launches in a row ended in it with the same configuration and no new checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import click
+
+from entrypoint.hub.config import TRAINER_STATUS_FILE
+from entrypoint.launch.config import PreflightError, RunConfig
+from trainer import checkpoint_layout as layout
+
+log = logging.getLogger("phoenix.run")
+
+FAILURES_FILE = "failures.json"
+
+
+class VolumeLock:
+    """flock on the volume: the kernel drops it when its holder dies, so a stale lock is never a problem."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held for the life of the run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown holder"
+            handle.close()
+            raise PreflightError(f"another phoenix run is training this MODEL_TAG on this volume ({holder}): "
+                                 "stop it first, or use another MODEL_TAG") from None
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%dT%H:%M:%S")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+        handle.flush()
+        self._file = handle
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def status_path(base_dir: Path, model_tag: str, node_rank: int = 0) -> Path:
+    """Node 0's status is the one the sidecar follows; other nodes of a multi-node run write their own."""
+    name = TRAINER_STATUS_FILE if node_rank == 0 else f"trainer_status.node{node_rank}.json"
+    return base_dir / "runs" / model_tag / name
+
+
+def node0_is_live(base_dir: Path, model_tag: str, max_age_s: float = 120.0) -> bool:
+    """Node 0's status file is fresh on this volume: node 0 refreshes it every 30 s while it runs, so
+    another node seeing it knows the folder is shared (clocks may differ by a minute)."""
+    try:
+        status = json.loads(status_path(base_dir, model_tag, 0).read_text())
+    except (OSError, ValueError):
+        return False
+    return status.get("status") == "running" and time.time() - status.get("updated", 0) < max_age_s
+
+
+class FailureLog:
+    """runs/<tag>/failures.json: the last failed launch, and how many launches in a row failed the same way.
+
+    "The same way" is the same error line, the same configuration (a fingerprint of the settings) and the
+    same checkpoints on the volume: a crash after progress starts the count again. A launch that ends
+    well (finished or stopped) removes the file.
+    """
+
+    def __init__(self, base_dir: Path, model_tag: str, limit: int, node_rank: int = 0) -> None:
+        name = FAILURES_FILE if node_rank == 0 else f"failures.node{node_rank}.json"
+        self.base_dir = base_dir
+        self.path = base_dir / "runs" / model_tag / name
+        self.limit = limit
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def record(self, error: str, kind: str, fingerprint: str, progress: str) -> dict[str, Any]:
+        """Count this failure; returns the record (with `held`: the guard stops relaunching now)."""
+        previous = self.read() or {}
+        same = all(previous.get(k) == v for k, v in
+                   (("error", error), ("fingerprint", fingerprint), ("progress", progress)))
+        now = time.time()
+        record = {"error": error, "kind": kind, "fingerprint": fingerprint, "progress": progress,
+                  "count": previous.get("count", 0) + 1 if same else 1,
+                  "first": previous.get("first", now) if same else now, "last": now, "limit": self.limit}
+        record["held"] = record["count"] >= self.limit
+        # A missing volume is the error being reported: creating its folder here would hide it next launch.
+        if self.base_dir.is_dir():
+            with suppress(OSError):  # a volume we cannot write is the error being reported, not a new one
+                layout.write_json_atomic(self.path, record)
+        return record
+
+    def clear(self) -> None:
+        with suppress(OSError):
+            self.path.unlink(missing_ok=True)
+
+
+class StatusFile:
+    """runs/<tag>/trainer_status.json: what the sidecar and `phoenix health` read; refreshed while alive."""
+
+    def __init__(self, cfg: RunConfig, generation: int) -> None:
+        self.path = status_path(cfg.base_dir, cfg.model_tag, cfg.node_rank)
+        self.generation = generation
+        self.state = {"status": "running", "phase": "preflight"}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, daemon=True, name="status")
+
+    def set(self, **fields: Any) -> None:
+        new_phase = fields.get("phase", self.state["phase"]) != self.state["phase"]
+        if new_phase or "phase_started" not in self.state:
+            self.state["phase_started"] = time.time()
+        self.state.update(fields)
+        try:
+            layout.write_json_atomic(self.path, {**self.state, "generation": self.generation,
+                                                 "updated": time.time(), "pid": os.getpid()})
+        except OSError as exc:  # a full volume: the run's own error says so; the status waits for room
+            log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(30):
+            self.set()
+
+    def start(self) -> None:
+        self.set()
+        self._thread.start()
+
+    def close(self, status: str) -> None:
+        self._stop.set()
+        self.set(status=status)
+
+
+@click.command("health")
+@click.option("--max-age", default=900, show_default=True, help="Seconds without news before unhealthy.")
+def health_command(max_age: int) -> None:
+    """Container HEALTHCHECK: the entrypoint is alive and, while training, steps keep coming."""
+    base = Path(os.environ.get("NANOCHAT_BASE_DIR", "~/.cache/nanochat")).expanduser()
+    tag = os.environ.get("MODEL_TAG", "d26-hyperbolic")
+    node_rank = int(os.environ.get("NODE_RANK", "0") or 0)
+    failure = FailureLog(base, tag, limit=0, node_rank=node_rank).read()
+    if failure and failure.get("held"):
+        click.echo(f"unhealthy: not relaunching after {failure['count']} identical failures: "
+                   f"{failure['error']}")
+        sys.exit(1)
+    try:
+        status = json.loads(status_path(base, tag, node_rank).read_text())
+    except (FileNotFoundError, ValueError):
+        click.echo("unhealthy: no trainer status yet")
+        sys.exit(1)
+    now = time.time()
+    news = status.get("updated", 0)
+    if status.get("phase") in ("base", "sft"):
+        # A stage's first step can take a while (compile, shards): count from the phase start.
+        heartbeat = base / "logs" / f"heartbeat_{tag}.json"
+        beat = json.loads(heartbeat.read_text()).get("time", 0) if heartbeat.exists() else 0
+        news = max(beat, status.get("phase_started", 0))
+    if status.get("status") == "running" and now - news > max_age:
+        click.echo(f"unhealthy: phase {status.get('phase')} silent for {now - news:.0f}s")
+        sys.exit(1)
+    click.echo(f"healthy: {status.get('status')} phase={status.get('phase')}")

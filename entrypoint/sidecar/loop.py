@@ -1,0 +1,228 @@
+"""`phoenix sync`: the sidecar process: a sync pass every HF_SYNC_INTERVAL s, at once when the trainer
+stops, and a final one on SIGTERM within the stop grace period; it outlives every fault.
+
+The pass itself (what is pushed and pruned, how) is `sync.Syncer`. A failed pass is retried sooner; a
+setting only the user can fix is logged once per interval, never an exit, since `restart: unless-stopped`
+would relaunch the sidecar in a loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from entrypoint.hub.calls import Pause
+from entrypoint.hub.config import TRAINER_STATUS_FILE, HubConfig, local_generation
+from entrypoint.hub.errors import HubFatal
+from entrypoint.logs import kv, redact, setup_hub_logging
+from entrypoint.sidecar.sync import Syncer
+
+log = logging.getLogger("phoenix.sync")
+
+_FIRST_FAILURE_DELAY = 5.0
+# compose.yaml gives the sidecar a 15 min stop_grace_period; a minute less leaves time to exit cleanly.
+DEFAULT_GRACE_SECONDS = 840.0
+_FINAL_PUSH_THREAD = "final-push"
+STALE_S = 120  # a "running" status older than this was left by a killed entrypoint
+
+
+def read_trainer_status(cfg: HubConfig) -> dict[str, Any] | None:
+    """The trainer's status file, or None if absent, unreadable or left by an older launch."""
+    try:
+        status = json.loads(cfg.local(cfg.run_path(TRAINER_STATUS_FILE)).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(status, dict) or not isinstance(status.get("status"), str):
+        return None
+    generation = status.get("generation")
+    if isinstance(generation, int) and generation < local_generation(cfg):
+        return None
+    updated = status.get("updated")
+    stale = isinstance(updated, (int, float)) and time.time() - updated > STALE_S
+    if status["status"] == "running" and stale:
+        # The entrypoint refreshes the file every 30 s while alive: silence means it was killed outright.
+        return {**status, "status": "lost"}
+    return status
+
+
+def run_loop(
+    cfg: HubConfig,
+    *,
+    exit_when_stopped: bool = False,
+    poll_seconds: float = 5.0,
+    stop_wait_seconds: float = 600.0,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    stop: threading.Event | None = None,
+    syncer: Syncer | None = None,
+) -> int:
+    """Sync every HF_SYNC_INTERVAL seconds and as soon as the trainer stops; returns an exit code.
+
+    A failed pass is retried sooner (5 s, doubling, capped at the interval). A setting only the user can
+    fix (HubFatal) is logged once per interval and checked again, never an exit: `restart: unless-stopped`
+    would relaunch the sidecar in a loop. With `exit_when_stopped`, returns after the final pass once the
+    trainer has stopped. When `stop` is set (SIGTERM), every wait ends at once; it then waits up to
+    `stop_wait_seconds` for a running trainer to stop (its emergency checkpoint) and pushes once more, all
+    within `grace_seconds` of the stop.
+    """
+    stop = stop or threading.Event()
+    syncer = syncer or Syncer(cfg, pause=Pause(stop))
+    log.info(
+        kv(
+            event="start",
+            repo=cfg.repo_id,
+            repo_type=cfg.repo_type,
+            model_tag=cfg.model_tag,
+            interval_s=cfg.sync_interval,
+            keep_last=cfg.keep_last if cfg.keep_last is not None else "all",
+            generation=local_generation(cfg),
+        )
+    )
+    failures = 0
+    fatal = False  # the last pass hit a setting only the user can fix
+    next_pass = time.monotonic()
+    seen, generation = read_trainer_status(cfg), local_generation(cfg)
+    while not stop.is_set():
+        status = read_trainer_status(cfg)
+        trainer_stopped = status is not None and status["status"] != "running"
+        just_stopped = trainer_stopped and status != seen
+        seen = status
+        if just_stopped:
+            log.info(kv(event="trainer_stopped", status=status["status"], action="final sync"))
+        # A launch on this volume just claimed a generation: what was fenced may be pushed now.
+        current = local_generation(cfg)
+        claimed, generation = current != generation, current
+        if just_stopped or claimed or time.monotonic() >= next_pass:
+            try:
+                result = syncer.sync_once()
+            except HubFatal as exc:
+                _log_fatal(exc, f"pushing nothing; checking again in {cfg.sync_interval:.0f}s")
+                fatal = True
+                if exit_when_stopped and trainer_stopped:
+                    return 2
+                next_pass = time.monotonic() + cfg.sync_interval
+                continue
+            fatal = False
+            failures = 0 if result.ok or result.fenced else failures + 1
+            delay = cfg.sync_interval if failures == 0 else _FIRST_FAILURE_DELAY * 2 ** (failures - 1)
+            next_pass = time.monotonic() + min(delay, cfg.sync_interval)
+            if exit_when_stopped and trainer_stopped and (result.ok or result.fenced):
+                log.info(kv(event="exit", reason="the trainer stopped and the final sync is done"))
+                return 0 if result.ok else 1
+        stop.wait(max(0.0, min(poll_seconds, next_pass - time.monotonic())))
+    if fatal:  # already said; a final push would only fail the same way
+        return 2
+    return _final_push(cfg, syncer, poll_seconds, stop_wait_seconds, grace_seconds)
+
+
+def _log_fatal(exc: HubFatal, action: str) -> None:
+    log.error(kv(event="fatal", error=redact(str(exc)), action=action))
+
+
+def _final_push(
+    cfg: HubConfig, syncer: Syncer, poll_seconds: float, stop_wait_seconds: float, grace_seconds: float
+) -> int:
+    """On SIGTERM: let a running trainer finish its emergency checkpoint (both may be stopped at once),
+    then push once more; all of it bounded by `grace_seconds`, after which Docker would SIGKILL us."""
+    deadline = time.monotonic() + grace_seconds
+    syncer.pause.deadline = deadline  # retry waits that would overrun it are not started
+    trainer_deadline = min(time.monotonic() + stop_wait_seconds, deadline)
+    while (status := read_trainer_status(cfg)) is not None and status["status"] == "running":
+        if time.monotonic() >= trainer_deadline:
+            log.warning(
+                kv(event="trainer_still_running", waited_s=stop_wait_seconds, action="pushing anyway")
+            )
+            break
+        time.sleep(poll_seconds)
+    log.info(kv(event="stopping", action="final sync", seconds_left=round(deadline - time.monotonic(), 1)))
+    outcome: dict[str, Any] = {}
+
+    def push() -> None:
+        try:
+            outcome["result"] = syncer.sync_once()
+        except HubFatal as exc:
+            outcome["fatal"] = exc
+
+    # An upload cannot be interrupted from outside: the pass runs in a thread we may leave behind (the
+    # Hub shows a commit whole or not at all, so nothing half-pushed is left either way).
+    pusher = threading.Thread(target=push, name=_FINAL_PUSH_THREAD, daemon=True)
+    pusher.start()
+    pusher.join(max(0.0, deadline - time.monotonic()))
+    if pusher.is_alive():
+        log.error(
+            kv(
+                event="final_push_timeout",
+                grace_s=grace_seconds,
+                action="exiting within the stop grace period; the next sidecar pushes what is left",
+            )
+        )
+        return 1
+    if "fatal" in outcome:
+        _log_fatal(outcome["fatal"], "exiting")
+        return 2
+    return 0 if outcome["result"].ok else 1
+
+
+def _exit(code: int) -> None:
+    """sys.exit, unless a final push was left running: then leave at once rather than wait for it."""
+    if any(t.name == _FINAL_PUSH_THREAD and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+@click.command("sync")
+@click.option("--once", is_flag=True, help="Do one pass and exit (non-zero if anything failed).")
+@click.option("--exit-when-stopped", is_flag=True, help="Exit after the final sync once the trainer stops.")
+@click.option(
+    "--poll-seconds", type=float, default=5.0, show_default=True, help="How often to check the trainer."
+)
+@click.option(
+    "--stop-wait-seconds",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="On SIGTERM, how long to wait for a running trainer to stop before the final push.",
+)
+@click.option(
+    "--grace-seconds",
+    type=float,
+    default=DEFAULT_GRACE_SECONDS,
+    show_default=True,
+    help="On SIGTERM, exit within this many seconds, final push done or not (under the stop grace period).",
+)
+def sync_command(
+    once: bool, exit_when_stopped: bool, poll_seconds: float, stop_wait_seconds: float, grace_seconds: float
+) -> None:
+    """Push every complete checkpoint to HF_REPO_ID (a Hub repo or bucket) as it appears (the sidecar)."""
+    cfg = HubConfig.from_env_or_exit()
+    setup_hub_logging(cfg.base_dir / "logs" / "hf_sync.log")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if cfg.repo_id is None:
+        log.info("HF_REPO_ID not set: Hub sync and restore are off")
+        if not (once or exit_when_stopped):
+            stop.wait()  # idle rather than exit, so a restart policy does not loop on us
+        sys.exit(0)
+    if once:
+        try:
+            sys.exit(0 if Syncer(cfg, pause=Pause(stop)).sync_once().ok else 1)
+        except HubFatal as exc:
+            _log_fatal(exc, "exiting")
+            sys.exit(2)
+    code = run_loop(
+        cfg,
+        exit_when_stopped=exit_when_stopped,
+        poll_seconds=poll_seconds,
+        stop_wait_seconds=stop_wait_seconds,
+        grace_seconds=grace_seconds,
+        stop=stop,
+    )
+    _exit(code)

@@ -1,0 +1,213 @@
+"""One sync pass: push every complete local checkpoint missing on the Hub, newest first, then prune.
+
+A CommitScheduler made safe for checkpoints (the process around it is `loop`). A pass pushes, newest
+first, each local checkpoint that is complete per `trainer.checkpoint_layout` and not yet complete in the
+store, so that the store shows it complete only once it is whole (`repo_store`: one commit with its
+MANIFEST.json; `bucket_store`: the manifest uploaded after every file). Nothing is written once a newer
+launch has claimed the run (see `store.claim_generation`). Right after each push, checkpoints beyond
+HF_KEEP_LAST (beyond the final one, for a finished stage) are pruned in a way that frees their storage: a
+stage peaks at HF_KEEP_LAST + 1 checkpoints. Hub outages are retried and caught up on; the trainer never
+waits for us.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from entrypoint.hub.calls import Pause, short_error
+from entrypoint.hub.client import Hub, HubSnapshot, add_operation, generation_of
+from entrypoint.hub.config import EVAL_DIR, RUN_FILE, TOKENIZER_PATH, HubConfig, local_generation
+from entrypoint.hub.errors import Fenced, HeadMoved, HubError, HubFatal
+from entrypoint.hub.store import CheckpointStore, StoreView
+from entrypoint.hub.stores import open_store
+from entrypoint.logs import kv, redact
+from trainer import checkpoint_layout as layout
+from trainer import fencing
+
+log = logging.getLogger("phoenix.sync")
+
+_PASS_ATTEMPTS = 3  # a pass restarts from a fresh snapshot when someone else committed meanwhile
+
+
+def hub_keeps(cfg: HubConfig, stage: str, steps: set[int]) -> set[int]:
+    """Which of these steps of `stage` the Hub keeps: the newest HF_KEEP_LAST, or only the newest once it is
+    the stage's final checkpoint (restore needs nothing older, and SFT starts from the base's final one)."""
+    newest = sorted(steps, reverse=True)
+    if cfg.keep_last is None or not newest:
+        return set(newest)
+    return set(newest[: 1 if _marked_done(cfg, stage, newest[0]) else cfg.keep_last])
+
+
+def _marked_done(cfg: HubConfig, stage: str, step: int) -> bool:
+    """True if the volume's copy of this step marks its stage done (no copy: not known, so False)."""
+    folder = layout.stage_dir(cfg.base_dir, stage, cfg.model_tag) / layout.step_dir_name(step)
+    try:
+        return bool(layout.read_manifest(folder).get("done", False))
+    except layout.CheckpointInvalid:
+        return False
+
+
+@dataclass
+class PassResult:
+    """What one sync pass did; `ok` is False if anything was left undone."""
+
+    pushed: list[tuple[str, int]] = field(default_factory=list)
+    pruned: list[tuple[str, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    fenced: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.fenced
+
+
+class Syncer:
+    """Pushes what is complete locally and missing in the store; one instance per sidecar process."""
+
+    def __init__(self, cfg: HubConfig, hub: Hub | None = None, pause: Pause | None = None,
+                 store: CheckpointStore | None = None):
+        self.cfg = cfg
+        self.store = store or open_store(cfg, hub or Hub(cfg, pause=pause))
+        self.hub = self.store.hub
+        self.pause = self.hub.pause
+        self._repo_ready = False
+        self._bad_extras: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) already warned about
+
+    def sync_once(self) -> PassResult:
+        """One pass. Raises HubFatal (bad token, no access, bad repo id); anything else, whatever raised it
+        (the Hub, Xet, a file the trainer pruned meanwhile), is a failed pass: one log line, and the loop
+        retries. The sidecar must outlive every fault, or the final push on SIGTERM is lost too."""
+        result = PassResult()
+        try:
+            if not self._repo_ready:
+                self.store.ensure()
+                self._repo_ready = True
+            for _ in range(_PASS_ATTEMPTS):
+                try:
+                    self._pass(result)
+                    break
+                except HeadMoved:
+                    log.info(kv(event="head_moved", action="re-reading the Hub"))
+            else:
+                result.errors.append("the Hub repo kept changing during the pass")
+        except HubFatal:
+            raise
+        except Fenced as exc:
+            result.fenced = True
+            if local_generation(self.cfg) == 0:  # the usual start: the sidecar is up before the trainer
+                log.info(kv(event="waiting_for_claim", detail=str(exc), action="pushing once it is claimed"))
+            else:
+                log.error(kv(event="fenced", detail=str(exc), action="not pushing or deleting anything"))
+        except Exception as exc:
+            error = redact(str(exc) if isinstance(exc, HubError) else short_error(exc))
+            result.errors.append(error)
+            log.error(kv(event="sync_failed", error_type=type(exc).__name__, error=error))
+        log.info(
+            kv(
+                event="pass_done",
+                ok=result.ok,
+                pushed=len(result.pushed),
+                pruned=len(result.pruned),
+                errors=len(result.errors),
+            )
+        )
+        return result
+
+    def _pass(self, result: PassResult) -> None:
+        view = self.store.view()
+        own, theirs = local_generation(self.cfg), generation_of(view.claim)
+        if theirs > own:
+            hint = " (this volume has not claimed one yet: the entrypoint does at launch)" if own == 0 else ""
+            if own > 0:  # a launch elsewhere took the run over: the trainer here stops at its next save
+                fencing.write_marker(self.cfg.base_dir, self.cfg.model_tag, own, view.claim)
+            raise Fenced(f"fenced: generation {own} < {theirs}{hint}")
+        # Every commit below names the head it was planned on (`view.head`): if anyone (a newer launch
+        # claiming the repo) commits in between, the Hub answers 412 and the pass starts over.
+        self.store.tidy(view)
+        extras = self._changed_extras(view.snapshot)
+        for stage in layout.STAGES:
+            for ckpt in self._to_push(stage, set(view.steps(stage))):
+                if ckpt.step not in hub_keeps(self.cfg, stage, {*view.steps(stage), ckpt.step}):
+                    continue  # the prune would delete it at once (pruned before, or older than the final)
+                try:
+                    ckpt = layout.verify(ckpt.path, full_hash=True)
+                    self.store.push(view, stage, ckpt, extras)
+                except (HeadMoved, Fenced, HubFatal):
+                    raise
+                except Exception as exc:
+                    # Pruned by the trainer while we hashed or uploaded it (the client then raises
+                    # FileNotFoundError, ValueError or RuntimeError): nothing to push.
+                    if not ckpt.path.is_dir():
+                        log.warning(kv(event="skip_vanished", stage=stage, step=ckpt.step))
+                        continue
+                    if not isinstance(exc, layout.CheckpointInvalid):
+                        raise
+                    result.errors.append(str(exc))
+                    log.error(kv(event="skip_corrupt", stage=stage, step=ckpt.step, error=str(exc)))
+                    continue
+                extras = []  # rode along with this checkpoint
+                result.pushed.append((stage, ckpt.step))
+                # Now, not at the end of the pass: a pass catching up on several checkpoints would
+                # otherwise hold them all on the Hub at once.
+                self._prune(view, result)
+        if extras:
+            self.store.push_side_files(view, extras)
+        self._prune(view, result)  # HF_KEEP_LAST lowered, or a stage finished by an earlier pass
+
+    def _to_push(self, stage: str, on_hub: set[int]) -> list[layout.Checkpoint]:
+        """Local complete checkpoints missing on the Hub, newest first: if the instance dies mid-pass, the
+        one resume needs is already up."""
+        local = layout.complete_checkpoints(layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag))
+        return sorted((c for c in local if c.step not in on_hub), key=lambda c: c.step, reverse=True)
+
+    def _changed_extras(self, snapshot: HubSnapshot) -> list[Any]:
+        """Tokenizer, run identity and evaluation results (`runs/<tag>/eval/*.json`, which restore brings
+        back with the other run files), when they differ from the Hub's copy and are sound: a corrupt or
+        truncated local file never replaces the Hub's good one (a restore would bring it back)."""
+        ops = []
+        eval_dir = self.cfg.local(self.cfg.run_path(EVAL_DIR))
+        evals = sorted(p.relative_to(self.cfg.base_dir).as_posix() for p in eval_dir.glob("*.json"))
+        for path in (TOKENIZER_PATH, self.cfg.run_path(RUN_FILE), *evals):
+            local = self.cfg.local(path)
+            if not local.is_file() or snapshot.same(path, local):
+                continue
+            problem = _json_problem(local, "model" if path == TOKENIZER_PATH else None)
+            if problem is None:
+                ops.append(add_operation(path, local))
+                continue
+            stat = local.stat()
+            if self._bad_extras.get(path) != (stat.st_size, stat.st_mtime_ns):  # once per version of it
+                self._bad_extras[path] = (stat.st_size, stat.st_mtime_ns)
+                log.warning(kv(event="skip_bad_file", path=path, problem=problem,
+                               action="not pushed; the Hub keeps its copy"))
+        return ops
+
+    def _prune(self, view: StoreView, result: PassResult) -> None:
+        """Delete the complete checkpoints `hub_keeps` leaves out, in a way that frees their storage."""
+        doomed = [
+            ckpt
+            for stage in layout.STAGES
+            for ckpt in view.checkpoints[stage]
+            if ckpt.step not in hub_keeps(self.cfg, stage, set(view.steps(stage)))
+        ]
+        if not doomed:
+            return
+        try:
+            self.store.prune(view, doomed)
+        finally:  # what is deleted counts even when freeing it failed (a squash), to be done next pass
+            result.pruned.extend((c.stage, c.step) for c in doomed if c not in view.checkpoints[c.stage])
+
+
+def _json_problem(path: Path, required_key: str | None) -> str | None:
+    """Why `path` is not a sound JSON object (with `required_key`), or None if it is."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({str(exc).splitlines()[0]})"
+    if not isinstance(obj, dict) or (required_key is not None and required_key not in obj):
+        return f"not a JSON object with {required_key!r}" if required_key else "not a JSON object"
+    return None
