@@ -1,10 +1,9 @@
 """The tiny preset's loss curve: what the demo, the tests and a new user's first run train.
 
 Its data here is text with little structure beyond word frequencies (made-up words, Zipf-drawn), so the
-loss plateaus high (~4.2, as real text does at this size) and the model wants smaller logits: the
-condition under which nanochat's backout at depth 2 (the last layer, so λ could only flip the sign of
-every logit) walked λ across 1 and the loss jumped to 15.3 at step 121 of this run (seed 4; the tiny
-preset's 200 steps).
+loss plateaus high (~4.6, as real text does at this size): the condition under which nanochat's backout at
+depth 2 (the last layer, so λ could only flip the sign of every logit) walked λ across 1, and this run's
+loss jumped to 14.7 at step 107 (2 of 4 seeds spiked in 300 steps; bench/loss_curve.py measures more).
 """
 
 from __future__ import annotations
@@ -18,12 +17,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.loss_curve import spikes
 from tests.helpers import run_trainer, step_losses
 
-STEPS = 200  # the tiny preset's own length
-SEED = 4  # one of the seeds whose run spiked before (the default 42 did at step 168 of 300 steps)
-SPIKE_FACTOR = 1.5  # a step's loss over 1.5x the median of the 10 steps around it
-SETTLED_STEP = 20  # before it the loss falls too fast for a median to mean anything
+STEPS = 300
+SEED = 3  # one of the seeds whose run spiked before
 
 
 def word_soup_shards(data_dir: Path, num_shards: int = 4, docs_per_shard: int = 300) -> None:
@@ -42,13 +40,6 @@ def word_soup_shards(data_dir: Path, num_shards: int = 4, docs_per_shard: int = 
     (data_dir / "shards.json").write_text(json.dumps({"shards": names}))
 
 
-def spikes(losses: dict[int, float]) -> list[tuple[int, float]]:
-    """Steps after SETTLED_STEP whose loss exceeds SPIKE_FACTOR x the median of their 5 + 5 neighbours."""
-    return [(step, loss) for step, loss in losses.items() if step > SETTLED_STEP
-            and loss > SPIKE_FACTOR * statistics.median(losses[s] for s in range(step - 5, step + 6)
-                                                        if s != step and s in losses)]
-
-
 def test_the_tiny_run_trains_without_a_loss_spike(tmp_path):
     base = tmp_path / "volume"
     word_soup_shards(base / "base_data")
@@ -60,4 +51,4 @@ def test_the_tiny_run_trains_without_a_loss_spike(tmp_path):
     losses = step_losses(base)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert spikes(losses) == []
-    assert statistics.mean(losses[s] for s in range(STEPS - 9, STEPS + 1)) < 0.7 * losses[1]  # 7.6 -> 4.8
+    assert statistics.mean(losses[s] for s in range(STEPS - 9, STEPS + 1)) < 0.7 * losses[1]  # 7.6 -> 4.6
