@@ -12,7 +12,6 @@ whose pieces it reuses.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -24,6 +23,13 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
+from trainer.autobatch import (
+    TrialSteps,
+    exit_on_out_of_memory,
+    inject_oom,
+    parse_device_batch,
+    resolve_device_batch,
+)
 from trainer.chat_data import (
     DEFAULT_SFT_DATASET,
     PACKING,
@@ -38,6 +44,7 @@ from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.engine import Engine
 from trainer.gc_freeze import FrozenGC
 from trainer.model import build_model, config_from_dict
+from trainer.recovery import StartupClock, stage_history
 from trainer.resume import (
     check_horizon,
     check_optimizer_recipe,
@@ -58,9 +65,10 @@ from trainer.runtime import (
     config_from_flags,
     stage_main,
 )
+from trainer.save_policy import SaveSchedule
 from trainer.sft_schedule import INIT_LR_FRAC, SFT_SCHEDULE, set_sft_schedule
 from trainer.tokenizer import load_tokenizer, tokenizer_sha256
-from trainer.train import PRESETS
+from trainer.train import CPU_DEVICE_BATCH, PRESETS
 
 log = logging.getLogger("phoenix.sft")
 STAGE = "sft"
@@ -69,8 +77,8 @@ BASE_STAGE = "base"
 SAMPLE_QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "What is 7 times 6?"]
 SAMPLE_TOKENS = 32
 
-# SFT settings per preset, on top of the base preset's max_seq_len and device_batch_size. A step is
-# rows_per_step rows of max_seq_len tokens packed with whole conversations (tiny: ~6 of the test chats).
+# SFT settings per preset, on top of the base preset's max_seq_len. A step is rows_per_step rows of
+# max_seq_len tokens packed with whole conversations (tiny: ~6 of the test chats).
 SFT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(rows_per_step=2, eval_every=20, sample_every=20, eval_conversations=32),
     "d20": dict(rows_per_step=16, eval_every=100, sample_every=100, eval_conversations=1024),
@@ -83,7 +91,7 @@ SFT_PRESETS: dict[str, dict[str, Any]] = {
 class SFTConfig:
     preset: str = "d26"
     max_seq_len: int = 2048  # rows of this many input tokens; a longer conversation is cut to one row
-    device_batch_size: int = 16
+    device_batch_size: str = "auto"  # rows per forward: auto (the largest that fits: trainer.autobatch) or N
     rows_per_step: int = 16  # the global batch, packed rows, for any world size
     num_epochs: int = 1
     num_iterations: int = -1  # -1: about num_epochs passes over the training conversations
@@ -92,7 +100,7 @@ class SFTConfig:
     sample_every: int = 100  # answer SAMPLE_QUESTIONS every this many steps and at the end; 0 = off
     eval_conversations: int = 1024  # held out: the last rows of the split
     seed: int = 42
-    save_every: int = 250
+    save_every: str = "250"  # steps between checkpoints, or auto (trainer.save_policy)
     keep_last: int = 3
     model_tag: str = "d26-hyperbolic"
     base_dir: str = "~/.cache/nanochat"
@@ -106,11 +114,12 @@ class SFTConfig:
 
 def parse_sft_config(argv: list[str] | None = None) -> SFTConfig:
     """Defaults < preset < environment (the names base training reads, plus SFT_DATASET) < flags."""
-    presets = {name: {**{k: preset[k] for k in ("max_seq_len", "device_batch_size")}, **SFT_PRESETS[name]}
+    presets = {name: {"max_seq_len": preset["max_seq_len"], **SFT_PRESETS[name]}
                for name, preset in PRESETS.items()}
     env_names = {**ENV_NAMES, "sft_dataset": "SFT_DATASET"}
     cfg = config_from_flags(SFTConfig, argv, "trainer.sft", presets, env_names)
-    for name in ("rows_per_step", "device_batch_size", "max_seq_len", "num_epochs"):
+    parse_device_batch(cfg.device_batch_size)
+    for name in ("rows_per_step", "max_seq_len", "num_epochs"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.eval_conversations < 0:
@@ -133,7 +142,7 @@ def sft_dataset_revision(cfg: SFTConfig) -> str | None:
     up), so a resumed or redeployed SFT reads the same data even after the dataset moves on. None when
     the Hub cannot say: loading then reports the problem, or falls back on the volume's cache."""
     path = Path(cfg.base_dir) / "runs" / cfg.model_tag / "run.json"
-    identity = json.loads(path.read_text()) if path.exists() else {}
+    identity = layout.read_run_file(path) or {}
     pin = identity.get("sft_dataset") or {}
     if pin.get("repo_id") == cfg.sft_dataset:
         return pin["revision"]
@@ -182,6 +191,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     base_dir = Path(cfg.base_dir)
     ckpt_dir = layout.stage_dir(base_dir, STAGE, cfg.model_tag)
     stop = StopSignal()
+    startup = StartupClock()
 
     # --- what to start from: our own latest checkpoint, else the finished base; decided on rank 0 -------
     decision: tuple[str | None, str | None] = (None, None)
@@ -191,6 +201,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         base_ckpt = None if ckpt else finished_base_checkpoint(base_dir, cfg.model_tag)
         decision = (str(ckpt.path) if ckpt else None, str(base_ckpt.path) if base_ckpt else None)
     resume_path, base_path = broadcast(decision, d)
+    startup.lap("restore_s")
     ckpt = layout.verify(Path(resume_path)) if resume_path else None
     meta = ckpt.meta() if ckpt else None
     if ckpt is not None and ckpt.done:
@@ -241,6 +252,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         changed = sorted(k for k in data_identity if meta["data"].get(k) != data_identity[k])
         raise ConfigError(f"{ckpt.path} was trained on {meta['data']}; this run has {data_identity} (differs "
                           f"in {', '.join(changed)}): keep them to resume exactly")
+    startup.lap("data_s")
 
     # --- model, from the base weights or our checkpoint --------------------------------------------------
     try:
@@ -275,19 +287,19 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
                               f"{SFT_SCHEDULE!r}: finish it with the phoenix version that started it, or "
                               "delete sft_checkpoints/<MODEL_TAG> to redo SFT")
 
-    # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
-    # Micro-batches need not divide a rank's share: the loss is normalised per step, not per micro-batch.
-    device_batch_size = min(cfg.device_batch_size, cfg.rows_per_step // d.world_size)
-
     # --- restore the trajectory state -----------------------------------------------------------------
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_loss": float("inf"), "train_time": 0.0}
     loader_state = None
-    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
+    # A lost run.json gets the base run's ids back (an SFT checkpoint holds base's W&B id + -sft).
+    resumed = {**meta, "wandb_run_id": meta["wandb_run_id"].removesuffix("-sft")} if meta else base_meta
+    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag, resumed) if d.is_main else None, d)
     # A W&B run of its own (steps restart at 0), with an id derived from the run's, stable across restarts.
     identity = {**identity, "wandb_run_id": f"{identity['wandb_run_id']}-sft"}
     if ckpt is not None:
+        startup.lap()
         restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
+        startup.lap("restore_s")
         step = meta["step"]
         loop_state = meta["loop_state"]
         loader_state = meta["loader"]
@@ -296,18 +308,29 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         model.load_state_dict(load_tensors(base_ckpt, "model.safetensors"))
         log.info("fresh start from the base weights of step %d: %s", base_ckpt.step, base_ckpt.path)
 
+    # Batches are as long as their longest row (packed rows are nearly full; held-out conversations are
+    # padded to the longest of their batch): dynamic shapes, not a recompile per length.
+    train_model, autocast = compute_setup(model, d, cfg.compile, dynamic=True)
+
+    # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
+    # Micro-batches need not divide a rank's share: the loss is normalised per step, not per micro-batch.
+    # `auto` measures the longest batch there can be: every row at max_seq_len.
+    trials = TrialSteps(train_model, autocast, model, optimizer, d, cfg.max_seq_len, contiguous=True,
+                        loss_reduction="sum")
+    device_batch_size = resolve_device_batch(STAGE, parse_device_batch(cfg.device_batch_size),
+                                             CPU_DEVICE_BATCH.get(cfg.preset, 1),
+                                             cfg.rows_per_step // d.world_size, trials, step)
+    startup.lap()
     loader = ChatLoader(fetch, num_train, tokenizer, cfg.rows_per_step, device_batch_size,
                         cfg.max_seq_len, d.rank, d.world_size, cfg.seed, loader_state)
     val_batches = eval_batches(fetch, range(num_train, len(dataset)), tokenizer, device_batch_size,
                                cfg.max_seq_len, d.rank, d.world_size)
-
-    # Batches are as long as their longest row (packed rows are nearly full; held-out conversations are
-    # padded to the longest of their batch): dynamic shapes, not a recompile per length.
-    train_model, autocast = compute_setup(model, d, cfg.compile, dynamic=True)
+    startup.lap("data_s")
     reporter = StepReporter(STAGE, cfg.base_dir, cfg.model_tag, d, model.estimate_flops_per_token(),
                             f"{cfg.wandb_run}-sft" if cfg.wandb_run else "", identity["wandb_run_id"],
-                            wandb_config={**asdict(cfg), "base_step": origin["step"]})
-    checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, stage=STAGE, model_tag=cfg.model_tag,
+                            wandb_config={**asdict(cfg), "base_step": origin["step"]}, startup=startup,
+                            resumed=meta)
+    checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, d, stage=STAGE, model_tag=cfg.model_tag,
                                      run_id=identity["run_id"])
     log.info("sft dataset=%s split=%s conversations=%d train=%d held_out=%d horizon=%d steps of %d "
              "rows x %d world_size=%d device_batch=%d device=%s", cfg.sft_dataset, cfg.sft_split,
@@ -339,48 +362,57 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
 
     # --- the loop ------------------------------------------------------------------------------------
     evaluating = cfg.eval_every > 0 and cfg.eval_conversations > 0
-    if step == 0 and evaluating:
-        evaluate()
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
     gc_habit = FrozenGC()
-    while step < num_iterations and not stop_now:
-        t0 = time.perf_counter()
-        lrm = set_sft_schedule(optimizer.groups, step, num_iterations)
-        batch = loader.next_step()
-        # The loss is a mean over the assistant tokens of the GLOBAL batch, so every rank needs their total
-        # first; then any world size (and micro-batch split) gives the same objective.
-        counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=d.device)
-        if d.world_size > 1:
-            dist.all_reduce(counts)
-        # The optimizer step averages gradients over ranks: scale by world_size so they come out as the
-        # global sum / count.
-        scale = d.world_size / max(counts[0].item(), 1.0)
-        loss_sum = torch.zeros((), device=d.device)
-        for x, y in batch.micro_batches:  # gradients accumulate locally; the ranks meet in optimizer.step()
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            with autocast:
-                loss = train_model(x, y, loss_reduction="sum") * scale
-            loss.backward()
-            loss_sum += loss.detach() / d.world_size
-        optimizer.step()
-        optimizer.zero_grad()
-        step += 1
-        train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
-        loop_state["train_time"] = time.time() - train_start
-        reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
-                      counts[1].item())
-        gc_habit.after_step(step)  # after the step's log line, as nanochat
-        if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
+    saves = SaveSchedule(cfg.save_every, STAGE, step,
+                         lambda: stage_history(cfg.base_dir, cfg.model_tag, STAGE))
+    # A CUDA out-of-memory ends the stage with its report (trainer.train's loop says why).
+    with exit_on_out_of_memory(STAGE, device_batch_size, d.device, lambda: step + 1, checkpointer.wait):
+        if step == 0 and evaluating:
             evaluate()
-        if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
-            sample()
-        if step % cfg.save_every == 0 or stop_now or step == num_iterations:
-            # The final checkpoint is marked done: a relaunch skips the finished stage.
-            save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta)
+        while step < num_iterations and not stop_now:
+            t0 = time.perf_counter()
+            lrm = set_sft_schedule(optimizer.groups, step, num_iterations)
+            batch = loader.next_step()
+            # The loss is a mean over the assistant tokens of the GLOBAL batch, so every rank needs their
+            # total first; then any world size (and micro-batch split) gives the same objective.
+            counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=d.device)
+            if d.world_size > 1:
+                dist.all_reduce(counts)
+            # The optimizer step averages gradients over ranks: scale by world_size so they come out as the
+            # global sum / count.
+            scale = d.world_size / max(counts[0].item(), 1.0)
+            loss_sum = torch.zeros((), device=d.device)
+            for x, y in batch.micro_batches:  # gradients accumulate locally; ranks meet in optimizer.step()
+                inject_oom(step + 1, len(x), d.device)  # tests only: PHOENIX_TEST_OOM
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                with autocast:
+                    loss = train_model(x, y, loss_reduction="sum") * scale
+                loss.backward()
+                loss_sum += loss.detach() / d.world_size
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            train_loss, stop_now, save_now = agree(loss_sum, stop, checkpointer, d, saves.due(step))
+            loop_state["train_time"] = time.time() - train_start
+            dt = time.perf_counter() - t0
+            reporter.step(step, num_iterations, train_loss, loop_state, lrm, dt, counts[1].item())
+            saves.observe_step(dt)
+            gc_habit.after_step(step)  # after the step's log line, as nanochat
+            if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
+                evaluate()
+            if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
+                sample()
+            if save_now or stop_now or step == num_iterations:
+                # The final checkpoint is marked done: a relaunch skips the finished stage.
+                stall = save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d,
+                                        stage_meta)
+                saves.saved(step, stall, checkpointer.timing.get("total_s", 0.0), loop_state["train_time"])
 
     checkpointer.wait()
     if stop_now:
+        stop.report_saved(step, checkpointer)
         log.info("emergency checkpoint published at step %d: exiting for resume", step)
     else:
         log.info("sft stage finished at step %d", step)

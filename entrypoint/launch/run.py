@@ -2,24 +2,28 @@
 
 In order: preflight (one line per problem, before any download or launch), an exclusive lock on the
 volume for MODEL_TAG, a generation on the Hub (claimed unless this volume's is already the newest),
-damaged checkpoints moved to quarantine, restore from the Hub when the volume lacks the latest
-checkpoint (waiting for the Hub rather than starting over when the volume has nothing to resume),
-tokenizer and first shards, then base pretraining and (RUN_SFT=1) SFT under torchrun, each skipped once
-its final checkpoint is marked done. SIGTERM/SIGINT go to the workers, which write an emergency
-checkpoint and exit 0. The trainer status file tells the sidecar when to do its last push.
+damaged checkpoints moved to quarantine; then, in a child process that a stop ends at once
+(entrypoint.launch.prepare), restore from the Hub when the volume lacks the latest checkpoint (waiting for
+the Hub rather than starting over when the volume has nothing to resume), tokenizer and first shards;
+then base pretraining and (RUN_SFT=1) SFT under torchrun, each skipped once its final checkpoint is marked
+done. SIGTERM/SIGINT, and a cloud's preemption notice (launch.preemption), go to the workers, which write
+an emergency checkpoint and exit 0. The trainer status file tells the sidecar when to do its last push.
 
 How a launch ends, for `restart: on-failure` (compose.yaml): exit 0 when finished, stopped, or held by
 the crash-loop guard (the same failure PHOENIX_MAX_FAILURES launches in a row with the same settings and
 no new checkpoint: Docker stops relaunching); exit 1 on a crash (relaunched, resumes); exit 2 on an error
 the user must fix, printed as one `error:` line (relaunched with Docker's backoff until the guard holds).
+A stage that runs out of GPU memory is relaunched here, with half the device batch, not by Docker.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,13 +35,22 @@ from entrypoint.hub.config import local_generation
 from entrypoint.hub.errors import HubError, HubFatal, RepoMissing
 from entrypoint.hub.stores import claim_generation
 from entrypoint.launch.config import PreflightError, RunConfig, nproc_for
-from entrypoint.launch.preflight import preflight, visible_gpus
-from entrypoint.launch.prepare import volume_error
+from entrypoint.launch.preemption import start_watch
+from entrypoint.launch.preflight import gpu_inventory, preflight, visible_gpus
+from entrypoint.launch.prepare import EXIT_KINDS, HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, PHASES_ENV
 from entrypoint.launch.torchrun import Launcher, torchrun_command
-from entrypoint.launch.volume import FailureLog, StatusFile, VolumeLock, node0_is_live
+from entrypoint.launch.volume import (
+    DeviceBatchRecord,
+    FailureLog,
+    LockHeld,
+    StatusFile,
+    VolumeLock,
+    lock_path,
+    node0_is_live,
+)
 from entrypoint.logs import kv, redact, setup_logging
 from trainer import checkpoint_layout as layout
-from trainer import fencing
+from trainer import fencing, recovery
 
 log = logging.getLogger("phoenix.run")
 
@@ -45,11 +58,11 @@ EXIT_CRASH, EXIT_ERROR = 1, 2
 # Kinds of failure whose cause a plain relaunch cannot change (they are in the checkpoint or the data,
 # not on the machine): a held guard refuses these outright; the others are cheap to check again.
 _REFUSED_KINDS = ("stage", "crash")
-HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, HUB_WAIT_TICK_S = 5.0, 300.0, 30.0
 
 
 class RunFailed(Exception):
-    """The launch ends on a failure. `kind`: preflight | volume | stage (user-fixable) | crash."""
+    """The launch ends on a failure. `kind`: preflight | volume | hub | memory (the machine's) | stage
+    (user-fixable) | crash."""
 
     def __init__(self, line: str, kind: str, printed: bool = False) -> None:
         super().__init__(line)
@@ -75,10 +88,6 @@ def volume_progress(cfg: RunConfig) -> str:
         ckpt = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
         steps.append(f"{stage}={ckpt.step if ckpt else '-'}")
     return ",".join(steps)
-
-
-def volume_has_checkpoint(cfg: RunConfig) -> bool:
-    return any(layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag)) for stage in layout.STAGES)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,11 +134,18 @@ def _launch(cfg: RunConfig) -> int:
     problems = preflight(cfg)
     if problems:
         raise PreflightError("\n".join(problems))
-    lock = VolumeLock(cfg.base_dir / "runs" / cfg.model_tag / f"trainer.node{cfg.node_rank}.lock")
-    lock.acquire()
+    lock = VolumeLock(lock_path(cfg.base_dir, cfg.model_tag, cfg.node_rank))
+    try:
+        lock.acquire()  # waits for a `phoenix restore` to end
+    except LockHeld as exc:
+        raise PreflightError(f"another {exc.command} is training this MODEL_TAG on this volume "
+                             f"({exc.description}): stop it first, or use another MODEL_TAG") from None
     launcher = Launcher(_log_file())
     signal.signal(signal.SIGTERM, launcher.on_signal)
     signal.signal(signal.SIGINT, launcher.on_signal)
+    # A cloud's preemption notice stops the launch as SIGTERM does, whatever phase it is in.
+    watch = start_watch(cfg.preemption_watch, cfg.base_dir, cfg.model_tag, launcher.stop,
+                        fresh=cfg.node_rank == 0)
     if cfg.nnodes > 1 and cfg.node_rank != 0:
         _wait_for_node0(cfg, launcher)
     status = StatusFile(cfg, local_generation(cfg.hub))
@@ -146,6 +162,8 @@ def _launch(cfg: RunConfig) -> int:
             return 0
         raise
     finally:
+        if watch is not None:
+            watch.close()
         status.set(error=error)
         status.close(outcome)
         lock.release()
@@ -206,23 +224,22 @@ def _claim_until_it_lands(cfg: RunConfig, status: StatusFile, launcher: Launcher
 
 def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: VolumeLock) -> int:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(cfg.base_dir), "MODEL_TAG": cfg.model_tag,
-           "DEVICE": cfg.device}
+           "DEVICE": cfg.device, "RUN_SFT": str(int(cfg.run_sft))}
+    # This launch's own phases, handed to the first stage it starts, which then counts its time to first
+    # step from this process's start (trainer.recovery).
+    phases, launched = {"restore_s": 0.0, "data_s": 0.0}, recovery.process_start_time()
     if cfg.node_rank == 0:
         status.set(phase="verify")
         for stage in layout.STAGES:
             # A damaged step the run would save again (or a damaged final one) blocks it forever.
             layout.latest_or_quarantine(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
-        if cfg.hub.repo_id:
-            status.set(phase="restore")
-            if not _restore_or_wait(cfg, launcher):
-                return 0
-        else:
-            log.info("HF_REPO_ID not set: Hub sync and restore are off")
-        if launcher.stop_requested:
+        if launcher.stop_requested:  # a stop (a preemption notice) before the restore: nothing to save
             return 0
-        if not stage_done(cfg, "base"):
-            status.set(phase="prepare")
-            _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
+        if cfg.hub.repo_id or not stage_done(cfg, "base"):
+            status.set(phase="prepare")  # restore from the Hub, then the base stage's data
+            phases = _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
+        if not cfg.hub.repo_id:
+            log.info("HF_REPO_ID not set: Hub sync and restore are off")
     nproc = nproc_for(cfg, visible_gpus())
     stages = [("base", "trainer.train", cfg.train_args)] + ([("sft", "trainer.sft", cfg.sft_args)]
                                                             if cfg.run_sft else [])
@@ -235,10 +252,13 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             continue
         status.set(phase=stage)
         if stage == "sft" and cfg.node_rank == 0:
-            _prepare(cfg, launcher, lock, env, "sft", args)
+            phases["data_s"] += _prepare(cfg, launcher, lock, env, "sft", args)["data_s"]
             if launcher.stop_requested:
                 return 0
-        code = launcher.run(torchrun_command(cfg, module, nproc, args), env, lock)
+        stage_env = env
+        if launched:  # the first stage of this launch; a later one counts from its own start
+            stage_env, launched = {**env, **recovery.launch_env(launched, **phases)}, 0.0
+        code = _launch_stage(cfg, launcher, lock, stage_env, stage, module, nproc, args)
         if launcher.stop_requested:
             return 0
         if fencing.fenced_by(cfg.base_dir, cfg.model_tag) is not None:
@@ -261,48 +281,51 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
     return 0
 
 
+def _launch_stage(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dict[str, str], stage: str,
+                  module: str, nproc: int, args: list[str]) -> int:
+    """torchrun for one stage; its exit code. After a CUDA out-of-memory the stage is relaunched here, from
+    its newest checkpoint, with half the device batch (no Docker round-trip, and nothing for the crash-loop
+    guard: each halving is progress), which runs/<tag>/device_batch.json keeps for later launches on the
+    same GPUs and settings. Out of memory at one sequence: RunFailed, one line."""
+    record = DeviceBatchRecord(cfg.base_dir, cfg.model_tag)
+    key = {"gpus": gpu_inventory(cfg.device), "nproc": nproc, "nnodes": cfg.nnodes, "preset": cfg.preset,
+           "fp8": env.get("FP8", ""), "args": list(args)}
+    size = record.get(stage, key)
+    while True:
+        launch_args = [*args, "--device-batch-size", str(size)] if size else list(args)
+        code = launcher.run(torchrun_command(cfg, module, nproc, launch_args), env, lock)
+        oom = launcher.out_of_memory
+        if code == 0 or oom is None or launcher.stop_requested:
+            return code
+        if oom.device_batch_size <= 1:
+            usable = f", {oom.card_gib:.1f} GiB usable" if oom.card_gib else ""
+            raise RunFailed(f"the {stage} stage ran out of GPU memory at device batch "
+                            f"{oom.device_batch_size} (step {oom.step}{usable}): not even one sequence at a "
+                            "time fits: use GPUs with more memory, more GPUs (NPROC_PER_NODE: each holds 1/N "
+                            "of the optimizer state), a smaller PRESET or a shorter --max-seq-len", "memory")
+        size = oom.device_batch_size // 2  # halves every time: the loop ends at 1 at the latest
+        record.keep(stage, key, size, oom)
+        newest = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        log.warning(kv(event="oom_relaunch", stage=stage, step=oom.step,
+                       device_batch_size=oom.device_batch_size, next_device_batch_size=size,
+                       resume_from_step=newest.step if newest else 0))
+
+
 def _prepare(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dict[str, str], stage: str,
-             args: list[str]) -> None:
-    """Resume check and data download in a child process: a stop ends it at once, an error is one line."""
+             args: list[str]) -> dict[str, float]:
+    """Restore (base), resume check and data download in a child process: a stop ends it at once, an error
+    is one line, and its exit code says how the crash-loop guard counts it. Returns its phase times."""
     command = [sys.executable, "-m", "entrypoint.launch.prepare", stage, "--preset", cfg.preset, *args]
-    code = launcher.run(command, env, lock, to_workers=False)
+    with tempfile.TemporaryDirectory(prefix="phoenix-prepare-") as tmp:
+        times = Path(tmp) / "phases.json"
+        code = launcher.run(command, {**env, PHASES_ENV: str(times)}, lock, to_workers=False)
+        phases = json.loads(times.read_text()) if times.is_file() else {"restore_s": 0.0, "data_s": 0.0}
     if code != 0 and not launcher.stop_requested:
         if launcher.error is not None:
-            raise RunFailed(launcher.error, "stage", printed=True)
+            raise RunFailed(launcher.error, EXIT_KINDS.get(code, "stage"), printed=True)
         crash = launcher.last_exception or f"preparing the {stage} stage failed (code {code})"
         raise RunFailed(crash, "crash")
-
-
-def _restore_or_wait(cfg: RunConfig, launcher: Launcher) -> bool:
-    """Restore from the Hub. With nothing on the volume to resume, a Hub that cannot be asked (or holds
-    checkpoints it cannot serve now) is waited for, with backoff: starting over from step 0 would later
-    publish a new run over the Hub's. Returns False when a stop came during the wait."""
-    from entrypoint.hub.restore import restore
-
-    wait = HUB_WAIT_FIRST_S
-    while True:
-        try:
-            restore(cfg.hub)
-            return True
-        except HubFatal:
-            raise
-        except OSError as exc:
-            if (line := volume_error(exc)) is None:
-                raise
-            raise RunFailed(f"restoring from the Hub into {cfg.base_dir}: {line}", "volume") from None
-        except HubError as exc:
-            if volume_has_checkpoint(cfg):
-                log.warning("Hub unreachable for restore (%s): continuing from the volume", redact(str(exc)))
-                return True
-            error = redact(str(exc))
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            log.warning(kv(event="hub_wait", retry_in_s=round(left), error=error,
-                           reason="the volume has nothing to resume and the Hub may hold the run: waiting "
-                                  "for it rather than starting over"))
-            if launcher.stopping.wait(min(left, HUB_WAIT_TICK_S)):
-                return False
-        wait = min(2 * wait, HUB_WAIT_MAX_S)
+    return phases
 
 
 def _evaluate_if_asked(cfg: RunConfig, stage: str, status: StatusFile) -> None:

@@ -1,7 +1,9 @@
-"""The run's footprint on the volume: per-node lock and status file, the failure record, `phoenix health`.
+"""The run's footprint on the volume: per-node lock and status file, the failure record, the device batch
+record, `phoenix health`.
 
 The failure record (runs/<tag>/failures.json) is the crash-loop guard's memory: the last launch's error
-line and how many launches in a row ended in it with the same configuration and no new checkpoint.
+line and how many launches in a row ended in it with the same configuration and no new checkpoint. The
+device batch record (runs/<tag>/device_batch.json) is what out-of-memory halvings left each stage with.
 """
 
 from __future__ import annotations
@@ -21,36 +23,71 @@ from typing import Any
 import click
 
 from entrypoint.hub.config import TRAINER_STATUS_FILE
-from entrypoint.launch.config import PreflightError, RunConfig
+from entrypoint.launch.config import RunConfig
+from entrypoint.logs import kv
 from trainer import checkpoint_layout as layout
+from trainer.out_of_memory import OutOfMemory
 
 log = logging.getLogger("phoenix.run")
 
 FAILURES_FILE = "failures.json"
+DEVICE_BATCH_FILE = "device_batch.json"
+
+
+RESTORE_COMMAND = "phoenix restore"
+
+
+def lock_path(base_dir: Path, model_tag: str, node_rank: int = 0) -> Path:
+    """The run's lock: whoever writes the checkpoints of MODEL_TAG on this node's volume holds it."""
+    return base_dir / "runs" / model_tag / f"trainer.node{node_rank}.lock"
+
+
+class LockHeld(Exception):
+    """Someone else holds the lock: `command` (e.g. "phoenix run") and `description` (pid, host, since)."""
+
+    def __init__(self, command: str, description: str) -> None:
+        super().__init__(f"{command} ({description})")
+        self.command, self.description = command, description
 
 
 class VolumeLock:
-    """flock on the volume: the kernel drops it when its holder dies, so a stale lock is never a problem."""
+    """flock on the volume: the kernel drops it when its holder dies, so a stale lock is never a problem.
 
-    def __init__(self, path: Path) -> None:
+    The file names its holder: the command on the first line, pid, host and start on the second.
+    """
+
+    WAIT_LOG_S = 30.0
+
+    def __init__(self, path: Path, command: str = "phoenix run") -> None:
         self.path = path
+        self.command = command
         self._file: Any = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait_for: str = RESTORE_COMMAND) -> None:
+        """Take the lock. While `wait_for` holds it (a restore, which ends by itself), wait, saying so every
+        30 s; any other holder raises LockHeld."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 - held for the life of the run
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown holder"
-            handle.close()
-            raise PreflightError(f"another phoenix run is training this MODEL_TAG on this volume ({holder}): "
-                                 "stop it first, or use another MODEL_TAG") from None
+        said = -self.WAIT_LOG_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                command, _, description = handle.read().strip().partition("\n")
+                if command and command != wait_for:  # (no command yet: its holder is writing it)
+                    handle.close()
+                    raise LockHeld(command, description or "unknown holder") from None
+                if time.monotonic() - said >= self.WAIT_LOG_S:
+                    said = time.monotonic()
+                    log.info(kv(event="lock_wait", holder=command or "-", holder_is=description or "-",
+                                path=self.path))
+                time.sleep(0.5)
         handle.seek(0)
         handle.truncate()
         since = time.strftime("%Y-%m-%dT%H:%M:%S")
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+        handle.write(f"{self.command}\npid {os.getpid()} on {socket.gethostname()} since {since}")
         handle.flush()
         self._file = handle
 
@@ -119,6 +156,42 @@ class FailureLog:
     def clear(self) -> None:
         with suppress(OSError):
             self.path.unlink(missing_ok=True)
+
+
+class DeviceBatchRecord:
+    """runs/<tag>/device_batch.json: per stage, the device batch that out-of-memory halvings left it with,
+    and the `key` it holds for (the GPUs and the stage's settings). A launch with the same key trains at
+    it; other GPUs or settings start from the stage's own setting (`auto`) again. One file for all nodes
+    (a multi-node volume is shared): every node's stage must run at the same size.
+    """
+
+    def __init__(self, base_dir: Path, model_tag: str) -> None:
+        self.path = base_dir / "runs" / model_tag / DEVICE_BATCH_FILE
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def get(self, stage: str, key: dict[str, Any]) -> int | None:
+        entry = self._read().get(stage)
+        if not isinstance(entry, dict) or entry.get("key") != key:
+            return None
+        size = entry.get("device_batch_size")
+        return size if isinstance(size, int) and size > 0 else None
+
+    def keep(self, stage: str, key: dict[str, Any], size: int, oom: OutOfMemory) -> None:
+        """Record `size` for the stage after `oom`; a volume that cannot take it costs the next launches
+        (they run out again and halve again), not this one."""
+        entry = {"device_batch_size": size, "key": key, "out_of_memory": {
+            "step": oom.step, "device_batch_size": oom.device_batch_size, "card_gib": oom.card_gib,
+            "time": time.time()}}
+        try:
+            layout.write_json_atomic(self.path, {**self._read(), stage: entry})
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
 
 
 class StatusFile:

@@ -1,5 +1,6 @@
 """`phoenix sync`: the sidecar process: a sync pass every HF_SYNC_INTERVAL s, at once when the trainer
-stops, and a final one on SIGTERM within the stop grace period; it outlives every fault.
+stops or a preemption notice comes (then each new checkpoint as it appears), and a final one on SIGTERM
+within the stop grace period; it outlives every fault.
 
 The pass itself (what is pushed and pruned, how) is `sync.Syncer`. A failed pass is retried sooner; a
 setting only the user can fix is logged once per interval, never an exit, since `restart: unless-stopped`
@@ -22,8 +23,11 @@ import click
 from entrypoint.hub.calls import Pause
 from entrypoint.hub.config import TRAINER_STATUS_FILE, HubConfig, local_generation
 from entrypoint.hub.errors import HubFatal
+from entrypoint.launch.clouds import PREEMPTION, Notice
+from entrypoint.launch.preemption import describe, read_notice
 from entrypoint.logs import kv, redact, setup_hub_logging
 from entrypoint.sidecar.sync import Syncer
+from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.sync")
 
@@ -89,6 +93,7 @@ def run_loop(
     fatal = False  # the last pass hit a setting only the user can fix
     next_pass = time.monotonic()
     seen, generation = read_trainer_status(cfg), local_generation(cfg)
+    notices = NoticeFollower(cfg)
     while not stop.is_set():
         status = read_trainer_status(cfg)
         trainer_stopped = status is not None and status["status"] != "running"
@@ -99,7 +104,8 @@ def run_loop(
         # A launch on this volume just claimed a generation: what was fenced may be pushed now.
         current = local_generation(cfg)
         claimed, generation = current != generation, current
-        if just_stopped or claimed or time.monotonic() >= next_pass:
+        if notices.push_now() or just_stopped or claimed or time.monotonic() >= next_pass:
+            notices.passed()
             try:
                 result = syncer.sync_once()
             except HubFatal as exc:
@@ -116,10 +122,56 @@ def run_loop(
             if exit_when_stopped and trainer_stopped and (result.ok or result.fenced):
                 log.info(kv(event="exit", reason="the trainer stopped and the final sync is done"))
                 return 0 if result.ok else 1
-        stop.wait(max(0.0, min(poll_seconds, next_pass - time.monotonic())))
+        stop.wait(max(0.0, min(notices.poll_seconds(poll_seconds), next_pass - time.monotonic())))
     if fatal:  # already said; a final push would only fail the same way
         return 2
     return _final_push(cfg, syncer, poll_seconds, stop_wait_seconds, grace_seconds)
+
+
+class NoticeFollower:
+    """The preemption notice `phoenix run` writes (launch.preemption): push ahead of the schedule.
+
+    A warning asks for one pass now. A notice puts the loop on a fast poll until its deadline (two
+    minutes at least): each new checkpoint on the volume (the emergency one, published at the trainer's
+    next step boundary) is pushed the moment it appears, before `phoenix run` has even exited.
+    """
+
+    NOTICE_POLL_S = 1.0  # the notice file is read every second: a small read, against a 30 s window
+    FAST_POLL_S = 0.2
+    FAST_AT_LEAST_S = 120.0  # AWS's two minutes; the VM may outlive a short deadline (GCP's 30 s) a little
+
+    def __init__(self, cfg: HubConfig) -> None:
+        self.cfg = cfg
+        self.seen: Notice | None = None
+        self.fast_until = 0.0
+        self.pushed_newest: tuple[int | None, ...] | None = None
+
+    def _newest(self) -> tuple[int | None, ...]:
+        """Each stage's newest published step: a step folder appears whole (atomic rename)."""
+        stages = (layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag) for stage in layout.STAGES)
+        return tuple(found[0][0] if (found := layout.step_dirs(folder)) else None for folder in stages)
+
+    def push_now(self) -> bool:
+        notice = read_notice(self.cfg.base_dir, self.cfg.model_tag)
+        left = notice.seconds_left() if notice is not None else None
+        stale = left is not None and left < -60  # an earlier instance's, before this launch replaced it
+        if notice is not None and notice != self.seen and not stale:
+            self.seen = notice
+            if notice.kind == PREEMPTION:
+                self.fast_until = time.monotonic() + max(left or 0.0, self.FAST_AT_LEAST_S)
+            log.info(kv(event="preemption_notice_seen", **describe(notice),
+                        action="pushing the newest checkpoint at once"))
+            return True
+        return time.monotonic() < self.fast_until and self._newest() != self.pushed_newest
+
+    def passed(self) -> None:
+        """A pass starts now: what is on the volume at this moment is what it pushes."""
+        if time.monotonic() < self.fast_until:
+            self.pushed_newest = self._newest()
+
+    def poll_seconds(self, usual: float) -> float:
+        fast = time.monotonic() < self.fast_until
+        return min(usual, self.FAST_POLL_S if fast else self.NOTICE_POLL_S)
 
 
 def _log_fatal(exc: HubFatal, action: str) -> None:
