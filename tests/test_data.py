@@ -24,7 +24,7 @@ from trainer.dataloader import (
     loader_meta,
     validation_rows,
 )
-from trainer.tokenizer import train_tokenizer
+from trainer.tokenizer import TRAIN_DOC_CHARS, train_tokenizer
 
 SEQ_LEN = 256  # the generated documents are 22-517 tokens: some fit a row whole, some are cropped
 LANES = 8  # rows per global step
@@ -309,6 +309,21 @@ def test_offline_or_failing_hub_lists_the_shards_on_the_volume_with_one_warning(
     assert "reason=HfHubHTTPError" in warnings[0] and "reason=HF_HUB_OFFLINE=1" in warnings[1]
     assert all("event=offline_shards repo=karpathy/fineweb-edu-100b-shuffle shards=3" in w for w in warnings)
     assert not (tmp_path / "base_data" / "shards.json").exists()  # a partial listing is not pinned
+
+
+def test_tokenizer_texts_are_cut_to_nanochats_document_cap(tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "base_data").mkdir()
+    texts = ["a" * 25_000, "b" * 300, "c" * 10_000, "d" * 12_000, "e" * 50]
+    for index, shard in enumerate((texts, ["val"])):
+        pq.write_table(pa.table({"text": shard}), tmp_path / "base_data" / f"shard_{index:05d}.parquet")
+    (tmp_path / "base_data" / "shards.json").write_text(json.dumps({"shards": ["shard_00000.parquet",
+                                                                              "shard_00001.parquet"]}))
+    store = ShardStore(tmp_path / "base_data")
+    # Each document cut to 10,000 characters; the budget counts the cut lengths and stops once past it.
+    assert [len(t) for t in store.iter_texts(20_300, TRAIN_DOC_CHARS)] == [10_000, 300, 10_000, 10_000]
+    assert [t[0] for t in store.iter_texts(10**9, TRAIN_DOC_CHARS)] == list("abcde")
 
 
 def test_trainer_runs_offline_from_the_shards_on_the_volume(local_data, tmp_path):

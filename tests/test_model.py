@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from trainer.model import (
     ARCHITECTURE,
     GPT,
+    SHALLOW_ARCHITECTURE,
     GPTConfig,
     attention_mask,
+    backout_layer,
     build_model,
     config_for_depth,
     config_from_dict,
@@ -57,9 +59,22 @@ def test_flops_per_token_d20():
     assert model.estimate_flops_per_token() == 3_137_871_024
 
 
+@pytest.mark.parametrize("depth, aspect, head_dim, width, heads", [
+    (13, 64, 128, 896, 7),  # 832 rounded up to 7 heads of 128, as nanochat's base_train sizes it
+    (5, 64, 128, 384, 3),  # 320 -> 384
+    (20, 64, 128, 1280, 10), (24, 64, 128, 1536, 12), (26, 64, 128, 1664, 13),  # already multiples
+    (2, 32, 32, 64, 2),  # the tiny preset
+])
+def test_any_depth_sizes_as_nanochat(depth: int, aspect: int, head_dim: int, width: int, heads: int):
+    config = config_for_depth(depth, 64, 8, aspect, head_dim)
+    assert (config.n_embd, config.n_head, config.n_kv_head) == (width, heads, heads)
+    with torch.device("meta"):
+        GPT(config)
+
+
 def test_head_split_must_be_exact():
     with pytest.raises(ValueError, match="heads"):
-        GPT(config_for_depth(5, vocab_size=64, sequence_len=8))  # width 320 -> 3 heads of 106.7
+        GPT(GPTConfig(sequence_len=8, vocab_size=64, n_layer=5, n_head=3, n_kv_head=3, n_embd=320))
 
 
 def test_forward_shapes_and_initial_loss():
@@ -140,12 +155,17 @@ def test_init_scheme():
 
 
 def test_an_older_architecture_is_refused_in_one_line():
-    current = dict(sequence_len=8, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+    current = dict(sequence_len=8, vocab_size=64, n_layer=3, n_head=1, n_kv_head=1, n_embd=32)
     assert config_from_dict({**current, "window_pattern": "SL", "architecture": ARCHITECTURE}) == GPTConfig(
         **current, window_pattern="SL")
     with pytest.raises(ValueError, match="^the checkpoint's model is architecture .*MODEL_TAG") as info:
         config_from_dict(current)  # what phoenix's first model recorded: no architecture, no windows
     assert "\n" not in str(info.value)
+    # A tiny (2-layer) checkpoint from before backout moved off the last layer: another forward, refused.
+    tiny = {**current, "n_layer": 2, "window_pattern": "SSSL"}
+    with pytest.raises(ValueError, match="^the checkpoint's model is architecture 'nanochat-2026-07', this"):
+        config_from_dict({**tiny, "architecture": ARCHITECTURE})
+    assert config_from_dict({**tiny, "architecture": SHALLOW_ARCHITECTURE}) == GPTConfig(**tiny)
 
 
 def test_qk_norm_makes_attention_scale_invariant():
@@ -249,6 +269,21 @@ def test_value_embedding_is_added_to_the_values_through_a_gate_per_head():
     assert gate.min() > 0.1 and gate.max() < 2.9 and (gate[..., 0] - gate[..., 1]).abs().max() > 0.1
 
 
+def traced(model: GPT, idx: torch.Tensor, targets: torch.Tensor | None = None
+           ) -> tuple[dict[int | str, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    """A forward pass that records each block's input and output and the head's input ("head")."""
+    inputs: dict[int | str, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = [model.lm_head.register_forward_pre_hook(lambda _m, args: inputs.__setitem__("head", args[0]))]
+    for i, block in enumerate(model.transformer.h):
+        hooks.append(block.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0])))
+        hooks.append(block.register_forward_hook(lambda _m, _args, out, i=i: outputs.__setitem__(i, out)))
+    result = model(idx, targets)
+    for hook in hooks:
+        hook.remove()
+    return inputs, outputs, result
+
+
 def test_smear_residual_scalars_and_backout_wire_as_nanochat():
     config = GPTConfig(sequence_len=8, vocab_size=16, n_layer=3, n_head=2, n_kv_head=2, n_embd=32)
     model = randomized(build(config))
@@ -257,13 +292,8 @@ def test_smear_residual_scalars_and_backout_wire_as_nanochat():
         model.backout_lambda.fill_(0.4)
         model.resid_lambdas.copy_(torch.tensor([1.1, 0.9, 1.3]))
         model.x0_lambdas.copy_(torch.tensor([0.2, -0.5, 0.3]))
-    inputs, outputs = {}, {}
-    for i, block in enumerate(model.transformer.h):
-        block.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0]))
-        block.register_forward_hook(lambda _m, _args, out, i=i: outputs.__setitem__(i, out))
-    model.lm_head.register_forward_pre_hook(lambda _m, args: inputs.__setitem__("head", args[0]))
     idx = torch.tensor([[3, 7, 7, 1]])
-    model(idx)
+    inputs, outputs, _ = traced(model, idx)
     embedded = rms(model.transformer.wte.weight[idx])
     gate = torch.sigmoid(embedded[..., :24] @ model.smear_gate.weight.T)
     x0 = embedded.clone()
@@ -274,6 +304,29 @@ def test_smear_residual_scalars_and_backout_wire_as_nanochat():
         check(inputs[1], 0.9 * outputs[0] - 0.5 * x0)
         check(inputs[2], 1.3 * outputs[1] + 0.3 * x0)
         check(inputs["head"], rms(outputs[2] - 0.4 * outputs[1]))  # backout: the middle layer (3 // 2)
+
+
+def test_backout_never_takes_the_last_layer_so_its_lambda_always_matters():
+    # nanochat's middle layer n_layer // 2 is the last one at depth 2 (and 1): the head would see
+    # rms(x - λx) = ±rms(x), λ's gradient would be ~0 and AdamW's steps on it a random walk that flips
+    # every logit when it crosses 1. There the block before the last (the embeddings at depth 1) is used.
+    for n_layer, expected in ((1, -1), (2, 0), (3, 1), (4, 2), (20, 10), (24, 12), (26, 13)):
+        assert backout_layer(n_layer) == expected
+        architecture = SHALLOW_ARCHITECTURE if n_layer <= 2 else ARCHITECTURE  # d20/d24/d26 unchanged
+        assert GPTConfig(8, 16, n_layer, 2, 2, 32).architecture == architecture
+    for n_layer in (1, 2):
+        model = randomized(build(GPTConfig(sequence_len=8, vocab_size=16, n_layer=n_layer, n_head=2,
+                                           n_kv_head=2, n_embd=32)))
+        with torch.no_grad():  # block 0's input is then x0 itself, the embeddings depth 1 backs out
+            model.resid_lambdas[0], model.x0_lambdas[0] = 1.0, 0.0
+        inputs, outputs, loss = traced(model, torch.tensor([[3, 7, 7, 1]]), torch.tensor([[7, 7, 1, 2]]))
+        subtracted = outputs[0] if n_layer == 2 else inputs[0]
+        with torch.no_grad():
+            torch.testing.assert_close(inputs["head"], rms(outputs[n_layer - 1]
+                                                           - model.backout_lambda * subtracted))
+        loss.backward()
+        # λ moves the loss as much as the other scalars do: its gradient is of their order, not ~1e-6.
+        assert model.backout_lambda.grad.abs().item() > 0.1 * model.smear_lambda.grad.abs().item() > 0
 
 
 def naive_forward(model: GPT, idx: torch.Tensor, windows: list[int]) -> torch.Tensor:

@@ -164,4 +164,11 @@ def test_sft_schedule_at_its_breakpoints_is_nanochats(step):
     muon = next(g for g in optimizer.groups if g.kind == "muon")
     assert muon.lr == pytest.approx(0.02 * 0.8 * expected)
     assert muon.momentum == pytest.approx((1 - min(step / 300, 1)) * 0.85 + min(step / 300, 1) * 0.95)
-    assert all(g.weight_decay == 0.0 for g in optimizer.groups)
+    # Weight decay per parameter as nanochat's setup_optimizer(weight_decay=0.0) leaves it for SFT: Muon's
+    # 0, each AdamW group its own constant.
+    nanochat = {"lm_head.weight": 0.01, "transformer.wte.weight": 0.001, "value_embeds.1.weight": 0.01,
+                "resid_lambdas": 0.05, "x0_lambdas": 0.0, "smear_gate.weight": 0.0, "smear_lambda": 0.0,
+                "backout_lambda": 0.0, "transformer.h.0.attn.c_q.weight": 0.0}
+    decay = {name: g.weight_decay for g in optimizer.groups for name in g.params}
+    assert {name: decay[name] for name in nanochat} == nanochat
+    assert {decay[name] for name in decay if name.startswith("transformer.h.")} == {0.0}

@@ -162,13 +162,15 @@ class ShardStore:
         raise DataError(f"could not download {name} from {self.repo_id!r} after {self.attempts} attempts "
                         f"({last_error.__class__.__name__}); check the network or HF_ENDPOINT")
 
-    def iter_texts(self, max_chars: int) -> Iterator[str]:
-        """Training texts from the first shards, up to `max_chars` (for tokenizer training)."""
+    def iter_texts(self, max_chars: int, doc_chars: int) -> Iterator[str]:
+        """Training texts from the first shards, each cut to `doc_chars`, up to `max_chars` of them (for
+        tokenizer training, as nanochat's tok_train counts: the cut lengths, until past max_chars)."""
         seen = 0
         for name in self.train_shards:
             for batch in pq.ParquetFile(self.path(name)).iter_batches(columns=["text"]):
                 for text in batch.column(0).to_pylist():
+                    text = text[:doc_chars]
                     yield text
                     seen += len(text)
-                    if seen >= max_chars:
+                    if seen > max_chars:
                         return

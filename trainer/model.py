@@ -20,6 +20,9 @@ from trainer.hardware import fa3_applies, fa3_attention
 # Bumped whenever the parameters or the computation change: a checkpoint's model config records it, and
 # an older one is refused in one line instead of failing on missing weights.
 ARCHITECTURE = "nanochat-2026-07"
+# Models of 1 or 2 layers back out another layer than nanochat's (see backout_layer): a tiny checkpoint
+# from before that change records plain ARCHITECTURE and is refused rather than resumed on another forward.
+SHALLOW_ARCHITECTURE = ARCHITECTURE + "+backout-before-last"
 ROTARY_BASE = 100_000  # longer wavelengths than the classic 10,000: better use of long contexts
 LOGIT_SOFTCAP = 15.0
 QK_SCALE = 1.2  # q and k each times 1.2 after QK-norm: attention logits 1.44x sharper than unit vectors give
@@ -40,16 +43,34 @@ class GPTConfig:
     # Tiled over the layers, the last layer always L: L attends over the whole sequence_len, S over a
     # quarter of it. Three cheap short layers per long one cost little quality and save attention FLOPs.
     window_pattern: str = "SSSL"
-    architecture: str = ARCHITECTURE
+    architecture: str = ""  # "": the one this code builds for n_layer (architecture_for)
+
+    def __post_init__(self) -> None:
+        self.architecture = self.architecture or architecture_for(self.n_layer)
+
+
+def backout_layer(n_layer: int) -> int:
+    """The block whose output backout subtracts before the head: nanochat's middle one (n_layer // 2),
+    but never the last. With 2 layers the middle is the last, whose output is the head's input x itself:
+    the head would see norm(x - λx) = ±norm(x), so λ could only flip the sign of every logit; its gradient
+    is ~0, AdamW's normalised steps walk it anyway, and each time it crossed 1 the loss jumped to 15-17. Such
+    shallow models take the block before the last (the embeddings, -1, at depth 1); from depth 3 on this is
+    nanochat's layer, so those models are unchanged."""
+    return min(n_layer // 2, n_layer - 2)
+
+
+def architecture_for(n_layer: int) -> str:
+    return ARCHITECTURE if backout_layer(n_layer) == n_layer // 2 else SHALLOW_ARCHITECTURE
 
 
 def config_for_depth(
     depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64, head_dim: int = 128,
     window_pattern: str = "SSSL",
 ) -> GPTConfig:
-    """nanochat's one-knob sizing: width = depth * aspect_ratio, heads of ~head_dim channels."""
-    model_dim = depth * aspect_ratio
-    n_head = max(1, math.ceil(model_dim / head_dim))
+    """nanochat's one-knob sizing: width = depth * aspect_ratio rounded up to a multiple of head_dim, in
+    heads of exactly head_dim channels (d13: 832 -> 896, 7 heads of 128)."""
+    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = model_dim // head_dim
     return GPTConfig(
         sequence_len=sequence_len,
         vocab_size=vocab_size,
@@ -63,10 +84,11 @@ def config_for_depth(
 
 def config_from_dict(saved: dict[str, Any]) -> GPTConfig:
     """The config a checkpoint recorded (meta.json's model_config); refuses another architecture."""
-    if saved.get("architecture") != ARCHITECTURE:
+    expected = architecture_for(saved.get("n_layer", 0))
+    if saved.get("architecture") != expected:
         older = saved.get("architecture", "phoenix's first: full attention, no value embeddings")
         raise ValueError(f"the checkpoint's model is architecture {older!r}, this code builds "
-                         f"{ARCHITECTURE!r}: train a new model under another MODEL_TAG, or use the phoenix "
+                         f"{expected!r}: train a new model under another MODEL_TAG, or use the phoenix "
                          f"version that trained it")
     names = set(GPTConfig.__dataclass_fields__)
     return GPTConfig(**{k: v for k, v in saved.items() if k in names})
@@ -244,8 +266,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.architecture != ARCHITECTURE:
-            raise ValueError(f"architecture {config.architecture!r}: this code builds {ARCHITECTURE!r}")
+        if config.architecture != architecture_for(config.n_layer):
+            raise ValueError(f"architecture {config.architecture!r}: this code builds "
+                             f"{architecture_for(config.n_layer)!r} at {config.n_layer} layers")
         if config.n_embd % config.n_head or (config.n_embd // config.n_head) % 2:
             raise ValueError(f"n_embd={config.n_embd} must split into {config.n_head} heads of even size")
         if config.n_head % config.n_kv_head:
@@ -267,9 +290,9 @@ class GPT(nn.Module):
         self.smear_gate_channels = min(SMEAR_GATE_CHANNELS, config.n_embd)
         self.smear_gate = nn.Linear(self.smear_gate_channels, 1, bias=False)
         self.smear_lambda = nn.Parameter(torch.empty(1))
-        # Backout: the residual at the middle layer, scaled, is subtracted before the head (drops the
-        # low-level features the head does not need).
-        self.backout_layer = config.n_layer // 2
+        # Backout: the residual at the middle layer (never the last one), scaled, is subtracted before the
+        # head (drops the low-level features the head does not need).
+        self.backout_layer = backout_layer(config.n_layer)
         self.backout_lambda = nn.Parameter(torch.empty(1))
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
         self.value_embeds = nn.ModuleDict({

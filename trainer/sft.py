@@ -268,7 +268,8 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's rotary cache of "
                           f"{model.rotary_seq_len}")
     # The base run's unscaled lrs, then every group (scalars too) times init_lr_frac, as nanochat does.
-    # No weight decay: base training's cosine ended it at 0. Schedules: trainer.sft_schedule.
+    # Muon without weight decay (base training's cosine ended it at 0), AdamW with its constant one, as
+    # nanochat. Schedules: trainer.sft_schedule.
     compile_update = compiles_update(cfg.compile, d.device, model.estimate_flops_per_token())
     optimizer = ShardedOptimizer(model, d, compile_update=compile_update, **origin["lrs"], weight_decay=0.0)
     for group in optimizer.groups:

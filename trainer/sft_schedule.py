@@ -2,8 +2,10 @@
 
 nanochat starts SFT at init_lr_frac = 0.8 of the base run's learning rates (the unscaled ones it was
 given), keeps them for the first half (no warmup), then decays linearly to final_lr_frac = 0 over the
-second half; Muon's momentum ramps 0.85 -> 0.95 over the first 300 steps and stays there; no weight
-decay (base training's cosine ended it at 0). nanochat writes the lr as a function of progress through
+second half; Muon's momentum ramps 0.85 -> 0.95 over the first 300 steps and stays there; Muon has no
+weight decay (base training's cosine ended it at 0) while the AdamW groups keep their constant one
+(lm_head 0.01, wte 0.001, value embeddings 0.01, resid_lambdas 0.05), as nanochat's setup_optimizer(
+weight_decay=0.0) leaves them. nanochat writes the lr as a function of progress through
 the data; phoenix knows its horizon up front, so progress = step / num_iterations. Pure functions of the
 step: a resume needs nothing but the step.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 from trainer.optim import ParamGroup
 
 # Recorded in each SFT checkpoint: a resume under other schedules would change the run silently.
-SFT_SCHEDULE = "nanochat-sft-2026: flat then warmdown, momentum 0.85->0.95/300"
+SFT_SCHEDULE = "nanochat-sft-2026: flat then warmdown, momentum 0.85->0.95/300, adamw weight decay kept"
 
 INIT_LR_FRAC = 0.8
 WARMUP_RATIO = 0.0
@@ -39,12 +41,12 @@ def sft_muon_momentum(step: int) -> float:
 
 
 def set_sft_schedule(groups: list[ParamGroup], step: int, num_iterations: int) -> float:
-    """Set the optimizer groups' lr, weight decay (0) and Muon momentum for `step`; returns the lr
-    multiplier."""
+    """Set the optimizer groups' lr, weight decay (Muon 0, AdamW its own constant) and Muon momentum for
+    `step`; returns the lr multiplier."""
     lrm = sft_lr_multiplier(step / num_iterations)
     for group in groups:
         group.lr = group.initial_lr * lrm
-        group.weight_decay = 0.0
+        group.weight_decay = 0.0 if group.kind == "muon" else group.base_weight_decay
         if group.kind == "muon":
             group.momentum = sft_muon_momentum(step)
     return lrm

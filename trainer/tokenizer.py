@@ -18,6 +18,9 @@ from trainer import checkpoint_layout as layout
 
 DEFAULT_VOCAB_SIZE = 32768
 TOKENIZER_FILE = "tokenizer.json"
+# Training documents are cut to their first 10,000 characters (nanochat's tok_train --doc-cap), so a few
+# very long ones (code dumps, tables) cannot fill the merge statistics of a small training budget.
+TRAIN_DOC_CHARS = 10_000
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document; documents are packed back to back, so it also delimits them

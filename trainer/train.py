@@ -64,7 +64,7 @@ from trainer.runtime import (
     stage_main,
 )
 from trainer.save_policy import SaveSchedule
-from trainer.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_sha256
+from trainer.tokenizer import TRAIN_DOC_CHARS, ensure_tokenizer, load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger("phoenix.train")
 STAGE = "base"
@@ -157,8 +157,8 @@ def prepare_data(cfg: TrainConfig) -> ShardStore:
     its NCCL timeout) while rank 0 trains a tokenizer.
     """
     store = ShardStore(dataset_dir(Path(cfg.base_dir), cfg.dataset_repo), cfg.dataset_repo)
-    ensure_tokenizer(Path(cfg.base_dir) / "tokenizer", lambda: store.iter_texts(cfg.tokenizer_chars),
-                     cfg.vocab_size)
+    ensure_tokenizer(Path(cfg.base_dir) / "tokenizer",
+                     lambda: store.iter_texts(cfg.tokenizer_chars, TRAIN_DOC_CHARS), cfg.vocab_size)
     store.path(store.train_shards[0])
     store.path(store.val_shard)
     return store
