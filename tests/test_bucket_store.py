@@ -1,4 +1,4 @@
-"""Checkpoints in a Storage Bucket (HF_REPO_TYPE=bucket): bounded storage, kills, partial uploads, fencing."""
+"""Checkpoints in a Storage Bucket (the default): bounded storage, kills, partial uploads, fencing."""
 
 from __future__ import annotations
 
@@ -19,9 +19,16 @@ from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
 
 
+def bucket_env(hub, tmp_path: Path) -> dict[str, str]:
+    """A sidecar's environment with the defaults: checkpoints in a bucket of the repo's id."""
+    env = sidecar_env(hub, tmp_path) | {"HF_KEEP_LAST": "2"}
+    del env["HF_CHECKPOINT_STORE"]
+    return env
+
+
 @pytest.fixture
 def env(hub, tmp_path: Path) -> dict[str, str]:
-    return sidecar_env(hub, tmp_path) | {"HF_REPO_TYPE": "bucket", "HF_KEEP_LAST": "2"}
+    return bucket_env(hub, tmp_path)
 
 
 def volume(env: dict[str, str]) -> Path:
@@ -77,7 +84,7 @@ def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, e
         assert bucket_steps(env) == [step, step - 1]
         assert hub.server.bucket_size(env["HF_REPO_ID"]) <= quota
     assert not [r for r in hub.server.request_log if r.status == 403]
-    assert collect(cfg_of(env))["hub_storage_bytes"] == hub.server.bucket_size(env["HF_REPO_ID"])  # status
+    assert collect(cfg_of(env))["hub_storage"]["counted"] == hub.server.bucket_size(env["HF_REPO_ID"])
     assert len(bucket_paths(hub, env)) == 2 * 4  # two checkpoints of 4 files: nothing left behind
     volume_after, step = restore_on_empty_volume(env, tmp_path, "redeployed", cli=True)
     assert step == 39 and same_files(base, volume_after, 39)
@@ -172,7 +179,7 @@ def test_a_fenced_generation_cannot_become_the_restored_checkpoint(hub, env, tmp
     from tests.test_sync import make_checkpoint as make_other_checkpoint
 
     old_env = env
-    new_env = sidecar_env(hub, tmp_path / "new") | {k: env[k] for k in ("HF_REPO_TYPE", "HF_KEEP_LAST")}
+    new_env = bucket_env(hub, tmp_path / "new")
     old, new = cfg_of(old_env), cfg_of(new_env)
     assert claim_generation(old) == 1
     for step in (1, 2):
@@ -219,5 +226,6 @@ def test_a_full_account_is_one_clear_line_and_status_shows_it(hub, env) -> None:
     line = next(x for x in full.stdout.splitlines() if "event=sync_failed" in x)
     assert "storage limit reached" in line and "HF_KEEP_LAST" in line and "bucket" in line
     status = phoenix(env, "status").stdout
-    assert f"bucket {env['HF_REPO_ID']}  storage 0.00 GB" in status and "storage limit reached" in status
+    assert "(checkpoints in the bucket)" in status and "hub storage: counted 0.00 GB" in status
+    assert "storage limit reached" in status
     assert bucket_steps(env) == []

@@ -95,7 +95,7 @@ def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, e
         assert hub_steps(env, "base") == ([step, step - 1] if step > 1 else [1])
         assert hub.server.storage_used(env["HF_REPO_ID"]) <= quota
     assert not [r for r in hub.server.request_log if r.status == 403]
-    assert collect(cfg_of(env))["hub_storage_bytes"] == head_lfs_bytes(env) <= quota  # `phoenix status`
+    assert collect(cfg_of(env))["hub_storage"]["counted"] == head_lfs_bytes(env) <= quota  # `phoenix status`
     volume, step = restore_on_empty_volume(env, tmp_path, "redeployed")
     assert step == 30 and same_files(base, volume, 30)
 

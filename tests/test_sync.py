@@ -41,7 +41,8 @@ def env(hub, tmp_path: Path) -> dict[str, str]:
 
 
 def sidecar_env(hub, tmp_path: Path) -> dict[str, str]:
-    """A sidecar's environment and a volume holding a tokenizer and the run's identity."""
+    """A sidecar's environment and a volume holding a tokenizer and the run's identity; checkpoints go into
+    the git repo (test_bucket_store.py covers the default, a bucket)."""
     base = tmp_path / "volume"
     (base / "tokenizer").mkdir(parents=True)
     (base / "tokenizer" / "tokenizer.json").write_text('{"model": "bpe"}')
@@ -52,6 +53,8 @@ def sidecar_env(hub, tmp_path: Path) -> dict[str, str]:
         "HF_REPO_ID": f"{hub.user}/phoenix-ckpt",
         "HF_SYNC_INTERVAL": "1",
         "HF_KEEP_LAST": "all",  # tests of pruning set their own
+        "HF_CHECKPOINT_STORE": "repo",
+        "HF_SQUASH_CREDIT_HOURS": "0",  # the local Hub credits a squash at once, unless a test delays it
         "PYTHONUNBUFFERED": "1",
     }
 
