@@ -64,10 +64,12 @@ MAX_INLINE_WAIT_S = 60.0
 _QUOTA_MESSAGE = re.compile(r"storage limit|quota", re.IGNORECASE)
 _LOCKED_MESSAGE = re.compile(r"storage patterns", re.IGNORECASE)
 HUB_CONTACT = "website@huggingface.co"
-# hf_xet's own exceptions (1.8+): a refused Xet token (a PermissionError), a CAS object gone (a
-# FileNotFoundError). Older hf_xet has neither: nothing matches then.
-_XET_AUTH = getattr(hf_xet, "XetAuthenticationError", ())
-_XET_GONE = getattr(hf_xet, "XetObjectNotFoundError", ())
+# hf_xet's faults: a refused token (XetAuthenticationError, a PermissionError) and a CAS object gone
+# (XetObjectNotFoundError, a FileNotFoundError). hf_xet 1.8 defines both, yet through huggingface_hub an
+# upload raises ConnectionError("... Auth error: Token refresh failed ...") and a download RuntimeError
+# ("Task error: ... Auth error ..." / "... CAS object not found ..."): both the classes and the words count.
+_XET_AUTH = (getattr(hf_xet, "XetAuthenticationError", None), re.compile(r"Auth error", re.I))
+_XET_GONE = (getattr(hf_xet, "XetObjectNotFoundError", None), re.compile(r"object not found", re.I))
 _URL_QUERY = re.compile(r"\?[^\s'\"]*")
 
 
@@ -109,6 +111,14 @@ def _response(exc: BaseException) -> httpx2.Response | None:
 def _status(exc: BaseException) -> int | None:
     response = _response(exc)
     return response.status_code if response is not None else None
+
+
+def _is_xet(exc: BaseException, kind: type[BaseException] | None, words: re.Pattern[str]) -> bool:
+    """Whether hf_xet raised this fault: its own exception class (hf_xet >= 1.8), or its words under a
+    generic one (the HTTP client's errors carry no such text)."""
+    return any((kind is not None and isinstance(err, kind))
+               or (isinstance(err, RuntimeError | ConnectionError) and bool(words.search(str(err))))
+               for err in _chain(exc))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -187,12 +197,12 @@ def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
         return HubFatal("HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to sync or restore")
     if any(isinstance(err, HFValidationError) for err in _chain(exc)):
         return HubFatal(bad_repo_id(cfg.repo_id or ""))
-    if _XET_GONE and any(isinstance(err, _XET_GONE) for err in _chain(exc)):
+    if _is_xet(exc, *_XET_GONE):
         return RevisionGone(f"a Xet object of the file being read is gone from the Hub (pruned meanwhile): "
                             f"{short_error(exc)}")
-    if _XET_AUTH and any(isinstance(err, _XET_AUTH) for err in _chain(exc)):
-        return HubUnavailable(f"Xet storage refused its access token: {short_error(exc)} (retried; if it "
-                              "persists, check that HF_TOKEN may write the repo and the bucket)")
+    if _is_xet(exc, *_XET_AUTH):
+        return HubUnavailable(f"Xet storage refused its access token ({short_error(exc)}): retried; if it "
+                              "persists, check that HF_TOKEN may still read and write HF_REPO_ID")
     if any(isinstance(err, GatedRepoError) for err in _chain(exc)):
         return HubFatal(f"cannot read a gated repo ({short_error(exc)}): accept its conditions on its Hub "
                         "page with the account of HF_TOKEN, or use a token whose account has")
