@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -70,17 +71,17 @@ class SimResult:
     refused: int = 0  # 403 and 429 answers
     deferred: int = 0  # passes that held a checkpoint back to stay within the limit
     first_backup_h: float | None = None  # when the Hub first held a checkpoint (Hub time)
-    worst_lag_h: float = 0.0  # the most training the trainer's newest checkpoint was ahead of the Hub's
+    worst_lag_h: float = 0.0  # the longest a checkpoint waited for the Hub to hold it (or a newer one)
     peak_counted_gb: float = 0.0
     history_writes: int = 0  # commits and squashes
     requests: int = 0
     restored: tuple[str, int] | None = None
     bitwise: bool = False
-    hub_newest: list[tuple[float, tuple[int, int]]] = field(default_factory=list)  # (clock, (stage, step))
+    landed: list[tuple[float, tuple[int, int]]] = field(default_factory=list)  # (clock, (stage, step))
 
 
 class RecordingSyncer(sync.Syncer):
-    """The sidecar's Syncer, noting after each pass when the Hub held which newest checkpoint."""
+    """The sidecar's Syncer, noting when each push landed."""
 
     def __init__(self, cfg: HubConfig, stop: threading.Event, result: SimResult) -> None:
         super().__init__(cfg, pause=Pause(stop))
@@ -88,13 +89,13 @@ class RecordingSyncer(sync.Syncer):
 
     def sync_once(self) -> sync.PassResult:
         outcome = super().sync_once()
-        self.result.pushes += len(outcome.pushed)
         self.result.deferred += bool(outcome.deferred)
-        newest = max(((i, s) for i, stage in enumerate(layout.STAGES) for s in self.on_hub.get(stage, ())),
-                     default=None)
-        if newest is not None:
-            self.result.hub_newest.append((time.monotonic(), newest))
         return outcome
+
+    def _pushed(self, view: Any, stage: str, step: int, *args: Any) -> None:
+        self.result.landed.append((time.monotonic(), (layout.STAGES.index(stage), step)))
+        self.result.pushes += 1
+        super()._pushed(view, stage, step, *args)
 
 
 def save_checkpoint(base: Path, stage: str, step: int, nbytes: int, done: bool = False) -> None:
@@ -166,15 +167,16 @@ def simulate(cfg: SimConfig, hub: LocalHub, workdir: Path, environ: dict[str, st
 
 
 def _lags(cfg: SimConfig, result: SimResult, saved: dict[tuple[int, int], float], start: float) -> None:
-    """Between two passes the Hub's newest is the earlier pass's; the trainer's newest is ahead of it by the
-    most just before the later pass ends (pass ends stand for the push times: a lag is never understated)."""
+    """How long each checkpoint waited, from its save until the Hub held it or a newer one: the training a
+    lost instance would cost beyond the trainer's own cadence. None landed yet: the whole run is at risk."""
     hours = cfg.scale / HOUR
-    if not result.hub_newest:
+    if not result.landed:
         return
-    result.first_backup_h = (result.hub_newest[0][0] - start) * hours
-    for (_, held), (until, _) in zip(result.hub_newest, result.hub_newest[1:], strict=False):
-        newest = max((t for key, t in saved.items() if t <= until), default=saved[held])
-        result.worst_lag_h = max(result.worst_lag_h, (newest - saved[held]) * hours)
+    result.first_backup_h = (result.landed[0][0] - start) * hours
+    for key, at in saved.items():
+        covered = min((t for t, held in result.landed if held >= key and t >= at), default=None)
+        if covered is not None:
+            result.worst_lag_h = max(result.worst_lag_h, (covered - at) * hours)
 
 
 def _restore_check(env: dict[str, str], base: Path, fresh: Path, result: SimResult) -> None:

@@ -17,7 +17,7 @@ from entrypoint.hub.store import StoreView, counted_bytes
 from entrypoint.hub.stores import open_store
 from entrypoint.launch.volume import FailureLog
 from entrypoint.logs import redact
-from entrypoint.sidecar.sync import hub_keeps
+from entrypoint.sidecar.sync import due
 from trainer import checkpoint_layout as layout
 
 
@@ -63,16 +63,12 @@ def _storage(cfg: HubConfig, view: StoreView, budget: Budget) -> dict[str, Any]:
 
 
 def _not_synced(cfg: HubConfig, stage: str, local: list[int], hub_steps: list[int] | None) -> list[int]:
-    """Local checkpoints the sidecar still has to push: missing on the Hub and kept once pushed, newest
-    first, as the sidecar does (an older one is pruned from the Hub on purpose, not waiting)."""
+    """Local checkpoints the sidecar still has to push, as it chooses them (`sync.due`): the newest, or every
+    one with HF_KEEP_LAST=all (an older one is left out on purpose, not waiting)."""
     if hub_steps is None:
         return []
-    on_hub, waiting = set(hub_steps), []
-    for step in sorted((s for s in local if s not in on_hub), reverse=True):
-        if step in hub_keeps(cfg, stage, on_hub | {step}):
-            on_hub.add(step)
-            waiting.append(step)
-    return sorted(waiting)
+    waiting = due(cfg, stage, local, set(hub_steps))
+    return sorted(waiting if cfg.keep_last is None else waiting[:1])
 
 
 def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:

@@ -110,6 +110,7 @@ def run_loop(
                 _log_fatal(fatal, "uploading nothing until the sidecar is restarted")
                 next_pass = now + cfg.sync_interval
         elif (just_stopped or claimed or now >= next_pass) and now >= not_before:
+            started = now  # passes start every interval, however long one takes: a push never waits longer
             try:
                 result = syncer.sync_once()
             except HubFatal as exc:
@@ -124,7 +125,7 @@ def run_loop(
             failures = 0 if result.ok or result.fenced else failures + 1
             delay = cfg.sync_interval if failures == 0 else _FIRST_FAILURE_DELAY * 2 ** (failures - 1)
             not_before = time.monotonic() + result.backoff_s
-            next_pass = time.monotonic() + max(min(delay, cfg.sync_interval), result.backoff_s)
+            next_pass = max(started + min(delay, cfg.sync_interval), not_before)
             if exit_when_stopped and trainer_stopped and (result.ok or result.fenced):
                 log.info(kv(event="exit", reason="the trainer stopped and the final sync is done"))
                 return 0 if result.ok else 1

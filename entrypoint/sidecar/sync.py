@@ -1,8 +1,10 @@
-"""One sync pass: push every complete local checkpoint missing on the Hub, newest first, then prune.
+"""One sync pass: push each stage's newest complete local checkpoint the Hub lacks, then prune.
 
-A CommitScheduler made safe for checkpoints (the process around it is `loop`). A pass pushes, newest
-first, each local checkpoint that is complete per `trainer.checkpoint_layout` and not yet complete in the
-store, so that the store shows it complete only once it is whole (`repo_store`: one commit with its
+A CommitScheduler made safe for checkpoints (the process around it is `loop`). A pass pushes, per stage,
+the newest local checkpoint that is complete per `trainer.checkpoint_layout` and not yet complete in the
+store (HF_KEEP_LAST=all: every one missing, newest first): an older one would only delay the next pass and
+count against the account, and the checkpoint the previous pass pushed is the fallback already. The store
+shows a checkpoint complete only once it is whole (`repo_store`: one commit with its
 MANIFEST.json; `bucket_store`: the manifest uploaded after every file). Nothing is written once a newer
 launch has claimed the run (see `stores.claim_generation`). Each push also prunes the checkpoints beyond
 HF_KEEP_LAST it makes redundant (beyond the final one, for a finished stage), in a way that frees their
@@ -45,6 +47,14 @@ def hub_keeps(cfg: HubConfig, stage: str, steps: set[int]) -> set[int]:
     if cfg.keep_last is None or not newest:
         return set(newest)
     return set(newest[: 1 if _marked_done(cfg, stage, newest[0]) else cfg.keep_last])
+
+
+def due(cfg: HubConfig, stage: str, local: list[int], on_hub: set[int]) -> list[int]:
+    """The local steps of `stage` the sidecar pushes, newest first: missing on the Hub, and not one its prune
+    would delete at once (older than the Hub's newest kept, or than a final one). With HF_KEEP_LAST a pass
+    pushes the first of them that it can (a vanished or corrupt one is skipped); with `all`, every one."""
+    return [step for step in sorted((s for s in local if s not in on_hub), reverse=True)
+            if step in hub_keeps(cfg, stage, on_hub | {step})]
 
 
 def _marked_done(cfg: HubConfig, stage: str, step: int) -> bool:
@@ -151,8 +161,6 @@ class Syncer:
         extras = self._changed_extras(view.snapshot)
         for stage in layout.STAGES:
             for ckpt in self._to_push(stage, set(view.steps(stage))):
-                if ckpt.step not in hub_keeps(self.cfg, stage, {*view.steps(stage), ckpt.step}):
-                    continue  # the prune would delete it at once (pruned before, or older than the final)
                 if not budget.fits(ckpt.total_bytes):
                     _log_deferred(stage, ckpt, budget)
                     result.deferred.append((stage, ckpt.step))
@@ -160,6 +168,8 @@ class Syncer:
                 if not self._push(view, stage, ckpt, extras, result, budget):
                     continue
                 extras = []  # rode along with this checkpoint
+                if self.cfg.keep_last is not None:
+                    break  # the newest is up: older ones are not worth an upload (the module's first lines)
         self.on_hub = {stage: set(view.steps(stage)) for stage in layout.STAGES}
         if extras:
             self.store.push_side_files(view, extras)
@@ -232,10 +242,10 @@ class Syncer:
                 budget.deleted(counted_bytes(ckpt), at_once=ckpt.in_bucket)
 
     def _to_push(self, stage: str, on_hub: set[int]) -> list[layout.Checkpoint]:
-        """Local complete checkpoints missing on the Hub, newest first: if the instance dies mid-pass, the
-        one resume needs is already up."""
+        """The local complete checkpoints `due` names, newest first."""
         local = layout.complete_checkpoints(layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag))
-        return sorted((c for c in local if c.step not in on_hub), key=lambda c: c.step, reverse=True)
+        steps = due(self.cfg, stage, [c.step for c in local], on_hub)
+        return sorted((c for c in local if c.step in steps), key=lambda c: c.step, reverse=True)
 
     def _changed_extras(self, snapshot: HubSnapshot) -> list[Any]:
         """Tokenizer, run identity and evaluation results (`runs/<tag>/eval/*.json`, which restore brings
