@@ -1,4 +1,5 @@
-"""Shared pytest fixtures. `hub`: a live local Hub (entrypoint.demo.localhub) for the real client."""
+"""Shared pytest fixtures. `hub`: a live local Hub (entrypoint.demo.localhub) for the real client; the marker
+`credit_delayed` runs a storage test twice, with the Hub crediting squashed storage at once and much later."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from entrypoint.demo.localhub import LocalHub
 
 HUB_USER = "phoenix-test"
 HUB_TOKEN = "hf_localhub_phoenix_test_write"
+CREDIT_DELAY_S = 3600.0  # storage a squash freed still counts for the rest of the test (the Hub: up to 36 h)
 
 # huggingface_hub snapshots these variables when it is first imported, which happens after this module runs.
 # The endpoint is a closed local port, so a call that escapes the `hub` fixture fails fast instead of reaching
@@ -23,9 +25,31 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_HUB_OFFLINE", None)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "credit_delayed(fails=None): run with squashed storage credited at once, then after "
+        f"{CREDIT_DELAY_S:.0f} s; `fails` names why the delayed run must fail (a strict xfail)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("credit_delayed")
+    if marker is None:
+        return
+    fails = marker.kwargs.get("fails")
+    marks = [pytest.mark.xfail(strict=True, reason=fails)] if fails else []
+    metafunc.parametrize("credit_delay", [pytest.param(0.0, id="credit-at-once"),
+                                          pytest.param(CREDIT_DELAY_S, id="credit-delayed", marks=marks)])
+
+
+@pytest.fixture
+def credit_delay() -> float:
+    """Seconds the `hub` keeps counting storage a super-squash or LFS purge freed (0: at once)."""
+    return 0.0
+
+
 @dataclass
 class Hub:
-    server: LocalHub  # fault injection (fail_next, cut_next, down, throttle_bps), counters, request_log
+    server: LocalHub  # faults (fail_next, cut_next, down...), the Hub's terms (credit_delay_s...), counters
     url: str
     token: str  # write token of `user`
     user: str
@@ -33,7 +57,7 @@ class Hub:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, credit_delay: float) -> Iterator[Hub]:
     """A started LocalHub on 127.0.0.1 (random port, fresh data dir) and a client environment pointing at it.
 
     The environment is set in `os.environ` (subprocesses get `hub.env`) and in `huggingface_hub.constants`,
@@ -44,6 +68,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
 
     hf_home = tmp_path / "hf_home"
     with LocalHub(tmp_path / "hub_data", tokens={HUB_TOKEN: HUB_USER}) as server:
+        server.credit_delay_s = credit_delay
         settings = {
             "HF_ENDPOINT": server.url,
             "HF_TOKEN": HUB_TOKEN,

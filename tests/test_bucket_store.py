@@ -67,6 +67,7 @@ def restore_on_empty_volume(env: dict[str, str], tmp_path: Path, name: str, cli:
     return empty, latest.step if latest else None
 
 
+@pytest.mark.credit_delayed  # a bucket frees a delete at once: no credit to wait for
 def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, env, tmp_path) -> None:
     base = volume(env)
     make_checkpoint(base, 10)

@@ -20,12 +20,16 @@ from entrypoint.hub.config import HubConfig
 from entrypoint.hub.restore import restore
 from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
+from tests.conftest import CREDIT_DELAY_S
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
 
 TAG = "d26-hyperbolic"
 PHOENIX = [sys.executable, "-c", "from entrypoint.cli import main; main()"]
 CKPT_BYTES = 64 * 1024
+# Why a test must fail while the Hub credits a squash late (`credit_delayed`); issue 18 item 2 changes it.
+PRUNED_STILL_COUNTS = ("the repo store prunes by squashing and pushes on at once, into a quota that counts "
+                       "the pruned checkpoints until the credit lands: 403")
 
 
 def make_checkpoint(base: Path, step: int, stage: str = "base", done: bool = False) -> layout.Checkpoint:
@@ -78,6 +82,7 @@ def hub_steps(env: dict[str, str], stage: str) -> list[int]:
     return Hub(cfg_of(env)).snapshot().complete_steps(cfg_of(env), stage)
 
 
+@pytest.mark.credit_delayed(fails=PRUNED_STILL_COUNTS)
 def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, env, tmp_path) -> None:
     base = Path(env["NANOCHAT_BASE_DIR"])
     make_checkpoint(base, 1)
@@ -100,6 +105,7 @@ def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, e
     assert step == 30 and same_files(base, volume, 30)
 
 
+@pytest.mark.credit_delayed(fails=PRUNED_STILL_COUNTS)
 def test_a_finished_base_stage_keeps_only_its_final_checkpoint_while_sft_runs(hub, env, tmp_path) -> None:
     base = Path(env["NANOCHAT_BASE_DIR"])
     for step in (1, 2, 3):
@@ -112,7 +118,7 @@ def test_a_finished_base_stage_keeps_only_its_final_checkpoint_while_sft_runs(hu
     assert result.ok and result.pushed == [("base", 4)]
     assert sorted(result.pruned) == [("base", 2), ("base", 3)]
     assert hub_steps(env, "base") == [4]
-    assert hub.server.storage_used(env["HF_REPO_ID"]) == checkpoint_bytes(base, 4)  # squashed at once
+    assert hub.server.storage_settled(env["HF_REPO_ID"]) == checkpoint_bytes(base, 4)  # squashed at once
     assert collect(cfg_of(env))["stages"]["base"]["not_synced"] == []  # `phoenix status`: 1-3 are not due
     for new in ([1, 2], [3], [4, 5]):  # SFT checkpoints, one pass catching up on two
         for step in new:
@@ -125,6 +131,7 @@ def test_a_finished_base_stage_keeps_only_its_final_checkpoint_while_sft_runs(hu
     assert restore(cfg_of(env, NANOCHAT_BASE_DIR=str(tmp_path / "redeployed"))) == {"base": 4, "sft": 5}
 
 
+@pytest.mark.credit_delayed(fails=PRUNED_STILL_COUNTS)
 def test_a_prune_left_unsquashed_is_squashed_before_the_next_push(hub, env) -> None:
     base = Path(env["NANOCHAT_BASE_DIR"])
     for step in (1, 2, 3):
@@ -141,7 +148,8 @@ def test_a_prune_left_unsquashed_is_squashed_before_the_next_push(hub, env) -> N
     result = Syncer(cfg_of(env)).sync_once()
     assert result.ok and result.pushed == [("base", 5)], result.errors
     assert hub_steps(env, "base") == [5, 4]
-    assert hub.server.storage_used(env["HF_REPO_ID"]) == head_lfs_bytes(env) == 2 * checkpoint_bytes(base, 1)
+    settled = hub.server.storage_settled(env["HF_REPO_ID"])
+    assert settled == head_lfs_bytes(env) == 2 * checkpoint_bytes(base, 1)
 
 
 def test_without_pruning_the_quota_answers_the_hubs_403(hub, env) -> None:
@@ -161,7 +169,8 @@ def test_without_pruning_the_quota_answers_the_hubs_403(hub, env) -> None:
     assert "storage limit reached" in collect(cfg_of(keep_all))["hub_quota_error"]  # `phoenix status`
 
 
-def test_delete_commit_frees_nothing_squash_and_permanent_deletion_do(hub, env) -> None:
+@pytest.mark.credit_delayed
+def test_delete_commit_frees_nothing_squash_and_permanent_deletion_do(hub, env, credit_delay) -> None:
     api = HfApi(endpoint=hub.url, token=hub.token)
     repo = env["HF_REPO_ID"]
     api.create_repo(repo, private=True)
@@ -173,11 +182,13 @@ def test_delete_commit_frees_nothing_squash_and_permanent_deletion_do(hub, env) 
     api.delete_folder("a", repo_id=repo)
     assert hub.server.storage_used(repo) == 120_000  # the history still holds one.bin
     api.super_squash_history(repo)
-    assert hub.server.storage_used(repo) == 70_000 and len(api.list_repo_commits(repo)) == 1
+    assert hub.server.storage_settled(repo) == 70_000 and len(api.list_repo_commits(repo)) == 1
+    assert hub.server.storage_used(repo) == (120_000 if credit_delay else 70_000)  # what the quota sees
     assert hf_bytes(hub, repo, "b/two.bin") == two  # what the head holds survives the squash
     doomed = [f for f in api.list_lfs_files(repo) if f.filename.startswith("b/")]
     api.permanently_delete_lfs_files(repo, doomed)
-    assert hub.server.storage_used(repo) == 0 and "c/two.bin" not in api.list_repo_files(repo)
+    assert hub.server.storage_settled(repo) == 0 and "c/two.bin" not in api.list_repo_files(repo)
+    assert hub.server.storage_used(repo) == (120_000 if credit_delay else 0)
 
 
 def hf_bytes(hub, repo: str, path: str) -> bytes:
@@ -204,9 +215,10 @@ def kill_sync_while_held(hub, env: dict[str, str], held: str, method: str, let_t
 
 
 @pytest.mark.parametrize(
-    ("held", "method"),
-    [("/xet-write-token/", "GET"), ("/commit/main", "POST"), ("/super-squash/", "POST")],
-    ids=["mid-xet-upload", "mid-prune-or-push-commit", "mid-squash"],
+    ("held", "method", "credit_delay"),
+    [("/xet-write-token/", "GET", 0.0), ("/commit/main", "POST", 0.0), ("/super-squash/", "POST", 0.0),
+     ("/super-squash/", "POST", CREDIT_DELAY_S)],
+    ids=["mid-xet-upload", "mid-prune-or-push-commit", "mid-squash", "mid-squash-credit-delayed"],
 )
 def test_sidecar_killed_mid_transfer_prune_or_squash_leaves_a_verifiable_latest(
     hub, env, tmp_path, held, method
@@ -221,7 +233,7 @@ def test_sidecar_killed_mid_transfer_prune_or_squash_leaves_a_verifiable_latest(
     assert step in (3, 4)  # the newest complete checkpoint the Hub had, whatever the kill interrupted
     done = subprocess.run(PHOENIX + ["sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert hub.server.storage_used(env["HF_REPO_ID"]) == head_lfs_bytes(env)  # the next pass freed it
+    assert hub.server.storage_settled(env["HF_REPO_ID"]) == head_lfs_bytes(env)  # the next pass freed it
     volume, step = restore_on_empty_volume(env, tmp_path, "after_resync")
     assert step == 4 and same_files(base, volume, 4)
 

@@ -7,7 +7,7 @@ import json
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from entrypoint.demo.localhub.common import NAME_RE, HubError
+from entrypoint.demo.localhub.common import NAME_RE, HubError, web_path
 from entrypoint.demo.localhub.request import HubRequest
 
 
@@ -92,8 +92,13 @@ class BucketRoutes(HubRequest):
             raise HubError(403, f"You don't have the rights to create a bucket under {namespace}")
         bucket_id = f"{namespace}/{name}"
         url = f"{self._base}/buckets/{bucket_id}"
-        if not self.hub._create_bucket(bucket_id, payload.get("visibility") == "private"):
-            raise HubError(409, "You already created this bucket", fields={"url": url})
+        hub = self.hub
+        with hub._lock:
+            repos = [r for r in (("model", bucket_id), ("dataset", bucket_id)) if hub._meta(r) is not None]
+            if hub.refuse_shared_names and repos:
+                raise self._name_taken(bucket_id, f"{repos[0][0]} repo", web_path(repos[0]))
+            if not hub._create_bucket(bucket_id, payload.get("visibility") == "private"):
+                raise HubError(409, "You already created this bucket", fields={"url": url})
         self._json(200, {"url": url, "name": bucket_id, "id": bucket_id})
 
     def _bucket_info(self, bucket_id: str) -> None:
@@ -139,12 +144,15 @@ class BucketRoutes(HubRequest):
 
     def _bucket_batch(self, bucket_id: str) -> None:
         self._bucket_writable(bucket_id)
+        self.hub._count_commit(str(self._user()), bucket=True)
         try:
             ops = [json.loads(line) for line in b"".join(self._body_chunks()).splitlines() if line.strip()]
         except ValueError as exc:
             raise HubError(400, "The batch payload must be NDJSON") from exc
         if not all(isinstance(op, dict) for op in ops):
             raise HubError(400, "Each NDJSON line must be an operation object")
+        if any(op.get("type") in ("addFile", "copyFile") for op in ops):
+            self.hub._check_storage_lock(bucket_id.split("/")[0])
         failed = self.hub._apply_batch(bucket_id, ops, self._can_read)
         # As on the Hub: failures listed in a 200 when some operations landed, in a 422 when none did.
         status = 422 if ops and len(failed) == len(ops) else 200
@@ -155,11 +163,11 @@ class BucketRoutes(HubRequest):
     def _bucket_write_token(self, bucket_id: str) -> None:
         """A copy of the bucket's store to upload into (see buckets.py for why a copy of the store)."""
         store = self._bucket_writable(bucket_id)["store"]
-        self._xet_token(self.hub.xet_folder("uploads", store))
+        self._xet_token("upload", bucket_id, lambda: self.hub.xet_folder("uploads", store))
 
     def _bucket_read_token(self, bucket_id: str) -> None:
         store = self._bucket_readable(bucket_id)["store"]
-        self._xet_token(self.hub.xet_folder("reads", store))
+        self._xet_token("download", bucket_id, lambda: self.hub.xet_folder("reads", store))
 
     def _bucket_download(self, bucket_id: str, path: str) -> None:
         """`HEAD|GET /buckets/<id>/resolve/<path>`: Xet headers, and the bytes (Range allowed) on GET."""

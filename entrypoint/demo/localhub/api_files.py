@@ -54,7 +54,7 @@ class FileRoutes(HubRequest):
 
     def _xet_write_token(self, repo: Repo, rev: str) -> None:
         self._writable(repo)
-        self._xet_token(self.hub.xet_folder("uploads"))
+        self._xet_token("upload", repo[1], lambda: self.hub.xet_folder("uploads"))
 
     def _xet_read_token(self, repo: Repo, rev: str) -> None:
         """The `xet-auth` link of a resolve answer names the pack; a token for a whole revision is only
@@ -64,7 +64,7 @@ class FileRoutes(HubRequest):
         wanted = self._query.get("pack", [""])[0] or (next(iter(packs)) if len(packs) == 1 else "")
         if wanted not in packs:
             raise HubError(404, f"No Xet file of revision {rev} is stored in pack {wanted!r}")
-        self._xet_token(self.hub.xet_folder("reads", wanted))
+        self._xet_token("download", repo[1], lambda: self.hub.xet_folder("reads", wanted))
 
     # ------------------------------------------------------------------ downloads
 

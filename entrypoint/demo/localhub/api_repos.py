@@ -46,6 +46,8 @@ class RepoRoutes(HubRequest):
         with hub._lock:
             if hub._meta(repo) is not None:  # create_repo(exist_ok=True) reads `url` from this answer
                 raise HubError(409, f"You already created this {repo_type} repo", fields={"url": url})
+            if hub.refuse_shared_names and hub._bucket(repo[1]) is not None:
+                raise self._name_taken(repo[1], "bucket", f"buckets/{repo[1]}")
             hub._init_repo(repo, bool(payload.get("private")) or payload.get("visibility") == "private")
         self._json(200, {"url": url, "name": repo[1], "id": repo[1]})
 
@@ -100,6 +102,7 @@ class RepoRoutes(HubRequest):
         if self._query.get("create_pr"):
             raise HubError(400, "Pull requests are not supported by localhub")
         hub = self.hub
+        hub._count_commit(user)
         try:
             lines = [json.loads(line) for line in b"".join(self._body_chunks()).splitlines() if line.strip()]
         except ValueError as exc:
@@ -122,6 +125,8 @@ class RepoRoutes(HubRequest):
                 ops.append(("delete" if key == "deletedFile" else "delete_folder", path, None))
             else:
                 raise HubError(400, f"Unknown commit operation: {key}")
+        if any(kind == "add" for kind, _, _ in ops):  # a locked account may still delete and squash
+            hub._check_storage_lock(namespace(repo))
         header = lines[0]["value"]
         summary = header.get("summary") or "Update"
         sha = hub._apply_commit(
@@ -157,6 +162,7 @@ class RepoRoutes(HubRequest):
 
     def _super_squash(self, repo: Repo, branch: str) -> None:
         _, user = self._writable(repo)
+        self.hub._count_commit(user)  # a history write like a commit (what the Hub counts is not documented)
         title = str(self._json_body().get("message") or f"Super-squash branch '{branch}'")
         self.hub.squash(repo, branch, title, user)
         self._json(200, {"success": True})
@@ -166,7 +172,8 @@ class RepoRoutes(HubRequest):
         self._json(200, self.hub.lfs_files(repo))
 
     def _delete_lfs_files(self, repo: Repo) -> None:
-        self._writable(repo)
+        _, user = self._writable(repo)
+        self.hub._count_commit(user)  # it rewrites the history: counted as a commit, like a squash
         deletions = self._json_body().get("deletions", {})
         if not deletions.get("rewriteHistory", True):
             raise HubError(400, "localhub only deletes LFS files with rewriteHistory=true")

@@ -4,8 +4,8 @@ A bucket lives in `buckets/<ns>/<name>/bucket.json` (written atomically): visibi
 files (path -> xetHash, size, mtime, uploadedAt) and `store`, the Xet pack holding the content of every file
 it lists. Nothing is versioned: an addFile replaces a path in place, a deleteFile removes it, and the bucket's
 storage (`size`, as `bucket_info` names it) is the sum of the sizes of the files it holds now, so a delete
-frees storage at once. Quotas (`set_quota`) count it: per bucket ("ns/name") or per namespace, together with
-the namespace's repos.
+frees storage at once, whatever `credit_delay_s` (the Hub documents bucket deletions as immediate). Quotas
+(`set_quota`) count it: per bucket ("ns/name") or per namespace, together with the namespace's repos.
 
 One pack per bucket, because `download_bucket_files` reads every file of a call through a single read token.
 A write token hands out a copy of the bucket's store to upload into; at batch time, an upload folder that
@@ -298,15 +298,10 @@ class BucketStore:
             if owner == bucket_id:
                 used = new
             elif owner == namespace:
-                used = new - old + self._bucket_bytes(namespace) + self._namespace_repo_bytes(namespace)
+                # The namespace's repos as counted: what a squash freed lately counts until its credit lands.
+                repos = sum(self._owner_lfs(namespace).values())  # type: ignore[attr-defined]
+                used = new - old + self._bucket_bytes(namespace) + repos
             else:
                 continue
             if used > limit:
                 raise HubError(403, QUOTA_MESSAGE)
-
-    def _namespace_repo_bytes(self, namespace: str) -> int:
-        stored: dict[str, int] = {}
-        for repo in self._repos():  # type: ignore[attr-defined]
-            if repo[1].split("/")[0] == namespace:
-                stored |= self._history_lfs(repo)  # type: ignore[attr-defined]
-        return sum(stored.values())

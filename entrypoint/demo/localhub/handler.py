@@ -22,6 +22,7 @@ class Handler(RepoRoutes, FileRoutes, BucketRoutes):
         try:
             try:
                 hub._hold(self.command, url.path)
+                hub._end_xet_traps(url.path)
                 if fault := hub._take(hub._faults, self.command, url.path):
                     headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
                     message = fault.message or f"Injected failure ({fault.status})"

@@ -2,7 +2,8 @@
 
 Storage is counted as on the Hub: every large (LFS or Xet) file that any stored commit of a repo references,
 each distinct content once. Deleting a file in a commit frees nothing; `squash` (the Hub's super-squash) and
-`purge_lfs` (permanent LFS deletion) drop history and free what nothing else references.
+`purge_lfs` (permanent LFS deletion) drop history and free what nothing else references, on disk at once and
+in the counted figure once `credit_delay_s` has passed (terms.py): until then the quota still counts it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,13 @@ class RepoStore:
             self.quotas[owner] = nbytes
 
     def storage_used(self, repo_id: str, repo_type: str = "model") -> int:
-        """Bytes of large files the repo's history references, each distinct content counted once."""
+        """Bytes the Hub counts for the repo, what `usedStorage` reports and quotas see: the large files its
+        history references, and those a squash or purge dropped whose credit is still pending; each once."""
+        with self._lock:
+            return sum(self._counted_lfs((repo_type, repo_id)).values())
+
+    def storage_settled(self, repo_id: str, repo_type: str = "model") -> int:
+        """Bytes of the large files the repo's history references now: `storage_used` once credits land."""
         with self._lock:
             return sum(self._history_lfs((repo_type, repo_id)).values())
 
@@ -164,6 +171,20 @@ class RepoStore:
         """sha256 -> size of every large file some stored commit of `repo` references."""
         return self._lfs_of(self._all_commits(repo))
 
+    def _counted_lfs(self, repo: Repo) -> dict[str, int]:
+        """What the quota counts for `repo`: its history's large files and the credits still pending."""
+        return self._history_lfs(repo) | self._pending_credits(repo)  # type: ignore[attr-defined]
+
+    def _owner_lfs(self, owner: str, settled: bool = False) -> dict[str, int]:
+        """The large files of the repos a quota owner ("ns", or "ns/name") holds, each content once."""
+        files: dict[str, int] = {}
+        for repo in self._owner_repos(owner):
+            files |= self._history_lfs(repo) if settled else self._counted_lfs(repo)
+        return files
+
+    def _owner_repos(self, owner: str) -> list[Repo]:
+        return [r for r in self._repos() if r[1] == owner or namespace(r) == owner]
+
     def _entry_by_sha(self, sha256: str) -> dict[str, Any] | None:
         """A committed large file with this content, in any repo (its Xet pack, if any, is shared)."""
         with self._lock:
@@ -177,12 +198,9 @@ class RepoStore:
     def _check_quota(self, repo: Repo, added: list[dict[str, Any]]) -> None:
         """403 as on the Hub when the new large files would take the repo or its namespace past a quota."""
         for owner, limit in self.quotas.items():
-            repos = [r for r in self._repos() if r[1] == owner or namespace(r) == owner]
-            if repo not in repos:
+            if repo not in self._owner_repos(owner):
                 continue
-            stored: dict[str, int] = {}
-            for other in repos:
-                stored |= self._history_lfs(other)
+            stored = self._owner_lfs(owner)
             after = stored | {e["sha256"]: e["size"] for e in added}
             buckets = self._bucket_bytes(owner)  # type: ignore[attr-defined]
             if sum(after.values()) + buckets > limit and len(after) > len(stored):
@@ -196,6 +214,7 @@ class RepoStore:
             if meta is None or branch not in meta["refs"]:
                 raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
             before = self._all_commits(repo)
+            held = self._lfs_of(before)
             head = self._load_commit(repo, meta["refs"][branch])
             assert head is not None
             sha = self._write_commit(repo, None, dict(head["files"]), title, "", author)
@@ -208,6 +227,7 @@ class RepoStore:
                     path.unlink(missing_ok=True)
                     self._commits.pop(path, None)
             self._collect([e for c in before for e in c["files"].values()])
+            self._credit_dropped(repo, held)
             return sha
 
     def _reachable(self, repo: Repo, sha: str, heads: set[str]) -> bool:
@@ -232,6 +252,7 @@ class RepoStore:
     def purge_lfs(self, repo: Repo, shas: set[str]) -> None:
         """Permanent LFS deletion (history rewritten): every commit forgets the files with these contents."""
         with self._lock:
+            held = self._history_lfs(repo)
             dropped: list[dict[str, Any]] = []
             for commit in self._all_commits(repo):
                 gone = {p: e for p, e in commit["files"].items() if e["lfs"] and e["sha256"] in shas}
@@ -240,6 +261,12 @@ class RepoStore:
                     commit["files"] = {p: e for p, e in commit["files"].items() if p not in gone}
                     write_json(self._repo_dir(repo) / "commits" / f"{commit['id']}.json", commit)
             self._collect(dropped)
+            self._credit_dropped(repo, held)
+
+    def _credit_dropped(self, repo: Repo, held: dict[str, int]) -> None:
+        """What the history held before and holds no more is credited back later (terms.py)."""
+        kept = self._history_lfs(repo)
+        self._credit_later(repo, {sha: size for sha, size in held.items() if sha not in kept})  # type: ignore[attr-defined]
 
     def _collect(self, candidates: list[dict[str, Any]]) -> None:
         """Delete the stored content of `candidates` that no commit of any repo references any more."""

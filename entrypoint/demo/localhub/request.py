@@ -7,7 +7,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -138,9 +138,27 @@ class HubRequest(BaseHTTPRequestHandler):
             raise HubError(403, f"You don't have the rights to write to {repo[1]}")
         return meta, user
 
-    def _xet_token(self, folder: Path) -> None:
-        """A CAS token as the Hub hands it out: JSON for hf_xet, X-Xet-* headers for huggingface_hub."""
-        cas_url, token, expires = f"local://{folder}", folder.name, int(time.time()) + TOKEN_LIFETIME_S
+    def _name_taken(self, name: str, holder: str, path: str) -> HubError:
+        """The 409 for a bucket and a repo of one id (`refuse_shared_names`), shaped like the Hub's "already
+        created" answer, whose `url` (here: what holds the id) `create_*(exist_ok=True)` reads."""
+        url = f"{self._base}/{path}"
+        return HubError(409, f"You already created a {holder} named {name}", fields={"url": url})
+
+    def _xet_token(self, transfer: str, scope: str, make_folder: Callable[[], Path]) -> None:
+        """A CAS token as the Hub hands it out: JSON for hf_xet, X-Xet-* headers for huggingface_hub. A Xet
+        fault (terms.py) may refuse it, expire it at once for a CAS over HTTP, or leave the objects out."""
+        verdict = self.hub._xet_verdict(transfer, scope)
+        if verdict == "refuse":
+            raise HubError(401, "Invalid credentials in Authorization header")
+        expires = int(time.time()) + TOKEN_LIFETIME_S
+        if verdict == "auth":  # the CAS is never reached: hf_xet first refreshes the token, and is refused
+            cas_url, token, expires = f"{self._base}/xet-cas", "expired", int(time.time())
+        else:
+            folder = make_folder()
+            cas_url, token = f"local://{folder}", folder.name
+        if verdict == "not_found":
+            self.hub.drop_xet_objects(folder)
+            expires = int(time.time())  # huggingface_hub asks again for the next file rather than reuse it
         headers = {"X-Xet-Cas-Url": cas_url, "X-Xet-Access-Token": token}
         headers["X-Xet-Token-Expiration"] = str(expires)
         self._json(200, {"casUrl": cas_url, "accessToken": token, "exp": expires}, headers)

@@ -14,6 +14,7 @@ from entrypoint.demo.localhub.common import DEFAULT_USER
 from entrypoint.demo.localhub.handler import Handler
 from entrypoint.demo.localhub.request import HubServer
 from entrypoint.demo.localhub.state import HubState
+from entrypoint.demo.localhub.terms import XET_FAULTS
 
 
 class LocalHub(HubState):
@@ -84,6 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quota", action="append", default=[], metavar="OWNER=BYTES",
                         help="cap the storage of a namespace, or of one repo or bucket (ns/name); repeatable")
+    terms = parser.add_argument_group("the real Hub's terms (all off by default)")
+    terms.add_argument("--credit-delay", type=float, default=0.0, metavar="SECONDS",
+                       help="storage a super-squash or LFS purge frees keeps counting this long (Hub: 36 h)")
+    terms.add_argument("--commit-quota", metavar="N[/WINDOW_S]",
+                       help="N commits/squashes/LFS purges per user per window (default 3600 s); then 429")
+    terms.add_argument("--commit-quota-buckets", action="store_true",
+                       help="bucket batches count towards --commit-quota too")
+    terms.add_argument("--storage-locked", action="append", default=[], metavar="NAMESPACE",
+                       help="a namespace that tripped the storage patterns: 403 on adding files; repeatable")
+    terms.add_argument("--refuse-shared-names", action="store_true",
+                       help="409 for a bucket with a repo's id, and for a repo with a bucket's")
+    terms.add_argument("--xet-fault", action="append", default=[], choices=[":".join(f) for f in XET_FAULTS],
+                       help="make the next Xet transfer of that kind fail in hf_xet; repeatable")
     args = parser.parse_args(argv)
     tokens = {token: user or DEFAULT_USER for token, _, user in (spec.partition(":") for spec in args.token)}
     stop = threading.Event()
@@ -93,5 +107,14 @@ def main(argv: list[str] | None = None) -> None:
         for spec in args.quota:
             owner, _, nbytes = spec.partition("=")
             hub.set_quota(owner, int(nbytes))
+        hub.credit_delay_s, hub.refuse_shared_names = args.credit_delay, args.refuse_shared_names
+        if args.commit_quota:
+            commits, _, window = args.commit_quota.partition("/")
+            hub.set_commit_quota(int(commits), float(window or 3600), buckets=args.commit_quota_buckets)
+        for namespace in args.storage_locked:
+            hub.trip_storage_patterns(namespace)
+        for spec in args.xet_fault:
+            error, _, transfer = spec.partition(":")
+            hub.fail_xet_next(error, transfer)
         print(f"url={hub.url}", flush=True)  # tokens are never printed
         stop.wait()

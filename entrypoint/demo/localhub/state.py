@@ -1,5 +1,5 @@
-"""Everything the local Hub holds, without HTTP: repos, file contents, buckets, tokens and the test hooks; and
-publishing files into it from Python."""
+"""Everything the local Hub holds, without HTTP: repos, file contents, buckets, tokens, the Hub's terms and
+the test hooks; storage figures across repos and buckets; and publishing files into it from Python."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from entrypoint.demo.localhub.common import Op, check_path, file_entry, namespac
 from entrypoint.demo.localhub.faults import FaultHooks
 from entrypoint.demo.localhub.repos import RepoStore
 from entrypoint.demo.localhub.storage import ContentStore
+from entrypoint.demo.localhub.terms import HubTerms, Storage
 
 
-class HubState(FaultHooks, RepoStore, ContentStore, BucketStore):
+class HubState(FaultHooks, HubTerms, RepoStore, ContentStore, BucketStore):
     """The Hub's data and its test hooks, as the routes see them; `LocalHub` serves it over HTTP."""
 
     def __init__(
@@ -35,6 +36,7 @@ class HubState(FaultHooks, RepoStore, ContentStore, BucketStore):
         RepoStore.__init__(self)
         ContentStore.__init__(self)
         BucketStore.__init__(self)
+        HubTerms.__init__(self)
         (self.data_dir / "repos").mkdir(parents=True, exist_ok=True)
         self._tickets: dict[str, tuple[str, int]] = {}  # LFS upload ticket -> (sha256, size)
         self._conns: set[socket.socket] = set()
@@ -42,6 +44,14 @@ class HubState(FaultHooks, RepoStore, ContentStore, BucketStore):
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def storage(self, owner: str) -> Storage:
+        """Counted and settled storage of a namespace (its repos and buckets together, as its quota counts
+        them) or of the repos and bucket of one id ("ns/name"). Bucket deletes are settled at once."""
+        with self._lock:
+            buckets = self.bucket_size(owner) if "/" in owner else self._bucket_bytes(owner)
+            counted, settled = (sum(self._owner_lfs(owner, settled).values()) for settled in (False, True))
+            return Storage(counted + buckets, settled + buckets)
 
     # ------------------------------------------------------------------ publishing from Python
 

@@ -167,6 +167,12 @@ class ContentStore:
         _link_copy(upload / _XET_INDEX, self.data_dir / "xet" / "packs" / pack / _XET_INDEX)
         return pack
 
+    @staticmethod
+    def drop_xet_objects(folder: Path) -> None:
+        """Delete the xorbs of a CAS folder, keeping its index: files listed there can no longer be read."""
+        for xorb in (folder / _XET_INDEX / "xorbs").glob("*"):  # an empty bucket's folder has none
+            xorb.unlink()
+
     def _drop_pack(self, pack: str) -> None:
         shutil.rmtree(self.data_dir / "xet" / "packs" / pack, ignore_errors=True)
 
