@@ -54,7 +54,7 @@ def sidecar_env(hub, tmp_path: Path) -> dict[str, str]:
         "HF_SYNC_INTERVAL": "1",
         "HF_KEEP_LAST": "all",  # tests of pruning set their own
         "HF_CHECKPOINT_STORE": "repo",
-        "HF_SQUASH_CREDIT_HOURS": "0",  # the local Hub credits a squash at once, unless a test delays it
+        "HF_SQUASH_CREDIT_HOURS": str(hub.server.credit_delay_s / 3600),  # as late as this Hub credits
         "PYTHONUNBUFFERED": "1",
     }
 

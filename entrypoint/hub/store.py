@@ -47,9 +47,14 @@ class StoredCheckpoint:
     in_bucket: bool = False  # in a bucket (a delete frees it at once), else in the git repo's history
 
 
+def counted_size(sizes: dict[str, int], in_bucket: bool) -> int:
+    """What the Hub counts for a checkpoint's files: every one in a bucket; in a repo the large ones, which
+    go through LFS/Xet (safetensors), not the JSON ones, which travel inside the commit."""
+    return sum(size for name, size in sizes.items() if in_bucket or name.endswith(".safetensors"))
+
+
 def counted_bytes(ckpt: StoredCheckpoint) -> int:
-    """What the Hub counts for it: every file in a bucket, the large (LFS/Xet) ones in a repo."""
-    return sum(f.size for f in ckpt.files.values() if ckpt.in_bucket or f.sha256 is not None)
+    return counted_size({name: f.size for name, f in ckpt.files.items()}, ckpt.in_bucket)
 
 
 @dataclass

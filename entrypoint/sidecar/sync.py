@@ -27,7 +27,7 @@ from entrypoint.hub.calls import Pause, short_error
 from entrypoint.hub.client import Hub, HubSnapshot, add_operation, generation_of
 from entrypoint.hub.config import EVAL_DIR, RUN_FILE, TOKENIZER_PATH, HubConfig, local_generation
 from entrypoint.hub.errors import Fenced, HeadMoved, HubError, HubFatal, QuotaExceeded, RateLimited
-from entrypoint.hub.store import CheckpointStore, StoredCheckpoint, StoreView, counted_bytes
+from entrypoint.hub.store import CheckpointStore, StoredCheckpoint, StoreView, counted_bytes, counted_size
 from entrypoint.hub.stores import open_store
 from entrypoint.logs import kv, redact
 from trainer import checkpoint_layout as layout
@@ -161,11 +161,12 @@ class Syncer:
         extras = self._changed_extras(view.snapshot)
         for stage in layout.STAGES:
             for ckpt in self._to_push(stage, set(view.steps(stage))):
-                if not budget.fits(ckpt.total_bytes):
-                    _log_deferred(stage, ckpt, budget)
+                cost = counted_size({name: e["size"] for name, e in ckpt.files.items()}, self.cfg.in_bucket)
+                if not budget.fits(cost):
+                    _log_deferred(stage, ckpt, cost, budget)
                     result.deferred.append((stage, ckpt.step))
                     break  # an older one is as large
-                if not self._push(view, stage, ckpt, extras, result, budget):
+                if not self._push(view, stage, ckpt, cost, extras, result, budget):
                     continue
                 extras = []  # rode along with this checkpoint
                 if self.cfg.keep_last is not None:
@@ -179,9 +180,10 @@ class Syncer:
             finally:  # what is deleted counts even when freeing it failed (a squash), to be done next pass
                 self._count_pruned(view, doomed, result, budget)
 
-    def _push(self, view: StoreView, stage: str, ckpt: layout.Checkpoint, extras: list[Any],
+    def _push(self, view: StoreView, stage: str, ckpt: layout.Checkpoint, cost: int, extras: list[Any],
               result: PassResult, budget: Budget) -> bool:
-        """Push one checkpoint with the prune it makes possible; False if there was nothing to push."""
+        """Push one checkpoint (`cost`: what the Hub will count for it) with the prune it makes possible;
+        False if there was nothing to push."""
         doomed = self._doomed(view, (stage, ckpt.step))
         start = time.monotonic()
         try:
@@ -189,7 +191,7 @@ class Syncer:
             nbytes = self.store.push(view, stage, ckpt, extras, doomed)
         except Exception as exc:
             if landed := ckpt.step in view.steps(stage):  # what failed came after: the prune, the squash
-                self._pushed(view, stage, ckpt.step, ckpt.total_bytes, doomed, result, budget)
+                self._pushed(view, stage, ckpt.step, cost, doomed, result, budget)
             if landed or isinstance(exc, HeadMoved | Fenced | HubFatal):
                 raise
             # Pruned by the trainer while we hashed or uploaded it (the client then raises
@@ -203,7 +205,7 @@ class Syncer:
             log.error(kv(event="skip_corrupt", stage=stage, step=ckpt.step, error=str(exc)))
             return False
         self.speed = nbytes / max(time.monotonic() - start, 1e-6) if nbytes else self.speed
-        self._pushed(view, stage, ckpt.step, nbytes, doomed, result, budget)
+        self._pushed(view, stage, ckpt.step, cost, doomed, result, budget)
         return True
 
     def _pushed(self, view: StoreView, stage: str, step: int, nbytes: int, doomed: list[StoredCheckpoint],
@@ -269,10 +271,10 @@ class Syncer:
                                action="not pushed; the Hub keeps its copy"))
         return ops
 
-def _log_deferred(stage: str, ckpt: layout.Checkpoint, budget: Budget) -> None:
+def _log_deferred(stage: str, ckpt: layout.Checkpoint, cost: int, budget: Budget) -> None:
     """One line: why the newest checkpoint waits, and until when (the Hub credits freed storage late)."""
-    at = budget.fits_at(ckpt.total_bytes)
-    log.warning(kv(event="push_deferred", stage=stage, step=ckpt.step, bytes=ckpt.total_bytes,
+    at = budget.fits_at(cost)
+    log.warning(kv(event="push_deferred", stage=stage, step=ckpt.step, bytes=cost,
                    counted_bytes=budget.counted, limit_bytes=round(budget.limit),
                    fits_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)) if at else "unknown",
                    action="waiting for the Hub to credit freed storage (HF_STORAGE_LIMIT_GB)"))
