@@ -170,8 +170,10 @@ def test_hub_down_then_up_loop_keeps_running_and_catches_up(hub, env) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    try:
-        time.sleep(2.5)
+    log = base_dir(env) / "logs" / "hf_sync.log"
+    try:  # however long the process takes to start on a loaded machine, it meets the outage
+        wait_for(lambda: log.is_file() and "event=hub_retry" in log.read_text(), 60, "a retry in the outage")
+        time.sleep(1)
         assert proc.poll() is None, "the sidecar must survive a Hub outage"
         hub.server.down = False
         wait_for(lambda: 250 in hub_steps(hub, env), 30, "the sidecar to catch up")
