@@ -66,9 +66,11 @@ _LOCKED_MESSAGE = re.compile(r"storage patterns", re.IGNORECASE)
 HUB_CONTACT = "website@huggingface.co"
 # hf_xet's faults: a refused token (XetAuthenticationError, a PermissionError) and a CAS object gone
 # (XetObjectNotFoundError, a FileNotFoundError). hf_xet 1.8 defines both, yet through huggingface_hub an
-# upload raises ConnectionError("... Auth error: Token refresh failed ...") and a download RuntimeError
-# ("Task error: ... Auth error ..." / "... CAS object not found ..."): both the classes and the words count.
-_XET_AUTH = (getattr(hf_xet, "XetAuthenticationError", None), re.compile(r"Auth error", re.I))
+# upload raises ConnectionError("... Auth error: Token refresh failed ...", then "... (401 Unauthorized),
+# domain: .../xet-write-token") and a download RuntimeError ("Task error: ... Auth error ..." / "... CAS
+# object not found ..."): both the classes and the words count.
+_XET_AUTH = (getattr(hf_xet, "XetAuthenticationError", None),
+             re.compile(r"Auth error|401 Unauthorized\).*/xet-(read|write)-token", re.I))
 _XET_GONE = (getattr(hf_xet, "XetObjectNotFoundError", None), re.compile(r"object not found", re.I))
 _URL_QUERY = re.compile(r"\?[^\s'\"]*")
 

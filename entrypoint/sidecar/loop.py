@@ -25,7 +25,7 @@ from entrypoint.hub.calls import Pause
 from entrypoint.hub.config import TRAINER_STATUS_FILE, HubConfig, local_generation
 from entrypoint.hub.errors import HubFatal, StorageLocked
 from entrypoint.logs import kv, redact, setup_hub_logging
-from entrypoint.sidecar.sync import Syncer
+from entrypoint.sidecar.sync import PassResult, Syncer
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.sync")
@@ -33,7 +33,7 @@ log = logging.getLogger("phoenix.sync")
 _FIRST_FAILURE_DELAY = 5.0
 # compose.yaml gives the sidecar a 15 min stop_grace_period; a minute less leaves time to exit cleanly.
 DEFAULT_GRACE_SECONDS = 840.0
-_FINAL_PUSH_THREAD = "final-push"
+_PASS_THREAD = "sync-pass"
 STALE_S = 120  # a "running" status older than this was left by a killed entrypoint
 
 
@@ -54,6 +54,35 @@ def read_trainer_status(cfg: HubConfig) -> dict[str, Any] | None:
         # The entrypoint refreshes the file every 30 s while alive: silence means it was killed outright.
         return {**status, "status": "lost"}
     return status
+
+
+class _Pass:
+    """One sync pass in a thread the process may leave behind: an upload cannot be interrupted from outside,
+    and a SIGTERM must not wait for one (the Hub shows a checkpoint whole or not at all either way)."""
+
+    def __init__(self, syncer: Syncer) -> None:
+        self.syncer = syncer
+        self.thread: threading.Thread | None = None
+        self.outcome: PassResult | HubFatal | None = None
+
+    def start(self) -> None:
+        self.outcome = None
+        self.thread = threading.Thread(target=self._run, name=_PASS_THREAD, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.outcome = self.syncer.sync_once()
+        except HubFatal as exc:
+            self.outcome = exc
+
+    def wait(self, until: float | None = None, stop: threading.Event | None = None) -> bool:
+        """True once no pass is running; False at `until` (time.monotonic()) or once `stop` is set."""
+        while self.thread is not None and self.thread.is_alive():
+            if (stop is not None and stop.is_set()) or (until is not None and time.monotonic() >= until):
+                return False
+            self.thread.join(0.05)
+        return True
 
 
 def run_loop(
@@ -93,6 +122,7 @@ def run_loop(
     failures = 0
     fatal: HubFatal | None = None  # the last pass hit a setting only the user can fix
     next_pass = not_before = time.monotonic()  # not_before: no pass sooner, whatever happens (the Hub asked)
+    running = _Pass(syncer)
     seen, generation = read_trainer_status(cfg), local_generation(cfg)
     while not stop.is_set():
         status = read_trainer_status(cfg)
@@ -111,16 +141,19 @@ def run_loop(
                 next_pass = now + cfg.sync_interval
         elif (just_stopped or claimed or now >= next_pass) and now >= not_before:
             started = now  # passes start every interval, however long one takes: a push never waits longer
-            try:
-                result = syncer.sync_once()
-            except HubFatal as exc:
-                fatal = exc
-                _log_fatal(exc, "uploading nothing until the sidecar is restarted" if isinstance(
-                    exc, StorageLocked) else f"pushing nothing; checking again in {cfg.sync_interval:.0f}s")
+            running.start()
+            if not running.wait(stop=stop):
+                break  # stopped mid-pass: the final push waits for it, within the grace period
+            result = running.outcome
+            if isinstance(result, HubFatal):
+                fatal = result
+                _log_fatal(fatal, "uploading nothing until the sidecar is restarted" if isinstance(
+                    fatal, StorageLocked) else f"pushing nothing; checking again in {cfg.sync_interval:.0f}s")
                 if exit_when_stopped and trainer_stopped:
                     return 2
                 next_pass = time.monotonic() + cfg.sync_interval
                 continue
+            assert result is not None
             fatal = None
             failures = 0 if result.ok or result.fenced else failures + 1
             delay = cfg.sync_interval if failures == 0 else _FIRST_FAILURE_DELAY * 2 ** (failures - 1)
@@ -132,19 +165,21 @@ def run_loop(
         stop.wait(max(0.0, min(poll_seconds, next_pass - time.monotonic())))
     if fatal is not None:  # already said; a final push would only fail the same way
         return 2
-    return _final_push(cfg, syncer, poll_seconds, stop_wait_seconds, grace_seconds, not_before)
+    return _final_push(cfg, running, poll_seconds, stop_wait_seconds, grace_seconds, not_before)
 
 
 def _log_fatal(exc: HubFatal, action: str) -> None:
     log.error(kv(event="fatal", error=redact(str(exc)), action=action))
 
 
-def _final_push(cfg: HubConfig, syncer: Syncer, poll_seconds: float, stop_wait_seconds: float,
+def _final_push(cfg: HubConfig, running: _Pass, poll_seconds: float, stop_wait_seconds: float,
                 grace_seconds: float, not_before: float) -> int:
-    """On SIGTERM: let a running trainer finish its emergency checkpoint (both may be stopped at once),
-    then push once more; all of it bounded by `grace_seconds`, after which Docker would SIGKILL us. Says
-    first, in one line, whether the newest checkpoint can go up in the time left, at the last push's speed."""
+    """On SIGTERM: let a running trainer finish its emergency checkpoint (both may be stopped at once), say
+    in one line whether the newest checkpoint can go up in the time left (at the last push's speed), let a
+    pass under way finish, and push once more; all of it within `grace_seconds`, after which Docker would
+    SIGKILL us."""
     deadline = time.monotonic() + grace_seconds
+    syncer = running.syncer
     syncer.pause.deadline = deadline  # retry waits that would overrun it are not started
     trainer_deadline = min(time.monotonic() + stop_wait_seconds, deadline)
     while (status := read_trainer_status(cfg)) is not None and status["status"] == "running":
@@ -162,34 +197,24 @@ def _final_push(cfg: HubConfig, syncer: Syncer, poll_seconds: float, stop_wait_s
         return 1
     estimate = _estimate(cfg, syncer, left)
     log.info(kv(event="stopping", action="final sync", seconds_left=round(left, 1), **estimate))
-    if not syncer.pause.sleep(max(0.0, not_before - time.monotonic())):  # what is left of the Hub's wait
+    if running.wait(until=deadline) and syncer.pause.sleep(max(0.0, not_before - time.monotonic())):
+        running.start()
+        if running.wait(until=deadline):
+            if isinstance(running.outcome, HubFatal):
+                _log_fatal(running.outcome, "exiting")
+                return 2
+            assert running.outcome is not None
+            return 0 if running.outcome.ok else 1
+    if time.monotonic() < deadline:  # the Hub's wait (what was left of it) would overrun the grace period
         return 1
-    outcome: dict[str, Any] = {}
-
-    def push() -> None:
-        try:
-            outcome["result"] = syncer.sync_once()
-        except HubFatal as exc:
-            outcome["fatal"] = exc
-
-    # An upload cannot be interrupted from outside: the pass runs in a thread we may leave behind (the
-    # Hub shows a commit whole or not at all, so nothing half-pushed is left either way).
-    pusher = threading.Thread(target=push, name=_FINAL_PUSH_THREAD, daemon=True)
-    pusher.start()
-    pusher.join(max(0.0, deadline - time.monotonic()))
-    if pusher.is_alive():
-        log.error(
-            kv(
-                event="final_push_timeout",
-                grace_s=grace_seconds,
-                action="exiting within the stop grace period; the next sidecar pushes what is left",
-            )
+    log.error(
+        kv(
+            event="final_push_timeout",
+            grace_s=grace_seconds,
+            action="exiting within the stop grace period; the next sidecar pushes what is left",
         )
-        return 1
-    if "fatal" in outcome:
-        _log_fatal(outcome["fatal"], "exiting")
-        return 2
-    return 0 if outcome["result"].ok else 1
+    )
+    return 1
 
 
 def _estimate(cfg: HubConfig, syncer: Syncer, seconds_left: float) -> dict[str, Any]:
@@ -213,7 +238,7 @@ def _estimate(cfg: HubConfig, syncer: Syncer, seconds_left: float) -> dict[str, 
 
 def _exit(code: int) -> None:
     """sys.exit, unless a final push was left running: then leave at once rather than wait for it."""
-    if any(t.name == _FINAL_PUSH_THREAD and t.is_alive() for t in threading.enumerate()):
+    if any(t.name == _PASS_THREAD and t.is_alive() for t in threading.enumerate()):
         logging.shutdown()
         os._exit(code)
     sys.exit(code)
