@@ -78,6 +78,7 @@ class SimResult:
     restored: tuple[str, int] | None = None
     bitwise: bool = False
     landed: list[tuple[float, tuple[int, int]]] = field(default_factory=list)  # (clock, (stage, step))
+    passes: list[tuple[float, float]] = field(default_factory=list)  # (clock at start, clock seconds taken)
 
 
 class RecordingSyncer(sync.Syncer):
@@ -88,7 +89,9 @@ class RecordingSyncer(sync.Syncer):
         self.result = result
 
     def sync_once(self) -> sync.PassResult:
+        start = time.monotonic()
         outcome = super().sync_once()
+        self.result.passes.append((start, time.monotonic() - start))
         self.result.deferred += bool(outcome.deferred)
         return outcome
 
@@ -195,13 +198,17 @@ def _restore_check(env: dict[str, str], base: Path, fresh: Path, result: SimResu
 
 
 def report(cfg: SimConfig, result: SimResult) -> str:
-    pushes = max(result.pushes, 1)
+    pushes, hours = max(result.pushes, 1), cfg.scale / HOUR
+    starts = [t for t, _ in result.passes]
+    gap = max((b - a for a, b in zip(starts, starts[1:], strict=False)), default=0.0) * hours
+    longest = max((d for _, d in result.passes), default=0.0) * hours
     return (f"store={cfg.store} hours={cfg.hours:g} interval_s={cfg.interval_s:g} keep_last={cfg.keep_last} "
             f"ckpt_gb={cfg.ckpt_gb:g} limit_gb={cfg.limit_gb:g} credit_h={cfg.credit_hours:g} "
             f"commit_quota={cfg.commit_quota or '-'}\n"
             f"  pushes={result.pushes} refused={result.refused} deferred_passes={result.deferred} "
             f"first_backup_h={_h(result.first_backup_h)} worst_lag_h={_h(result.worst_lag_h)} "
             f"peak_counted_gb={result.peak_counted_gb:.1f}\n"
+            f"  passes={len(result.passes)} longest_pass_h={longest:.2f} longest_pass_gap_h={gap:.2f}\n"
             f"  history_writes_per_push={result.history_writes / pushes:.2f} "
             f"requests_per_push={result.requests / pushes:.1f} restored={result.restored} "
             f"bitwise={'yes' if result.bitwise else 'NO'}")

@@ -253,7 +253,7 @@ class BucketStore:
         """Before a batch that makes checkpoints count or stop counting (a manifest written or deleted):
         a newer generation ends the pass. Other batches need no check: files without a manifest never
         count, and what tidy deletes no longer counts under any newer claim either."""
-        theirs = self.hub.generation(self.hub.snapshot())
+        theirs = self.hub.generation_at("main")
         if theirs > (own := local_generation(self.cfg)):
             raise HeadMoved(f"generation {theirs} was claimed during the pass (ours: {own})")
 

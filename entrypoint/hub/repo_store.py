@@ -104,19 +104,18 @@ class RepoStore:
         landing in the remaining instant loses no file, and the generation is read again on the squashed
         head before anything is committed on it.
         """
-        snapshot = self.hub.snapshot()
         own = local_generation(self.cfg)
-        if snapshot.head != head or self.hub.generation(snapshot) > own:
+        if self.hub.head() != head or self.hub.generation_at(head) > own:
             log.info(kv(event="squash_skipped", reason="the repo moved on since we read it"))
             return head
         self.hub.squash(f"squash the history of {self.cfg.model_tag} to free pruned checkpoints")
         Ledger(self.cfg).squashed()
-        squashed = self.hub.snapshot()
-        log.info(kv(event="squashed", head_bytes=head_bytes(squashed), commit=squashed.head[:12],
+        squashed = self.hub.head()
+        log.info(kv(event="squashed", commit=squashed[:12],
                     credited_in_h=round(self.cfg.credit_delay / 3600, 2)))
-        if (theirs := self.hub.generation(squashed)) > own:
+        if (theirs := self.hub.generation_at(squashed)) > own:
             raise Fenced(f"fenced: generation {own} < {theirs}")
-        return squashed.head
+        return squashed
 
     def fetch(self, view: StoreView, path: str, partial: Path, size: int) -> None:
         # Xet: hf_xet rebuilds the whole file (a killed one restarts, finished files are kept); else Range.
