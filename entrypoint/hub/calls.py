@@ -223,8 +223,8 @@ def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
             "lifted; nothing is uploaded until then (restart the sidecar once it is)"
         )
     if (status == 403 or failures) and _QUOTA_MESSAGE.search(_server_message(exc)):
-        free = ("delete other files from the bucket" if cfg.in_bucket
-                else "delete old checkpoints with their history, or use HF_REPO_TYPE=bucket")
+        free = ("delete other private files of the account" if cfg.in_bucket
+                else "unset HF_CHECKPOINT_STORE (a bucket frees a delete at once)")
         return QuotaExceeded(
             f"the Hub account's storage is full ({short_error(exc)}): nothing new is backed up until space "
             f"is freed; lower HF_KEEP_LAST or HF_STORAGE_LIMIT_GB, {free}, or get a bigger plan (retried in "

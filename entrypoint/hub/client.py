@@ -1,8 +1,8 @@
 """The Hub's git repo as phoenix uses it: a snapshot of its files at one commit, and the repo client.
 
 The repo mirrors the volume: `tokenizer/tokenizer.json`, `runs/<tag>/run.json`, `runs/<tag>/generation.json`
-(the fencing token, see `stores.claim_generation`) and, unless HF_REPO_TYPE=bucket puts them in a Storage
-Bucket, the checkpoints: `<stage>_checkpoints/<tag>/step_NNNNNN/<files>` (see `repo_store`). Calls go
+(the fencing token, see `stores.claim_generation`) and, with HF_CHECKPOINT_STORE=repo (else they are in a
+Storage Bucket), the checkpoints: `<stage>_checkpoints/<tag>/step_NNNNNN/<files>` (see `repo_store`). Calls go
 through `calls.call`: retried when transient, else one line.
 """
 
