@@ -32,15 +32,17 @@ class Part:
     args: dict[str, Any]  # passed to its probe
 
 
-# In priority order: a part starts only when the overall budget still has its min_start_s.
+# In priority order: a part starts only when the overall budget still has its min_start_s. The device
+# batch parts time compiled steps (tok/s, MFU, peak memory) at auto's choice per card, the whole card
+# included: they replace the throughput parts at a fixed batch of 16. Each card is a compile or two, so
+# within 480 s the parts after resume_1proc may not start: `--only` runs them in a second call.
 GPU_PARTS = [
     Part("env", 30, {}),
-    Part("throughput_d12", 90, dict(depth=12, batch=16, seq=2048, vocab=32768, aspect=64, head_dim=128,
-                                    steps=20)),
-    Part("throughput_d20", 110, dict(depth=20, batch=16, seq=2048, vocab=32768, aspect=64, head_dim=128,
-                                     steps=15)),
-    Part("checkpoint_d20", 75, dict(depth=20, vocab=32768)),  # ~6 GB of state, written 4 times
+    Part("device_batch_d20", 170, dict(depth=20, cards=[141, 80, 40, 24])),  # the whole card first
+    Part("oom_relaunch", 75, {}),
+    Part("device_batch_d12", 90, dict(depth=12, cards=[24, 40, 80])),
     Part("resume_1proc", 130, dict(nproc=1)),
+    Part("checkpoint_d20", 75, dict(depth=20, vocab=32768)),  # ~6 GB of state, written 4 times
     Part("compile", 90, {}),
     Part("bf16", 30, {}),
     Part("fp8", 60, {}),
@@ -54,6 +56,7 @@ CPU_PARTS = [
     Part("throughput_tiny", 120, dict(depth=2, batch=2, seq=64, vocab=512, aspect=32, head_dim=32, steps=5)),
     Part("checkpoint_tiny", 60, dict(depth=2, vocab=2048)),
     Part("resume_1proc", 180, dict(nproc=1)),
+    Part("oom_relaunch", 120, {}),
     Part("two_process", 180, {}),
 ]
 MIN_START_S = 20
@@ -76,6 +79,14 @@ def run_part(name: str, args: dict[str, Any], cpu: bool, workdir: Path, timeout:
         return probes.fp8_check(device)
     if name.startswith("throughput"):
         return probes.throughput(device, **args)
+    if name.startswith("device_batch"):
+        from bench.device_batch import device_batch_check
+
+        return device_batch_check(device, args["depth"], args["cards"], timeout)
+    if name == "oom_relaunch":
+        from bench.device_batch import oom_relaunch_check
+
+        return oom_relaunch_check(device, workdir, 0.9 * timeout)
     if name.startswith("checkpoint"):
         return probes.checkpoint_stall(device, args["depth"], args["vocab"], workdir / "checkpoint")
     # Inner limits a little under the part's, so a slow run is reported by the probe, not killed.
@@ -138,6 +149,15 @@ def summary_line(report: dict[str, Any]) -> str:
             mfu = f"{r['mfu_pct']}%" if r["mfu_pct"] is not None else "-"
             words.append(f"{name.split('_')[1]} {r['tok_per_sec']:,} tok/s mfu={mfu} "
                          f"optimizer={r['optimizer_pct']}%")
+        elif name.startswith("device_batch"):
+            picks = " ".join(f"{c['card_gib']:.0f}G:{c.get('device_batch', '-')}" for c in r.get("cards", []))
+            full = next((c for c in reversed(r.get("cards", [])) if c.get("tok_per_sec")), {})
+            nanochat = full.get("at_nanochat_device_batch")
+            versus = f" vs {nanochat['tok_per_sec']:,} at {nanochat['device_batch']}" if nanochat else ""
+            words.append(f"{name.split('_')[-1]} auto {picks} ({full.get('tok_per_sec', 0):,} tok/s{versus})")
+        elif name == "oom_relaunch":
+            launches = "->".join(map(str, r.get("device_batch_per_launch", [])))
+            words.append(f"oom relaunch {launches} {record['status']}")
         elif name.startswith("checkpoint"):
             words.append(f"ckpt stall {r['async_stall_ms']:.0f} ms vs torch.save {r['sync_save_ms']:.0f} ms")
         elif name.startswith("resume"):

@@ -280,7 +280,30 @@ def checkpoint_stall(device: torch.device, depth: int, vocab: int, workdir: Path
 # `phoenix run`, killed with SIGKILL mid-run and relaunched, against an uninterrupted run
 
 
-def _phoenix_run(volume: Path, env: dict[str, str], trainer_args: list[str], kill_at: int | None,
+def tiny_run_env(device: torch.device, tag: str, nproc: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of a tiny-preset `phoenix run` on `device` with no Hub and no W&B."""
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_REPO_ID", "HF_TOKEN")}
+    cuda = device.type == "cuda"
+    env.update(MODEL_TAG=tag, PRESET="tiny", RUN_SFT="0", DEVICE="cuda" if cuda else "cpu",
+               NPROC_PER_NODE=str(nproc), HF_HUB_OFFLINE="1", WANDB_RUN="", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1" if not cuda else "4"), **extra)
+    return env
+
+
+def tiny_run_args(steps: int, save_every: int) -> list[str]:
+    return ["--num-iterations", str(steps), "--save-every", str(save_every), "--eval-every", str(steps // 2),
+            "--tokenizer-chars", "500000"]
+
+
+def volume_with_shards(volume: Path) -> None:
+    """Shards on the volume plus their listing: the trainer never asks the Hub for anything."""
+    from entrypoint.demo.synthetic import write_shards
+
+    shards = write_shards(volume / "base_data", num_shards=3, docs_per_shard=300)
+    (volume / "base_data" / "shards.json").write_text(json.dumps({"shards": [p.name for p in shards]}))
+
+
+def phoenix_run(volume: Path, env: dict[str, str], trainer_args: list[str], kill_at: int | None,
                  timeout: float) -> tuple[int | None, str]:
     """`python -m entrypoint run` (the container's entrypoint); with kill_at, SIGKILL every process of
     the run as soon as it logs that step, as a preempted instance dies."""
@@ -298,7 +321,7 @@ def _phoenix_run(volume: Path, env: dict[str, str], trainer_args: list[str], kil
     return proc.wait(), "".join(lines)
 
 
-def _logged_losses(volume: Path, tag: str) -> tuple[dict[int, float], dict[int, float]]:
+def logged_losses(volume: Path, tag: str) -> tuple[dict[int, float], dict[int, float]]:
     """(first, last) logged loss per step: a relaunch logs the steps after its checkpoint again."""
     first: dict[int, float] = {}
     last: dict[int, float] = {}
@@ -320,41 +343,33 @@ def resume_check(device: torch.device, workdir: Path, nproc: int, timeout: float
     start, measure that noise, and the steps after the resume must stay within RESUME_RTOL of the
     reference.
     """
-    from entrypoint.demo.synthetic import write_shards
-
     cuda = device.type == "cuda"
     steps, save_every, kill_at = (300, 50, 160) if cuda else (20, 4, 9)
     tag = f"gpu-check-{nproc}p"
-    trainer_args = ["--num-iterations", str(steps), "--save-every", str(save_every), "--eval-every",
-                    str(steps // 2), "--tokenizer-chars", "500000"]
-    env = {key: value for key, value in os.environ.items() if key not in ("HF_REPO_ID", "HF_TOKEN")}
-    env.update(MODEL_TAG=tag, PRESET="tiny", RUN_SFT="0", DEVICE="cuda" if cuda else "cpu",
-               NPROC_PER_NODE=str(nproc), HF_HUB_OFFLINE="1", WANDB_RUN="", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1" if not cuda else "4"))
+    trainer_args = tiny_run_args(steps, save_every)
+    env = tiny_run_env(device, tag, nproc)
     reference, resumed = workdir / f"reference_{nproc}p", workdir / f"resumed_{nproc}p"
-    # Shards on the volume plus their listing: the trainer never asks the Hub for anything.
-    shards = write_shards(reference / "base_data", num_shards=3, docs_per_shard=300)
-    (reference / "base_data" / "shards.json").write_text(json.dumps({"shards": [p.name for p in shards]}))
+    volume_with_shards(reference)
     start = time.monotonic()
-    code, out = _phoenix_run(reference, env, trainer_args, None, timeout / 2)
+    code, out = phoenix_run(reference, env, trainer_args, None, timeout / 2)
     if code != 0:
         return {"passed": False, "error": f"uninterrupted run exited {code}", "log_tail": out[-3000:]}
     resumed.mkdir(parents=True)
     for name in ("base_data", "tokenizer"):  # the same shards and tokenizer, as after a first run
         shutil.copytree(reference / name, resumed / name)
     remaining = timeout - (time.monotonic() - start)
-    code, out = _phoenix_run(resumed, env, trainer_args, kill_at, remaining / 2)
+    code, out = phoenix_run(resumed, env, trainer_args, kill_at, remaining / 2)
     if code is not None:
         return {"passed": False, "error": f"the run ended (exit {code}) before step {kill_at} was killed",
                 "log_tail": out[-3000:]}
     remaining = timeout - (time.monotonic() - start)
-    code, out = _phoenix_run(resumed, env, trainer_args, None, remaining)
+    code, out = phoenix_run(resumed, env, trainer_args, None, remaining)
     if code != 0:
         return {"passed": False, "error": f"relaunch exited {code}", "log_tail": out[-3000:]}
     resumed_from = next((int(line.split("resuming from step=")[1].split()[0]) for line in out.splitlines()
                          if "resuming from step=" in line), None)
-    _, want = _logged_losses(reference, tag)
-    first, got = _logged_losses(resumed, tag)
+    _, want = logged_losses(reference, tag)
+    first, got = logged_losses(resumed, tag)
     before = [s for s in sorted(want) if resumed_from and s <= resumed_from]
     after = [s for s in sorted(want) if resumed_from and s > resumed_from]
     complete = sorted(got) == sorted(want) == list(range(1, steps + 1))

@@ -25,7 +25,7 @@ from trainer.hardware import peak_flops
 from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 from trainer.runtime import Dist, compiles_update, compute_setup
-from trainer.train import PRESETS
+from trainer.train import CPU_DEVICE_BATCH, PRESETS
 
 GEOMETRY = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "vocab_size", "device_batch_size")
 
@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
 
     for preset_name in args.preset:
-        preset = {**PRESETS[preset_name],
+        preset = {**PRESETS[preset_name], "device_batch_size": CPU_DEVICE_BATCH[preset_name],
                   **{name: getattr(args, name) for name in GEOMETRY if getattr(args, name) is not None}}
         result = measure_throughput(preset["depth"], torch.device(args.device), preset["device_batch_size"],
                                     preset["max_seq_len"], preset["vocab_size"], preset["aspect_ratio"],

@@ -23,6 +23,9 @@ os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ.pop("HF_HUB_DISABLE_XET", None)  # large files go through Xet, as on the Hub (localhub speaks it)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_HUB_OFFLINE", None)
+# On a cloud VM `phoenix run` would find its cloud and poll the real metadata server: tests that watch
+# set PREEMPTION_WATCH and point PREEMPTION_METADATA_URL at a fake one on loopback.
+os.environ["PREEMPTION_WATCH"] = "off"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,20 @@ def step_losses(base: Path, stage: str = "base") -> dict[int, float]:
 
 def checkpoint_dir(base: Path, stage: str = "base") -> Path:
     return layout.stage_dir(base, stage, MODEL_TAG)
+
+
+def plant_edited_checkpoint(source: layout.Checkpoint, into: Path, edit: Callable[[dict[str, Any]], None]
+                            ) -> None:
+    """Copy a complete checkpoint into the stage folder `into` with its meta.json changed by `edit` and its
+    manifest rewritten to match: a checkpoint as an older phoenix wrote it, complete and verified."""
+    target = into / source.path.name
+    shutil.copytree(source.path, target)
+    meta = json.loads((target / layout.META_NAME).read_text())
+    edit(meta)
+    (target / layout.META_NAME).write_text(json.dumps(meta))
+    manifest = layout.read_manifest(target)
+    layout.write_manifest(target, manifest["step"],
+                          **{k: v for k, v in manifest.items() if k not in ("format", "step", "files")})
 
 
 def weights_sha256(base: Path, step: int, stage: str = "base") -> str:

@@ -60,6 +60,8 @@ def test_export_then_chat_from_round_trips_on_the_local_hub(volume, hub, tmp_pat
     assert len(api.list_repo_commits(repo)) == 2  # the repo's creation, then the whole export in one commit
     card = (volume / "export" / MODEL_TAG / "README.md").read_text()
     assert f"| sft steps | {SFT_STEPS} |" in card and f"| base steps | {BASE_STEPS} |" in card
+    sft_meta = layout.latest(layout.stage_dir(volume, "sft", MODEL_TAG)).meta()
+    assert f"| sft conversations | {sft_meta['conversations']:,} |" in card
     assert "| base val bpb (best) |" in card and "| chat.gsm8k.accuracy | 0.25 |" in card
     assert f"phoenix chat --from {repo}" in card and "chat.time" not in card
 

@@ -34,7 +34,7 @@ def report(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     tmp = tmp_path_factory.mktemp("gpu_check")
     out = tmp / "gpu_check.json"
     # compile and bf16 run the probes tests/test_compile.py runs in-process: left out here to save ~25 s.
-    parts = "env,throughput_tiny,checkpoint_tiny,resume_1proc,two_process"
+    parts = "env,throughput_tiny,checkpoint_tiny,resume_1proc,oom_relaunch,two_process"
     done = subprocess.run([str(SCRIPT), "--cpu", "--only", parts, "--out", str(out), "--budget-s", "900"],
                           env=bare_host_env(tmp), capture_output=True, text=True, timeout=1200)
     return done, json.loads(out.read_text())
@@ -53,7 +53,8 @@ def test_cpu_check_passes_every_part_and_ends_with_one_summary_line(report):
     parts = result["parts"]
     assert summary == result["summary"] and summary.startswith("gpu_check: ")
     assert f"{len(parts)}/{len(parts)} passed" in summary
-    assert set(parts) == {"env", "throughput_tiny", "checkpoint_tiny", "resume_1proc", "two_process"}
+    assert set(parts) == {"env", "throughput_tiny", "checkpoint_tiny", "resume_1proc", "oom_relaunch",
+                          "two_process"}
 
 
 def test_the_report_holds_the_figures(report):
@@ -70,6 +71,12 @@ def test_phoenix_run_killed_mid_run_resumes_bitwise_on_cpu(report):
     assert resume["complete"] and resume["bitwise"]
     # Killed between two checkpoints: the relaunch resumed from the last one, before the end.
     assert 0 < resume["resumed_from"] <= resume["killed_at_log_of_step"] < resume["steps"]
+
+
+def test_an_out_of_memory_relaunches_at_half_the_device_batch(report):
+    oom = report[1]["parts"]["oom_relaunch"]["result"]
+    assert oom["device_batch_per_launch"] == [4, 2] and oom["halvings"] == [[oom["oom_from_step"], 4, 2]]
+    assert oom["complete"]
 
 
 def test_two_ranks_train_in_step_over_the_sharded_step_and_compile(report):

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.packing import long_tailed_chats
 from entrypoint.demo.localhub import LocalHub
 from tests.helpers import (
     MODEL_TAG,
     chat_conversations,
+    plant_edited_checkpoint,
     publish_chat_dataset,
     publish_corpus,
     run_sft,
@@ -32,8 +34,8 @@ from trainer import checkpoint_layout as layout
 from trainer.chat_data import ChatLoader, collate, epoch_order, render
 from trainer.tokenizer import train_tokenizer
 
-CONVERSATIONS = 200  # 32 held out (tiny preset), 168 to train on: 21 steps of 8 per epoch
-STEPS = 42
+CONVERSATIONS = 200  # 32 held out (tiny preset), 168 to train on
+STEPS = 58  # two passes of 168 at ~5.8 conversations a step (2 rows of 128 tokens, ~11% padding)
 # The tiny base model has seen 10 steps; these scenarios keep the lr fraction they were written with (0.2;
 # nanochat's default, which SFT now uses, is 0.8).
 ARGS = ("--num-epochs", "2", "--save-every", "5", "--init-lr-frac", "0.2")
@@ -84,7 +86,8 @@ def test_sft_starts_from_the_finished_base_and_its_loss_falls(chat):
     assert final.step == STEPS and final.done
     meta = final.meta()
     assert meta["stage"] == "sft" and meta["base"]["step"] == 10
-    assert meta["loader"] == {"epoch": 2, "index": 0}  # exactly two passes over the 168 training rows
+    # The horizon was estimated by packing the conversations: about two passes over the 168 training rows.
+    assert abs(meta["conversations"] - 2 * 168) <= 0.05 * 2 * 168
 
 
 def test_kill9_mid_run_then_resume_is_bitwise_exact(chat, tmp_path):
@@ -120,6 +123,19 @@ def test_sigterm_checkpoints_then_resume_on_two_processes_matches(chat, tmp_path
     assert sorted(resumed) == sorted(reference)
     # The loss is normalised over the global batch, so only the reduction order may differ.
     assert max(abs(reference[s] - resumed[s]) for s in reference) < 1e-5
+
+
+def test_a_checkpoint_of_the_former_batches_is_refused_in_one_line(chat, tmp_path):
+    """An SFT checkpoint from before packing (32 conversations a step, padded): its loader state was one
+    position (rewritten here, with a valid manifest)."""
+    base = chat.volume(tmp_path / "volume")
+    old = next(c for c in layout.complete_checkpoints(sft_dir(chat.reference)) if not c.done)
+    plant_edited_checkpoint(old, sft_dir(base), lambda meta: meta.update(loader={"epoch": 0, "index": 40}))
+    code, out = run_sft(base, chat.env, *ARGS)
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "SFT batches of '32 conversations a step" in last, last
+    assert "redo SFT" in last and "Traceback" not in out
 
 
 def test_a_finished_sft_relaunch_exits_0_without_training(chat):
@@ -190,8 +206,7 @@ def test_targets_are_ignored_exactly_outside_assistant_tokens(tokenizer):
     assert (y[-1] == -1).all()  # the malformed conversation is skipped, not trained on
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_loader_order_is_global_and_resumes_exactly_from_its_state(tokenizer, world_size):
+def test_rows_are_the_same_on_any_world_size_and_resume_exactly_mid_buffer(tokenizer):
     conversations = chat_conversations(30)
     requested: list[int] = []
 
@@ -199,22 +214,45 @@ def test_loader_order_is_global_and_resumes_exactly_from_its_state(tokenizer, wo
         requested.extend(rows)
         return [conversations[r] for r in rows]
 
-    def loaders(state: dict[str, int] | None = None) -> list[ChatLoader]:
-        return [ChatLoader(fetch, 30, tokenizer, 6, 2, 64, rank, world_size, seed=1, state=state)
+    def loaders(world_size: int, state: dict | None = None) -> list[ChatLoader]:
+        return [ChatLoader(fetch, 30, tokenizer, rows_per_step=4, device_batch_size=2, max_seq_len=64,
+                           rank=rank, world_size=world_size, seed=1, state=state)
                 for rank in range(world_size)]
 
-    ranks = loaders()
-    for _ in range(5):  # one epoch: 30 rows, 6 per step
-        for loader in ranks:
-            loader.next_step()
-    # Ranks take consecutive slices of one global, shuffled order: the same for any world size.
-    assert requested == [int(row) for row in epoch_order(30, 1, 0)] != list(range(30))
-    assert ranks[0].state_dict() == {"epoch": 1, "index": 0}
-    for _ in range(2):
-        for loader in ranks:
-            loader.next_step()
-    for loader, restarted in zip(ranks, loaders(ranks[0].state_dict()), strict=True):
-        a, b = loader.next_step(), restarted.next_step()
-        assert a.num_targets == b.num_targets and len(a.micro_batches) == len(b.micro_batches)
-        for (xa, ya), (xb, yb) in zip(a.micro_batches, b.micro_batches, strict=True):
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    def step(ranks: list[ChatLoader]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [micro_batch for loader in ranks for micro_batch in loader.next_step().micro_batches]
+
+    single, pair = loaders(1), loaders(2)
+    for _ in range(4):
+        expected = step(single)
+        for (x, y), (xp, yp) in zip(expected, step(pair), strict=True):
+            assert torch.equal(x, xp) and torch.equal(y, yp)
+        for x, _ in expected:
+            assert bool((x[:, 0] == tokenizer.bos_id).all())  # each row starts at a conversation
+    # Conversations are read in one global, shuffled order: the same for any world size.
+    assert requested[:30] == [int(row) for row in epoch_order(30, 1, 0)] != list(range(30))
+    state = json.loads(json.dumps(pair[0].state_dict()))  # as meta.json holds it
+    assert state == pair[1].state_dict() and state["buffer_back"]  # one state, conversations buffered
+    for resumed in (loaders(1, state), loaders(2, state)):
+        for _ in range(3):
+            for (x, y), (xr, yr) in zip(step(single) if len(resumed) == 1 else step(pair), step(resumed),
+                                        strict=True):
+                assert torch.equal(x, xr) and torch.equal(y, yr)
+
+
+def test_packed_rows_pad_under_5_percent_where_padding_to_the_longest_wasted_most(tokenizer):
+    """Long-tailed chats (bench/packing.py's, a median of ~110 tokens here, 3% longer than a row) at T=512."""
+    chats = long_tailed_chats(1200, median_words=12)
+    loader = ChatLoader(lambda rows: [chats[r] for r in rows], len(chats), tokenizer, rows_per_step=16,
+                        device_batch_size=8, max_seq_len=512, rank=0, world_size=1, seed=0)
+    steps = [loader.next_step() for _ in range(60)]
+    slots = sum(x.numel() for batch in steps for x, _ in batch.micro_batches)
+    assert 1 - sum(batch.num_tokens for batch in steps) / slots <= 0.05
+    # Every step fills its rows: conversations longer than a row are trained on, cut, and never pile up.
+    assert min(batch.num_tokens for batch in steps) >= 0.9 * 16 * 512
+    assert sum(batch.num_targets for batch in steps) == sum(int((y != -1).sum()) for batch in steps
+                                                            for _, y in batch.micro_batches)
+    rendered = [render(tokenizer, messages, row) for row, messages in enumerate(chats[:320])]
+    padded = [collate(rendered[i:i + 16], tokenizer.bos_id, 512)[0] for i in range(0, 320, 16)]  # before
+    useful = sum(min(len(ids), 513) - 1 for ids, _ in rendered)
+    assert 1 - useful / sum(x.numel() for x in padded) > 0.5

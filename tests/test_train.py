@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from entrypoint.demo.localhub import LocalHub
 from tests.helpers import (
     checkpoint_dir,
+    plant_edited_checkpoint,
     publish_corpus,
     run_trainer,
     seed_volume,
@@ -210,14 +210,11 @@ def test_a_checkpoint_of_the_older_model_is_refused_in_one_line(corpus, tmp_path
     has neither `window_pattern` nor `architecture` (rewritten here, with a valid manifest)."""
     base = corpus.volume(tmp_path / "volume")
     old = next(c for c in layout.complete_checkpoints(checkpoint_dir(corpus.reference)) if not c.done)
-    target = checkpoint_dir(base) / old.path.name
-    shutil.copytree(old.path, target)
-    meta = json.loads((target / layout.META_NAME).read_text())
-    del meta["model_config"]["architecture"], meta["model_config"]["window_pattern"]
-    (target / layout.META_NAME).write_text(json.dumps(meta))
-    manifest = layout.read_manifest(target)
-    layout.write_manifest(target, manifest["step"],
-                          **{k: v for k, v in manifest.items() if k not in ("format", "step", "files")})
+
+    def older_model(meta: dict) -> None:
+        del meta["model_config"]["architecture"], meta["model_config"]["window_pattern"]
+
+    plant_edited_checkpoint(old, checkpoint_dir(base), older_model)
     code, out = run_trainer(base, corpus.env, *ARGS)
     assert code == 2, out
     last = out.strip().splitlines()[-1]

@@ -1,13 +1,16 @@
-"""Chat conversations for SFT: loaded with `datasets`, ordered deterministically, batched per rank.
+"""Chat conversations for SFT: loaded with `datasets`, ordered deterministically, packed into rows.
 
 The order is defined globally, independent of the world size, so resume works on any GPU count: the
 training rows are visited epoch by epoch, each epoch in a permutation seeded by (seed, epoch), and a
-position p (conversations consumed since SFT began) names slot p % N of epoch p // N. A step takes the
-next `conversations_per_step` positions; rank r renders the r-th of world_size equal slices of them.
-The loader's state is that one position, saved as (epoch, index): exact and tiny.
+position p names slot p % N of epoch p // N. Conversations are packed in that order into rows of
+max_seq_len + 1 tokens by trainer.packing's best fit, as nanochat's SFT packs them: whole conversations,
+the largest that fits first, padding when none fits; one longer than a row fills a row alone, cut to it.
+A step is `rows_per_step` rows; every rank plans them all (rendering a step's conversations is cheap)
+and builds its own block of them, so the global batch is the same tokens on any world size. The
+loader's state is the packer's position: the next position and the ones still buffered.
 
-A batch holds whole conversations, padded to the longest in its micro-batch; the targets are -1 (ignored
-by the loss) everywhere except on what the assistant says, so SFT learns answers, not questions.
+The targets are -1 (ignored by the loss) everywhere except on what the assistant says, so SFT learns
+answers, not questions; padding is -1 too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from trainer.data import DataError, gated
+from trainer.packing import BestFitPacker, Position
 from trainer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -31,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("phoenix.sft")
 
 DEFAULT_SFT_DATASET = "HuggingFaceTB/smol-smoltalk"
+BUFFER_CONVERSATIONS = 32  # conversations that fit a row, chosen among (nanochat's SFT: 100)
+PACKING = f"bos-bestfit-pad-{BUFFER_CONVERSATIONS}"  # recorded in checkpoints: another is another run
+READ_AHEAD = 64  # conversations fetched and rendered at once (one Arrow take)
+HORIZON_SAMPLE = 2048  # conversations whose lengths estimate the steps of an epoch
 
 Messages = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
 Fetch = Callable[[list[int]], list[Messages]]  # dataset row indices -> their conversations, in order
@@ -75,8 +83,9 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
-def render(tokenizer: Tokenizer, messages: Messages, row: int) -> tuple[list[int], list[int]]:
-    """(ids, mask) of a conversation; a malformed one becomes a fully masked stub and is logged.
+def render(tokenizer: Tokenizer, messages: Messages, row: int, warn: bool = True
+           ) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation; a malformed one becomes a fully masked stub and is logged (if warn).
 
     Skipping rather than failing: the same row would fail again after every relaunch, stalling the run
     on one bad record, and the skip is as deterministic as the order, so resume stays exact.
@@ -84,13 +93,15 @@ def render(tokenizer: Tokenizer, messages: Messages, row: int) -> tuple[list[int
     try:
         return tokenizer.render_conversation(messages)
     except (ValueError, KeyError, TypeError) as exc:
-        log.warning("skipping malformed conversation at dataset row %d: %s", row, exc)
+        if warn:
+            log.warning("skipping malformed conversation at dataset row %d: %s", row, exc)
         return [tokenizer.bos_id], [0]
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, max_seq_len: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rendered conversations -> (inputs, targets), both (B, T) with T the longest input, at most max_seq_len.
+    """Rendered conversations, one a row -> (inputs, targets), both (B, T) with T the longest input, at most
+    max_seq_len. Each row is a packed row of training, or one held-out conversation of evaluation.
 
     Conversations are cut to max_seq_len + 1 tokens. targets[b, t] is token t + 1 where the mask says the
     assistant wrote it, else -1; padding is -1 too.
@@ -119,42 +130,86 @@ class StepBatch:
 class ChatLoader:
     """This rank's share of each global SFT batch, as micro-batches; see the module docstring."""
 
-    def __init__(self, fetch: Fetch, num_rows: int, tokenizer: Tokenizer, conversations_per_step: int,
+    def __init__(self, fetch: Fetch, num_rows: int, tokenizer: Tokenizer, rows_per_step: int,
                  device_batch_size: int, max_seq_len: int, rank: int, world_size: int, seed: int,
-                 state: dict[str, int] | None = None) -> None:
-        if conversations_per_step % world_size:
-            raise ValueError(f"{conversations_per_step} conversations do not split over {world_size} ranks")
+                 state: dict[str, Any] | None = None, buffer_size: int = BUFFER_CONVERSATIONS) -> None:
+        if rows_per_step % world_size:
+            raise ValueError(f"{rows_per_step} rows do not split over {world_size} ranks")
         self.fetch = fetch
         self.num_rows = num_rows
         self.tokenizer = tokenizer
-        self.conversations_per_step = conversations_per_step
+        self.rows_per_step = rows_per_step
         self.device_batch_size = device_batch_size
-        self.max_seq_len = max_seq_len
+        self.row_len = max_seq_len + 1
         self.seed = seed
-        per_rank = conversations_per_step // world_size
-        self.slice = (rank * per_rank, (rank + 1) * per_rank)
-        self.position = 0 if state is None else state["epoch"] * num_rows + state["index"]
+        self.warn = rank == 0  # every rank renders every conversation: one warning is enough
+        per_rank = rows_per_step // world_size
+        self.mine = range(rank * per_rank, (rank + 1) * per_rank)
+        self._rendered: dict[int, tuple[list[int], list[int]]] = {}  # by position: buffered and read ahead
+        position = None if state is None else loader_position(state)
+        if position is not None:
+            self._render(position["buffer"])
+        self.packer = BestFitPacker(self._length, self.row_len, buffer_size, crop=False, position=position)
 
-    def rows(self, start: int, stop: int) -> list[int]:
-        """Dataset rows at global positions [start, stop)."""
+    def dataset_rows(self, positions: list[int]) -> list[int]:
+        """The dataset rows at these global positions."""
         return [int(epoch_order(self.num_rows, self.seed, p // self.num_rows)[p % self.num_rows])
-                for p in range(start, stop)]
+                for p in positions]
+
+    def _render(self, positions: list[int]) -> None:
+        rows = self.dataset_rows(positions)
+        for p, row, messages in zip(positions, rows, self.fetch(rows), strict=True):
+            self._rendered[p] = render(self.tokenizer, messages, row, self.warn)
+
+    def _length(self, position: int) -> int:
+        if position not in self._rendered:  # the packer reads on in order: render the next few at once
+            self._render(list(range(position, position + READ_AHEAD)))
+        return len(self._rendered[position][0])
 
     def next_step(self) -> StepBatch:
-        lo, hi = self.slice
-        rows = self.rows(self.position + lo, self.position + hi)
-        self.position += self.conversations_per_step
-        rendered = [render(self.tokenizer, messages, row) for row, messages in zip(rows, self.fetch(rows),
-                                                                                    strict=True)]
-        micro_batches = [collate(rendered[i:i + self.device_batch_size], self.tokenizer.bos_id,
-                                 self.max_seq_len) for i in range(0, len(rendered), self.device_batch_size)]
+        rows = []
+        for j in range(self.rows_per_step):
+            pieces = [(self._rendered.pop(p), take) for p, take in self.packer.plan_row()]
+            if j in self.mine:
+                rows.append(([t for (ids, _), take in pieces for t in ids[:take]],
+                             [m for (_, mask), take in pieces for m in mask[:take]]))
+        micro_batches = [collate(rows[i:i + self.device_batch_size], self.tokenizer.bos_id, self.row_len - 1)
+                         for i in range(0, len(rows), self.device_batch_size)]
         num_targets = sum(int((y != -1).sum()) for _, y in micro_batches)
-        num_tokens = sum(min(len(ids), self.max_seq_len + 1) - 1 for ids, _ in rendered)
+        num_tokens = sum(len(ids) - 1 for ids, _ in rows)
         return StepBatch(micro_batches, num_targets, num_tokens)
 
+    def consumed(self) -> int:
+        """Conversations placed in rows since SFT began (whole, or cut to a row)."""
+        return self.packer.placed()
+
     def state_dict(self) -> dict[str, Any]:
-        """Where the next step starts: epoch and index into that epoch's order (the same on every rank)."""
-        return {"epoch": self.position // self.num_rows, "index": self.position % self.num_rows}
+        """The packing and the packer's position (the same on every rank); each buffered position is
+        written as its distance back from `next`."""
+        position = self.packer.position()
+        return {"packing": PACKING, "next": position["next"],
+                "buffer_back": " ".join(str(position["next"] - p) for p in position["buffer"])}
+
+
+def loader_position(state: dict[str, Any]) -> Position:
+    """The packer's position from a checkpoint's loader state (ChatLoader.state_dict)."""
+    return {"next": state["next"], "buffer": [state["next"] - int(b) for b in state["buffer_back"].split()]}
+
+
+def steps_per_epoch(fetch: Fetch, num_rows: int, tokenizer: Tokenizer, rows_per_step: int, max_seq_len: int,
+                    seed: int) -> float:
+    """Steps one pass over the training conversations takes, estimated by packing the first
+    HORIZON_SAMPLE of epoch 1's order as training packs them (padding included): the same on every launch."""
+    rows = [int(row) for row in epoch_order(num_rows, seed, 0)[:HORIZON_SAMPLE]]
+    lengths = [len(render(tokenizer, messages, row, warn=False)[0])
+               for row, messages in zip(rows, fetch(rows), strict=True)]
+    packer = BestFitPacker(lambda k: lengths[k % len(lengths)], max_seq_len + 1, BUFFER_CONVERSATIONS,
+                           crop=False)
+    packed_rows = 0
+    while packer.placed() < len(lengths):
+        packer.plan_row()
+        packed_rows += 1
+    return num_rows * packed_rows / len(lengths) / rows_per_step
 
 
 def eval_batches(fetch: Fetch, rows: range, tokenizer: Tokenizer, batch_size: int, max_seq_len: int,

@@ -7,15 +7,14 @@ order, repeated: index i is document i mod N of epoch i // N + 1 (N documents pe
 data never runs out and the epoch is part of every position. Rank r owns a contiguous block of
 R / world_size lanes, so ranks read disjoint documents and tokenize only their own.
 
-Each lane packs its documents (BOS + tokens) into rows of seq_len + 1 tokens as nanochat does: every
-row starts at a document start; the largest buffered document that fits in what is left of the row
-goes in next, until none fits; then the shortest buffered document is cropped to fill the row exactly
-and its tail is dropped. Those tails are the only tokens lost: nanochat reports ~35% of web text at
-seq 2048 (documents longer than a row linger in the buffer and always lose their tail), a simulation
-of this buffer size ~36%, the generated test shards 1% (46% at the tiny preset's 128). Before each
-choice the lane's buffer is topped up to BUFFER_DOCS documents in stream order, so a lane's position
-is exact and small: (next document k, the k's still buffered). The loader state is R such positions;
-a new loader given it continues every row bit for bit, on any world size.
+Each lane packs its documents (BOS + tokens) into rows of seq_len + 1 tokens, each row starting at a
+document start, by trainer.packing's best fit: a document longer than a row starts a row alone and loses
+its tail; the others go in whole, the largest that fits first, and when none fits the shortest is cropped
+to fill the row. Those tails are the only tokens lost (nanochat reports ~35% of web text at seq 2048; on
+a long-tailed synthetic stream, bench/packing.py, this packing loses 23.2% at 2048 against nanochat's
+23.6%, 20.1% being beyond any packing's reach). A lane's position is exact and small: (next document k,
+the k's still buffered). The loader state is R such positions; a new loader given it continues every row
+bit for bit, on any world size.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import bisect
 import logging
 import queue
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,12 +33,13 @@ import pyarrow.parquet as pq
 import torch
 
 from trainer.data import DataError, ShardStore
+from trainer.packing import BestFitPacker, Position
 from trainer.tokenizer import Tokenizer
 
 log = logging.getLogger("phoenix.data")
 
-BUFFER_DOCS = 64  # documents a lane chooses among; nanochat's 1000 crops ~1 point less, state grows 16x
-PACKING = f"bos-bestfit-{BUFFER_DOCS}"  # recorded in checkpoints: another packing is another run
+BUFFER_DOCS = 32  # documents that fit a row a lane chooses among; 64 crops 0.1 point less (bench/packing.py)
+PACKING = f"bos-bestfit-longfirst-{BUFFER_DOCS}"  # recorded in checkpoints: another packing is another run
 
 
 class DocumentSource:
@@ -115,54 +114,28 @@ class DocumentSource:
 
 
 class LanePacker:
-    """One lane's rows: its documents packed best-fit from a buffer, each row starting at a BOS.
+    """One lane's rows: its documents packed best fit (trainer.packing), each row starting at a BOS.
 
     `document(k)` gives the lane's k-th document (BOS first). The position {"next": k, "buffer": [k, ...]}
     names the next unread document and the ones waiting in the buffer; rows follow from it alone.
     """
 
     def __init__(self, document: Callable[[int], np.ndarray], row_len: int, buffer_docs: int = BUFFER_DOCS,
-                 position: dict[str, Any] | None = None) -> None:
+                 position: Position | None = None) -> None:
         self.document = document
-        self.row_len = row_len
-        self.buffer_docs = buffer_docs
-        self.next_doc = 0
-        self._buffer: list[tuple[int, int]] = []  # (length, k), sorted: best fit is a bisection
-        self._tokens: dict[int, np.ndarray] = {}
-        self.cropped_tokens = 0  # tails dropped by crops, counted since this packer started
-        self.packed_tokens = 0
-        if position is not None:
-            self.next_doc = position["next"]
-            for k in position["buffer"]:
-                self._add(k)
+        self._tokens: dict[int, np.ndarray] = {}  # the buffered documents
+        self.packer = BestFitPacker(self._read, row_len, buffer_docs, crop=True, position=position)
 
-    def _add(self, k: int) -> None:
-        tokens = self.document(k)
-        bisect.insort(self._buffer, (len(tokens), k))
-        self._tokens[k] = tokens
+    def _read(self, k: int) -> int:
+        self._tokens[k] = self.document(k)
+        return len(self._tokens[k])
 
     def row(self) -> np.ndarray:
-        """The next row_len tokens. Ties in length go to the earliest document, as nanochat's list scan."""
-        row = np.empty(self.row_len, dtype=np.int32)
-        filled = 0
-        while filled < self.row_len:
-            while len(self._buffer) < self.buffer_docs:
-                self._add(self.next_doc)
-                self.next_doc += 1
-            room = self.row_len - filled
-            fits = bisect.bisect_right(self._buffer, (room, sys.maxsize))  # documents no longer than room
-            # The largest that fits goes in whole; if none fits, the shortest fills the row, losing its tail.
-            index = bisect.bisect_left(self._buffer, (self._buffer[fits - 1][0], -1)) if fits else 0
-            length, k = self._buffer.pop(index)
-            take = min(length, room)
-            row[filled:filled + take] = self._tokens.pop(k)[:take]
-            self.cropped_tokens += length - take
-            filled += take
-        self.packed_tokens += self.row_len
-        return row
+        """The next row_len tokens."""
+        return np.concatenate([self._tokens.pop(k)[:take] for k, take in self.packer.plan_row()])
 
-    def position(self) -> dict[str, Any]:
-        return {"next": self.next_doc, "buffer": sorted(k for _, k in self._buffer)}
+    def position(self) -> Position:
+        return self.packer.position()
 
 
 class DistributedTokenLoader:
@@ -202,7 +175,8 @@ class DistributedTokenLoader:
 
     def _lane0_epoch(self) -> int:
         lane0 = self._packers.get(0)
-        return self.docs.epoch(self.num_lanes * (lane0.next_doc - 1)) if lane0 and lane0.next_doc else 1
+        next_doc = lane0.packer.next_doc if lane0 else 0
+        return self.docs.epoch(self.num_lanes * (next_doc - 1)) if next_doc else 1
 
     def _produce(self) -> None:
         try:
@@ -220,8 +194,8 @@ class DistributedTokenLoader:
                     log.info("event=epoch_wrap epoch=%d documents_per_epoch=%d", epoch,
                              self.docs.docs_per_epoch)
                     self._epoch = epoch
-                counts = (sum(p.cropped_tokens for p in self._packers.values()),
-                          sum(p.packed_tokens for p in self._packers.values()))
+                counts = (sum(p.packer.dropped_tokens for p in self._packers.values()),
+                          sum(p.packer.packed_tokens for p in self._packers.values()))
                 item = (micro_batches, self._positions(), counts)
                 while not self._stop.is_set():
                     try:
@@ -256,10 +230,10 @@ class DistributedTokenLoader:
 def loader_meta(lanes: dict[int, dict[str, Any]], num_lanes: int) -> dict[str, Any]:
     """The checkpoint's record of the loader: the packing and every lane's position, in lane order.
 
-    A buffer is written as one string of numbers: meta.json puts each list item on a line of its own."""
-    return {"packing": PACKING, "lanes": [{"next": lanes[lane]["next"],
-                                           "buffer": " ".join(map(str, lanes[lane]["buffer"]))}
-                                          for lane in range(num_lanes)]}
+    A buffer is written as one string of each document's distance back from `next` (a few digits, where
+    the indices grow with the run); meta.json would put each list item on a line of its own."""
+    return {"packing": PACKING, "lanes": [{"next": lanes[lane]["next"], "buffer_back": " ".join(
+        str(lanes[lane]["next"] - k) for k in lanes[lane]["buffer"])} for lane in range(num_lanes)]}
 
 
 def lane_state(loader: dict[str, Any], checkpoint: Path) -> list[dict[str, Any]]:
@@ -269,7 +243,7 @@ def lane_state(loader: dict[str, Any], checkpoint: Path) -> list[dict[str, Any]]
         raise DataError(f"{checkpoint} was written with data packing {packing}, this trainer packs "
                         f"{PACKING}: finish that run with the phoenix version that started it, or start anew "
                         "under another MODEL_TAG")
-    return [{"next": lane["next"], "buffer": [int(k) for k in lane["buffer"].split()]}
+    return [{"next": lane["next"], "buffer": [lane["next"] - int(b) for b in lane["buffer_back"].split()]}
             for lane in loader["lanes"]]
 
 

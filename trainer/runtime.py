@@ -30,6 +30,7 @@ from trainer import fencing
 from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError
 from trainer.data import DataError
 from trainer.distributed import Dist, init_distributed
+from trainer.out_of_memory import OUT_OF_MEMORY_EXIT_CODE, OutOfMemory
 
 log = logging.getLogger("phoenix.train")
 
@@ -87,7 +88,8 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
 
 def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Dist], int],
                argv: list[str] | None = None) -> int:
-    """Run a stage: user errors become one `error:` line (exit 2 for config, 1 otherwise), not a trace."""
+    """Run a stage: user errors become one `error:` line (exit 2 for config, 1 otherwise), not a trace; an
+    out-of-memory its report line (trainer.out_of_memory)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=sys.stdout)
     for chatty in ("httpx", "httpx2", "huggingface_hub", "datasets", "filelock"):
@@ -109,6 +111,9 @@ def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Di
         if d.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return fencing.FENCED_EXIT_CODE
+    except OutOfMemory as exc:  # on any rank: the first report `phoenix run` reads decides the relaunch
+        log.error("%s rank=%d", exc.report(), d.rank)
+        return OUT_OF_MEMORY_EXIT_CODE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,12 +1,13 @@
 """Chat SFT after base pretraining, resumable bit for bit: `torchrun ... -m trainer.sft --preset d26`.
 
 Starts from the weights of the finished base stage (its final checkpoint, marked done) with a fresh
-optimizer, and fine-tunes on a Hub chat dataset (`messages` column), taking the loss on assistant tokens
-only. The learning rates start at a fraction (--init-lr-frac, 0.8) of the base run's, flat for half the
-run, then decay linearly to 0, as nanochat's chat_sft does (trainer.sft_schedule). Checkpoints follow the
-base contract under sft_checkpoints/<MODEL_TAG>/: every SAVE_EVERY steps, at the end (marked done) and on
-SIGTERM; resuming from one, on any world size, continues the same run. The order of this file follows
-trainer/train.py, whose pieces it reuses.
+optimizer, and fine-tunes on a Hub chat dataset (`messages` column) packed into rows of whole
+conversations (trainer.chat_data), taking the loss on assistant tokens only. The learning rates start at
+a fraction (--init-lr-frac, 0.8) of the base run's, flat for half the run, then decay linearly to 0, as
+nanochat's chat_sft does (trainer.sft_schedule). Checkpoints follow the base contract under
+sft_checkpoints/<MODEL_TAG>/: every SAVE_EVERY steps, at the end (marked done) and on SIGTERM; resuming
+from one, on any world size, continues the same run. The order of this file follows trainer/train.py,
+whose pieces it reuses.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
+from trainer.autobatch import (
+    TrialSteps,
+    exit_on_out_of_memory,
+    inject_oom,
+    parse_device_batch,
+    resolve_device_batch,
+)
 from trainer.chat_data import (
     DEFAULT_SFT_DATASET,
+    PACKING,
     ChatLoader,
     dataset_fetch,
     eval_batches,
     load_chat_dataset,
+    steps_per_epoch,
 )
 from trainer.checkpoint import AsyncCheckpointer, load_tensors
 from trainer.distributed import Dist, ShardedOptimizer, broadcast
@@ -57,7 +67,7 @@ from trainer.runtime import (
 )
 from trainer.sft_schedule import INIT_LR_FRAC, SFT_SCHEDULE, set_sft_schedule
 from trainer.tokenizer import load_tokenizer, tokenizer_sha256
-from trainer.train import PRESETS
+from trainer.train import CPU_DEVICE_BATCH, PRESETS
 
 log = logging.getLogger("phoenix.sft")
 STAGE = "sft"
@@ -66,24 +76,24 @@ BASE_STAGE = "base"
 SAMPLE_QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "What is 7 times 6?"]
 SAMPLE_TOKENS = 32
 
-# SFT settings per preset, on top of the base preset's max_seq_len and device_batch_size.
-# nanochat's chat_sft takes 32 conversations per step and evaluates every 100 steps.
+# SFT settings per preset, on top of the base preset's max_seq_len. A step is rows_per_step rows of
+# max_seq_len tokens packed with whole conversations (tiny: ~6 of the test chats).
 SFT_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(conversations_per_step=8, eval_every=20, sample_every=20, eval_conversations=32),
-    "d20": dict(conversations_per_step=32, eval_every=100, sample_every=100, eval_conversations=1024),
-    "d24": dict(conversations_per_step=32, eval_every=100, sample_every=100, eval_conversations=1024),
-    "d26": dict(conversations_per_step=32, eval_every=100, sample_every=100, eval_conversations=1024),
+    "tiny": dict(rows_per_step=2, eval_every=20, sample_every=20, eval_conversations=32),
+    "d20": dict(rows_per_step=16, eval_every=100, sample_every=100, eval_conversations=1024),
+    "d24": dict(rows_per_step=16, eval_every=100, sample_every=100, eval_conversations=1024),
+    "d26": dict(rows_per_step=16, eval_every=100, sample_every=100, eval_conversations=1024),
 }
 
 
 @dataclass
 class SFTConfig:
     preset: str = "d26"
-    max_seq_len: int = 2048  # conversations are cut to this many input tokens
-    device_batch_size: int = 16
-    conversations_per_step: int = 32  # the global batch, for any world size
+    max_seq_len: int = 2048  # rows of this many input tokens; a longer conversation is cut to one row
+    device_batch_size: str = "auto"  # rows per forward: auto (the largest that fits: trainer.autobatch) or N
+    rows_per_step: int = 16  # the global batch, packed rows, for any world size
     num_epochs: int = 1
-    num_iterations: int = -1  # -1: num_epochs passes over the training conversations
+    num_iterations: int = -1  # -1: about num_epochs passes over the training conversations
     init_lr_frac: float = INIT_LR_FRAC  # of the base run's learning rates, every group
     eval_every: int = 100
     sample_every: int = 100  # answer SAMPLE_QUESTIONS every this many steps and at the end; 0 = off
@@ -103,11 +113,12 @@ class SFTConfig:
 
 def parse_sft_config(argv: list[str] | None = None) -> SFTConfig:
     """Defaults < preset < environment (the names base training reads, plus SFT_DATASET) < flags."""
-    presets = {name: {**{k: preset[k] for k in ("max_seq_len", "device_batch_size")}, **SFT_PRESETS[name]}
+    presets = {name: {"max_seq_len": preset["max_seq_len"], **SFT_PRESETS[name]}
                for name, preset in PRESETS.items()}
     env_names = {**ENV_NAMES, "sft_dataset": "SFT_DATASET"}
     cfg = config_from_flags(SFTConfig, argv, "trainer.sft", presets, env_names)
-    for name in ("conversations_per_step", "device_batch_size", "max_seq_len", "num_epochs"):
+    parse_device_batch(cfg.device_batch_size)
+    for name in ("rows_per_step", "max_seq_len", "num_epochs"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.eval_conversations < 0:
@@ -193,9 +204,9 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     if ckpt is not None and ckpt.done:
         log.info("sft stage already finished at step %d: nothing to do", ckpt.step)
         return 0
-    if cfg.conversations_per_step % d.world_size:
-        raise ConfigError(f"{cfg.conversations_per_step} conversations per step do not split over "
-                          f"{d.world_size} processes: set NPROC_PER_NODE to a divisor of them")
+    if cfg.rows_per_step % d.world_size:
+        raise ConfigError(f"{cfg.rows_per_step} rows per step do not split over {d.world_size} processes: "
+                          "set NPROC_PER_NODE to a divisor of them")
     base_ckpt = layout.verify(Path(base_path)) if base_path else None
     base_meta = base_ckpt.meta() if base_ckpt else None
     # What SFT keeps of the base run; carried in every SFT checkpoint so resume never reads base again.
@@ -222,13 +233,18 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         dataset = load_chat_dataset(cfg.sft_dataset, cfg.sft_split, data_cache, revision)
     fetch = dataset_fetch(dataset)
     num_train = len(dataset) - cfg.eval_conversations
-    if num_train < cfg.conversations_per_step:
-        raise ConfigError(f"SFT dataset {cfg.sft_dataset!r} has {len(dataset)} conversations: too few for "
-                          f"{cfg.eval_conversations} held out plus one step of {cfg.conversations_per_step}")
+    if num_train < 1:
+        raise ConfigError(f"SFT dataset {cfg.sft_dataset!r} has {len(dataset)} conversations: none left to "
+                          f"train on after {cfg.eval_conversations} held out (lower --eval-conversations)")
     # Everything that fixes which conversation comes when: a resume must see the same.
     data_identity = {"dataset": cfg.sft_dataset, "split": cfg.sft_split, "num_rows": len(dataset),
-                     "num_train": num_train, "seed": cfg.seed,
-                     "conversations_per_step": cfg.conversations_per_step, "max_seq_len": cfg.max_seq_len}
+                     "num_train": num_train, "seed": cfg.seed, "rows_per_step": cfg.rows_per_step,
+                     "max_seq_len": cfg.max_seq_len}
+    if meta is not None and meta["loader"].get("packing") != PACKING:
+        written_with = meta["loader"].get("packing", "32 conversations a step, each padded to the longest")
+        raise ConfigError(f"{ckpt.path} was written with SFT batches of {written_with!r}, this trainer packs "
+                          f"rows {PACKING!r}: finish it with the phoenix version that started it, or delete "
+                          "sft_checkpoints/<MODEL_TAG> to redo SFT")
     if meta is not None and meta["data"] != data_identity:
         changed = sorted(k for k in data_identity if meta["data"].get(k) != data_identity[k])
         raise ConfigError(f"{ckpt.path} was trained on {meta['data']}; this run has {data_identity} (differs "
@@ -254,8 +270,9 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     for group in optimizer.groups:
         group.initial_lr *= cfg.init_lr_frac
     num_iterations = cfg.num_iterations
-    if num_iterations <= 0:
-        num_iterations = cfg.num_epochs * num_train // cfg.conversations_per_step
+    if num_iterations <= 0:  # estimated from the conversations' lengths: the same on every launch
+        num_iterations = max(1, round(cfg.num_epochs * steps_per_epoch(
+            fetch, num_train, tokenizer, cfg.rows_per_step, cfg.max_seq_len, cfg.seed)))
     if ckpt is not None:
         check_optimizer_recipe(ckpt, meta)
         check_horizon(ckpt, meta, num_iterations)
@@ -264,10 +281,6 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
             raise ConfigError(f"{ckpt.path} was trained under SFT schedule {written_by!r}, this trainer runs "
                               f"{SFT_SCHEDULE!r}: finish it with the phoenix version that started it, or "
                               "delete sft_checkpoints/<MODEL_TAG> to redo SFT")
-
-    # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
-    # Micro-batches need not divide a rank's share: the loss is normalised per step, not per micro-batch.
-    device_batch_size = min(cfg.device_batch_size, cfg.conversations_per_step // d.world_size)
 
     # --- restore the trajectory state -----------------------------------------------------------------
     step = 0
@@ -286,28 +299,38 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         model.load_state_dict(load_tensors(base_ckpt, "model.safetensors"))
         log.info("fresh start from the base weights of step %d: %s", base_ckpt.step, base_ckpt.path)
 
-    loader = ChatLoader(fetch, num_train, tokenizer, cfg.conversations_per_step, device_batch_size,
+    # Batches are as long as their longest row (packed rows are nearly full; held-out conversations are
+    # padded to the longest of their batch): dynamic shapes, not a recompile per length.
+    train_model, autocast = compute_setup(model, d, cfg.compile, dynamic=True)
+
+    # --- batch geometry: the global batch is fixed; accumulation absorbs the world size ---------------
+    # Micro-batches need not divide a rank's share: the loss is normalised per step, not per micro-batch.
+    # `auto` measures the longest batch there can be: every row at max_seq_len.
+    trials = TrialSteps(train_model, autocast, model, optimizer, d, cfg.max_seq_len, contiguous=True,
+                        loss_reduction="sum")
+    device_batch_size = resolve_device_batch(STAGE, parse_device_batch(cfg.device_batch_size),
+                                             CPU_DEVICE_BATCH.get(cfg.preset, 1),
+                                             cfg.rows_per_step // d.world_size, trials, step)
+    loader = ChatLoader(fetch, num_train, tokenizer, cfg.rows_per_step, device_batch_size,
                         cfg.max_seq_len, d.rank, d.world_size, cfg.seed, loader_state)
     val_batches = eval_batches(fetch, range(num_train, len(dataset)), tokenizer, device_batch_size,
                                cfg.max_seq_len, d.rank, d.world_size)
-
-    # Batches are as long as their longest conversation: dynamic shapes, not a recompile per length.
-    train_model, autocast = compute_setup(model, d, cfg.compile, dynamic=True)
     reporter = StepReporter(STAGE, cfg.base_dir, cfg.model_tag, d, model.estimate_flops_per_token(),
                             f"{cfg.wandb_run}-sft" if cfg.wandb_run else "", identity["wandb_run_id"],
                             wandb_config={**asdict(cfg), "base_step": origin["step"]})
     checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, stage=STAGE, model_tag=cfg.model_tag,
                                      run_id=identity["run_id"])
     log.info("sft dataset=%s split=%s conversations=%d train=%d held_out=%d horizon=%d steps of %d "
-             "conversations world_size=%d device_batch=%d device=%s", cfg.sft_dataset, cfg.sft_split,
-             len(dataset), num_train, cfg.eval_conversations, num_iterations, cfg.conversations_per_step,
-             d.world_size, device_batch_size, d.device)
+             "rows x %d world_size=%d device_batch=%d device=%s", cfg.sft_dataset, cfg.sft_split,
+             len(dataset), num_train, cfg.eval_conversations, num_iterations, cfg.rows_per_step,
+             cfg.max_seq_len, d.world_size, device_batch_size, d.device)
 
     def stage_meta(_ranks: list[Any]) -> dict[str, Any]:
-        # The loader position is the same on every rank: one global conversation index.
+        # The loader position is the same on every rank: the packer's, over the global order.
         return {"stage": STAGE, "num_iterations": num_iterations, "model_config": asdict(model_config),
                 "config": asdict(cfg), "base": origin, "data": data_identity, "loop_state": loop_state,
-                "loader": loader.state_dict(), "run_id": identity["run_id"],
+                "loader": loader.state_dict(), "conversations": loader.consumed(),
+                "run_id": identity["run_id"],
                 "wandb_run_id": identity["wandb_run_id"], "tokenizer_sha256": tokenizer_sha,
                 "stopped": stop_now, "schedule": SFT_SCHEDULE}
 
@@ -327,45 +350,48 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
 
     # --- the loop ------------------------------------------------------------------------------------
     evaluating = cfg.eval_every > 0 and cfg.eval_conversations > 0
-    if step == 0 and evaluating:
-        evaluate()
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
     gc_habit = FrozenGC()
-    while step < num_iterations and not stop_now:
-        t0 = time.perf_counter()
-        lrm = set_sft_schedule(optimizer.groups, step, num_iterations)
-        batch = loader.next_step()
-        # The loss is a mean over the assistant tokens of the GLOBAL batch, so every rank needs their total
-        # first; then any world size (and micro-batch split) gives the same objective.
-        counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=d.device)
-        if d.world_size > 1:
-            dist.all_reduce(counts)
-        # The optimizer step averages gradients over ranks: scale by world_size so they come out as the
-        # global sum / count.
-        scale = d.world_size / max(counts[0].item(), 1.0)
-        loss_sum = torch.zeros((), device=d.device)
-        for x, y in batch.micro_batches:  # gradients accumulate locally; the ranks meet in optimizer.step()
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            with autocast:
-                loss = train_model(x, y, loss_reduction="sum") * scale
-            loss.backward()
-            loss_sum += loss.detach() / d.world_size
-        optimizer.step()
-        optimizer.zero_grad()
-        step += 1
-        train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
-        loop_state["train_time"] = time.time() - train_start
-        reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
-                      counts[1].item())
-        gc_habit.after_step(step)  # after the step's log line, as nanochat
-        if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
+    # A CUDA out-of-memory ends the stage with its report (trainer.train's loop says why).
+    with exit_on_out_of_memory(STAGE, device_batch_size, d.device, lambda: step + 1, checkpointer.wait):
+        if step == 0 and evaluating:
             evaluate()
-        if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
-            sample()
-        if step % cfg.save_every == 0 or stop_now or step == num_iterations:
-            # The final checkpoint is marked done: a relaunch skips the finished stage.
-            save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta)
+        while step < num_iterations and not stop_now:
+            t0 = time.perf_counter()
+            lrm = set_sft_schedule(optimizer.groups, step, num_iterations)
+            batch = loader.next_step()
+            # The loss is a mean over the assistant tokens of the GLOBAL batch, so every rank needs their
+            # total first; then any world size (and micro-batch split) gives the same objective.
+            counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=d.device)
+            if d.world_size > 1:
+                dist.all_reduce(counts)
+            # The optimizer step averages gradients over ranks: scale by world_size so they come out as the
+            # global sum / count.
+            scale = d.world_size / max(counts[0].item(), 1.0)
+            loss_sum = torch.zeros((), device=d.device)
+            for x, y in batch.micro_batches:  # gradients accumulate locally; ranks meet in optimizer.step()
+                inject_oom(step + 1, len(x), d.device)  # tests only: PHOENIX_TEST_OOM
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                with autocast:
+                    loss = train_model(x, y, loss_reduction="sum") * scale
+                loss.backward()
+                loss_sum += loss.detach() / d.world_size
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
+            loop_state["train_time"] = time.time() - train_start
+            reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
+                          counts[1].item())
+            gc_habit.after_step(step)  # after the step's log line, as nanochat
+            if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
+                evaluate()
+            if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
+                sample()
+            if step % cfg.save_every == 0 or stop_now or step == num_iterations:
+                # The final checkpoint is marked done: a relaunch skips the finished stage.
+                save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta)
 
     checkpointer.wait()
     if stop_now:

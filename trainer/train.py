@@ -20,6 +20,13 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
+from trainer.autobatch import (
+    TrialSteps,
+    exit_on_out_of_memory,
+    inject_oom,
+    parse_device_batch,
+    resolve_device_batch,
+)
 from trainer.checkpoint import AsyncCheckpointer
 from trainer.data import DEFAULT_DATASET_REPO, ShardStore, dataset_dir
 from trainer.dataloader import (
@@ -66,18 +73,20 @@ SAMPLE_TOKENS = 16
 
 # Presets: tiny trains on 2 CPU cores in seconds and is its own reference (its lrs and weight decay are
 # used as given); d20 / d24 / d26 are nanochat's sizes with its defaults: 12 tokens per scaling parameter,
-# the batch derived from that (2^20 tokens for all three), device batches as nanochat's miniseries runs.
+# the batch derived from that (2^20 tokens for all three). The device batch is `auto` (trainer.autobatch).
 _GPU = dict(aspect_ratio=64, head_dim=128, max_seq_len=2048, total_batch_size=-1, vocab_size=32768,
             num_iterations=-1, target_param_data_ratio=12.0, eval_every=250, sample_every=250,
             eval_tokens=10 * 524288, tokenizer_chars=2_000_000_000)
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=128, device_batch_size=4,
-                 total_batch_size=1024, vocab_size=2048, num_iterations=200, eval_every=50, sample_every=50,
-                 eval_tokens=4096, tokenizer_chars=2_000_000, reference_depth=2, reference_batch_size=1024),
-    "d20": dict(depth=20, device_batch_size=32, **_GPU),
-    "d24": dict(depth=24, device_batch_size=16, **_GPU),
-    "d26": dict(depth=26, device_batch_size=16, **_GPU),
+    "tiny": dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=128, total_batch_size=1024,
+                 vocab_size=2048, num_iterations=200, eval_every=50, sample_every=50, eval_tokens=4096,
+                 tokenizer_chars=2_000_000, reference_depth=2, reference_batch_size=1024),
+    "d20": dict(depth=20, **_GPU),
+    "d24": dict(depth=24, **_GPU),
+    "d26": dict(depth=26, **_GPU),
 }
+# What `auto` means on the CPU, where nothing is measured: nanochat's device batches for these sizes.
+CPU_DEVICE_BATCH = {"tiny": 4, "d20": 32, "d24": 16, "d26": 16}
 ETA_AFTER_STEPS = 20  # steps this process times before it logs a measured time estimate
 
 
@@ -90,7 +99,7 @@ class TrainConfig:
     window_pattern: str = "SSSL"  # attention windows tiled over the layers: S a quarter context, L all
     max_seq_len: int = 2048
     vocab_size: int = 32768
-    device_batch_size: int = 16
+    device_batch_size: str = "auto"  # rows per forward: auto (the largest that fits: trainer.autobatch) or N
     total_batch_size: int = -1  # -1: nanochat's batch for the horizon (trainer.recipe)
     num_iterations: int = -1  # -1: target_param_data_ratio x scaling parameters / total batch
     target_param_data_ratio: float = 12.0  # tokens per scaling parameter (nanochat's default)
@@ -127,6 +136,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < preset < environment (the seed script's names) < flags."""
     env_names = {**ENV_NAMES, "dataset_repo": "DATASET_REPO", "fp8": "FP8"}
     cfg = config_from_flags(TrainConfig, argv, "trainer.train", PRESETS, env_names)
+    parse_device_batch(cfg.device_batch_size)
     if cfg.fp8 not in (0, 1):
         raise ConfigError(f"FP8 / --fp8 is {cfg.fp8}: use 1 (FP8 matmuls) or 0 (bf16)")
     if cfg.total_batch_size > 0 and cfg.total_batch_size % cfg.max_seq_len:
@@ -315,11 +325,6 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         raise ConfigError(f"{num_lanes} sequences per step do not split over {d.world_size} processes: "
                           f"set NPROC_PER_NODE to a divisor of {num_lanes}")
     per_rank = num_lanes // d.world_size
-    # Largest micro-batch <= the requested one that divides this rank's rows (a GPU count change).
-    device_batch_size = max(b for b in range(1, min(cfg.device_batch_size, per_rank) + 1) if not per_rank % b)
-    if device_batch_size != cfg.device_batch_size:
-        log.info("device batch %d -> %d so that %d sequences per rank split evenly", cfg.device_batch_size,
-                 device_batch_size, per_rank)
 
     # --- restore the trajectory state -----------------------------------------------------------------
     step = 0
@@ -338,15 +343,20 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     else:
         log.info("fresh start: no checkpoint in %s", ckpt_dir)
 
+    if cfg.fp8:  # after the weights are in place, before compile: the same parameters, FP8 matmuls
+        log.info("fp8 recipe=tensorwise converted_linears=%d of=%d", *convert_to_fp8(model))
+    train_model, autocast = compute_setup(model, d, cfg.compile)
+    # Rows per forward: a fixed number, or `auto`'s search on this very model and compiled step.
+    trials = TrialSteps(train_model, autocast, model, optimizer, d, cfg.max_seq_len)
+    device_batch_size = resolve_device_batch(STAGE, parse_device_batch(cfg.device_batch_size),
+                                             CPU_DEVICE_BATCH.get(cfg.preset, 1), per_rank, trials, step,
+                                             divisors_only=True)
+
     docs = DocumentSource(store, tokenizer, num_lanes, range(d.rank * per_rank, (d.rank + 1) * per_rank))
     loader = DistributedTokenLoader(docs, cfg.max_seq_len, device_batch_size, num_lanes, d.rank,
                                     d.world_size, lanes, pin_memory=d.device.type == "cuda")
     val_rows = validation_rows(store, tokenizer, cfg.max_seq_len, max(1, cfg.eval_tokens // cfg.max_seq_len))
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=d.device)
-
-    if cfg.fp8:  # after the weights are in place, before compile: the same parameters, FP8 matmuls
-        log.info("fp8 recipe=tensorwise converted_linears=%d of=%d", *convert_to_fp8(model))
-    train_model, autocast = compute_setup(model, d, cfg.compile)
     reporter = StepReporter(STAGE, cfg.base_dir, cfg.model_tag, d, model.estimate_flops_per_token(),
                             cfg.wandb_run, identity["wandb_run_id"],
                             wandb_config={**asdict(cfg), "num_params": num_params})
@@ -354,9 +364,9 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                                      run_id=identity["run_id"])
     log_plan(run_plan, num_params, model.estimate_flops_per_token(), step, loop_state["train_time"],
              reporter.peak, d.world_size)
-    log.info("world_size=%d grad_accum=%d device=%s owned_params=%d/%d optimizer_state_mib=%.1f",
-             d.world_size, loader.grad_accum_steps, d.device, len(optimizer.optimizer.owned_names),
-             len(optimizer.owners), optimizer.state_bytes() / 2**20)
+    log.info("world_size=%d device_batch_size=%d grad_accum=%d device=%s owned_params=%d/%d "
+             "optimizer_state_mib=%.1f", d.world_size, device_batch_size, loader.grad_accum_steps, d.device,
+             len(optimizer.optimizer.owned_names), len(optimizer.owners), optimizer.state_bytes() / 2**20)
 
     def stage_meta(rank_lanes: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
         positions = {lane: pos for entry in rank_lanes for lane, pos in entry.items()}
@@ -380,46 +390,51 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                                                                          strict=True)])
 
     # --- the loop ------------------------------------------------------------------------------------
-    if step == 0 and cfg.eval_every > 0:
-        evaluate()
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
     gc_habit = FrozenGC()
     timed_from: tuple[int, float] | None = None  # (step, time) after this process's first step
-    while step < num_iterations and not stop_now:
-        t0 = time.perf_counter()
-        optimizer.set_schedule(step, num_iterations)
-        micro_batches = loader.next_step()
-        loss_sum = torch.zeros((), device=d.device)
-        for x, y in micro_batches:  # gradients accumulate locally; the ranks meet in optimizer.step()
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            with autocast:
-                loss = train_model(x, y) / len(micro_batches)
-            loss.backward()
-            loss_sum += loss.detach()
-        optimizer.step()
-        optimizer.zero_grad()
-        step += 1
-        loss_total, stop_now = agree(loss_sum, stop, checkpointer, d)
-        loop_state["train_time"] = time.time() - train_start
-        lrm = optimizer.groups[0].lr / optimizer.groups[0].initial_lr
-        reporter.step(step, num_iterations, loss_total / d.world_size, loop_state, lrm,
-                      time.perf_counter() - t0, total_batch_size)
-        gc_habit.after_step(step)  # after the step's log line, as nanochat
-        if timed_from is None:  # the first step pays for compilation and warm-up: time the next ones
-            timed_from = (step, time.perf_counter())
-        elif step == timed_from[0] + ETA_AFTER_STEPS:
-            tok_per_sec = ETA_AFTER_STEPS * total_batch_size / (time.perf_counter() - timed_from[1])
-            log.info("eta steps_left=%d est_hours=%.2f tok_per_sec=%s basis=measured", num_iterations - step,
-                     (num_iterations - step) * total_batch_size / tok_per_sec / 3600, f"{tok_per_sec:,.0f}")
-        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == num_iterations):
+    # A CUDA out-of-memory ends the stage with its report: `phoenix run` relaunches it with half the device
+    # batch from the checkpoint the save in flight publishes.
+    with exit_on_out_of_memory(STAGE, device_batch_size, d.device, lambda: step + 1, checkpointer.wait):
+        if step == 0 and cfg.eval_every > 0:
             evaluate()
-        if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
-            sample()
-        if step % cfg.save_every == 0 or stop_now or step == num_iterations:
-            # The final checkpoint is marked done: a relaunch skips the finished stage.
-            save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta,
-                            rank_state=loader.state_dict())
+        while step < num_iterations and not stop_now:
+            t0 = time.perf_counter()
+            optimizer.set_schedule(step, num_iterations)
+            micro_batches = loader.next_step()
+            loss_sum = torch.zeros((), device=d.device)
+            for x, y in micro_batches:  # gradients accumulate locally; ranks meet in optimizer.step()
+                inject_oom(step + 1, len(x), d.device)  # tests only: PHOENIX_TEST_OOM
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                with autocast:
+                    loss = train_model(x, y) / len(micro_batches)
+                loss.backward()
+                loss_sum += loss.detach()
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            loss_total, stop_now = agree(loss_sum, stop, checkpointer, d)
+            loop_state["train_time"] = time.time() - train_start
+            lrm = optimizer.groups[0].lr / optimizer.groups[0].initial_lr
+            reporter.step(step, num_iterations, loss_total / d.world_size, loop_state, lrm,
+                          time.perf_counter() - t0, total_batch_size)
+            gc_habit.after_step(step)  # after the step's log line, as nanochat
+            if timed_from is None:  # the first step pays for compilation and warm-up: time the next ones
+                timed_from = (step, time.perf_counter())
+            elif step == timed_from[0] + ETA_AFTER_STEPS:
+                tok_per_sec = ETA_AFTER_STEPS * total_batch_size / (time.perf_counter() - timed_from[1])
+                hours_left = (num_iterations - step) * total_batch_size / tok_per_sec / 3600
+                log.info("eta steps_left=%d est_hours=%.2f tok_per_sec=%s basis=measured",
+                         num_iterations - step, hours_left, f"{tok_per_sec:,.0f}")
+            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == num_iterations):
+                evaluate()
+            if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
+                sample()
+            if step % cfg.save_every == 0 or stop_now or step == num_iterations:
+                # The final checkpoint is marked done: a relaunch skips the finished stage.
+                save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta,
+                                rank_state=loader.state_dict())
 
     checkpointer.wait()
     loader.close()

@@ -41,6 +41,7 @@ class RunConfig:
     master_port: int
     wandb_run: str
     hub: HubConfig
+    preemption_watch: str = "auto"  # PREEMPTION_WATCH: auto | off | aws | gcp | azure (launch.preemption)
     train_args: list[str] = field(default_factory=list)  # base trainer flags (after `--`)
     sft_args: list[str] = field(default_factory=list)  # SFT flags (SFT_ARGS), e.g. "--num-epochs 2"
     fingerprint: str = ""  # of every setting a fix may change: the crash-loop guard's "same configuration"
@@ -63,6 +64,7 @@ class RunConfig:
                 master_port=int(env.get("MASTER_PORT", "29500")),
                 wandb_run=env.get("WANDB_RUN", ""),
                 hub=HubConfig.from_env(env),
+                preemption_watch=env.get("PREEMPTION_WATCH", "").strip().lower() or "auto",
                 train_args=list(train_args),
                 sft_args=shlex.split(env.get("SFT_ARGS", "")),
                 fingerprint=config_fingerprint(env, train_args),

@@ -22,6 +22,7 @@ from entrypoint.hub.calls import retry_after
 from entrypoint.hub.config import HubConfig
 from entrypoint.hub.errors import HubFatal
 from entrypoint.launch.config import PreflightError, RunConfig
+from entrypoint.launch.preemption import watch_problem
 from entrypoint.logs import redact
 from trainer import checkpoint_layout as layout
 
@@ -45,6 +46,17 @@ def visible_gpus() -> int:
         return torch.cuda.device_count()
     except ImportError:
         return 0
+
+
+def gpu_inventory(device: str) -> str:
+    """The GPUs a launch trains on, as a device batch record's key: each distinct name and memory with its
+    count (nvidia-smi, without initialising CUDA), e.g. "8 x NVIDIA H100 80GB HBM3, 81559 MiB"; "cpu"."""
+    if device == "cpu" or not shutil.which("nvidia-smi"):
+        return "cpu" if device == "cpu" else "unknown"
+    query = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+    cards = [line.strip() for line in query.stdout.splitlines() if line.strip()]
+    return "; ".join(f"{cards.count(card)} x {card}" for card in sorted(set(cards))) or "unknown"
 
 
 def checkpoint_bytes_estimate(cfg: RunConfig) -> int:
@@ -91,6 +103,8 @@ def preflight(cfg: RunConfig, check_hub: bool = True) -> list[str]:
     if cfg.device == "auto" and not gpus and cfg.preset != "tiny":
         problems.append(f"no GPU visible for PRESET={cfg.preset}: check the NVIDIA runtime, or set "
                         "DEVICE=cpu to train on the CPU anyway")
+    if problem := watch_problem(cfg.preemption_watch, os.environ.get("PREEMPTION_POLL_S", "").strip()):
+        problems.append(problem)
     if cfg.nnodes > 1 and not 0 <= cfg.node_rank < cfg.nnodes:
         problems.append(f"NODE_RANK={cfg.node_rank} is outside 0..{cfg.nnodes - 1}: set it per node")
     mode = os.environ.get("WANDB_MODE", "")

@@ -5,13 +5,15 @@ volume for MODEL_TAG, a generation on the Hub (claimed unless this volume's is a
 damaged checkpoints moved to quarantine, restore from the Hub when the volume lacks the latest
 checkpoint (waiting for the Hub rather than starting over when the volume has nothing to resume),
 tokenizer and first shards, then base pretraining and (RUN_SFT=1) SFT under torchrun, each skipped once
-its final checkpoint is marked done. SIGTERM/SIGINT go to the workers, which write an emergency
-checkpoint and exit 0. The trainer status file tells the sidecar when to do its last push.
+its final checkpoint is marked done. SIGTERM/SIGINT, and a cloud's preemption notice (launch.preemption),
+go to the workers, which write an emergency checkpoint and exit 0. The trainer status file tells the
+sidecar when to do its last push.
 
 How a launch ends, for `restart: on-failure` (compose.yaml): exit 0 when finished, stopped, or held by
 the crash-loop guard (the same failure PHOENIX_MAX_FAILURES launches in a row with the same settings and
 no new checkpoint: Docker stops relaunching); exit 1 on a crash (relaunched, resumes); exit 2 on an error
 the user must fix, printed as one `error:` line (relaunched with Docker's backoff until the guard holds).
+A stage that runs out of GPU memory is relaunched here, with half the device batch, not by Docker.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from entrypoint.hub.config import local_generation
 from entrypoint.hub.errors import HubError, HubFatal, RepoMissing
 from entrypoint.hub.stores import claim_generation
 from entrypoint.launch.config import PreflightError, RunConfig, nproc_for
-from entrypoint.launch.preflight import preflight, visible_gpus
+from entrypoint.launch.preemption import start_watch
+from entrypoint.launch.preflight import gpu_inventory, preflight, visible_gpus
 from entrypoint.launch.prepare import volume_error
 from entrypoint.launch.torchrun import Launcher, torchrun_command
-from entrypoint.launch.volume import FailureLog, StatusFile, VolumeLock, node0_is_live
+from entrypoint.launch.volume import DeviceBatchRecord, FailureLog, StatusFile, VolumeLock, node0_is_live
 from entrypoint.logs import kv, redact, setup_logging
 from trainer import checkpoint_layout as layout
 from trainer import fencing
@@ -49,7 +52,8 @@ HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, HUB_WAIT_TICK_S = 5.0, 300.0, 30.0
 
 
 class RunFailed(Exception):
-    """The launch ends on a failure. `kind`: preflight | volume | stage (user-fixable) | crash."""
+    """The launch ends on a failure. `kind`: preflight | volume | memory (the machine's) | stage
+    (user-fixable) | crash."""
 
     def __init__(self, line: str, kind: str, printed: bool = False) -> None:
         super().__init__(line)
@@ -130,6 +134,9 @@ def _launch(cfg: RunConfig) -> int:
     launcher = Launcher(_log_file())
     signal.signal(signal.SIGTERM, launcher.on_signal)
     signal.signal(signal.SIGINT, launcher.on_signal)
+    # A cloud's preemption notice stops the launch as SIGTERM does, whatever phase it is in.
+    watch = start_watch(cfg.preemption_watch, cfg.base_dir, cfg.model_tag, launcher.stop,
+                        fresh=cfg.node_rank == 0)
     if cfg.nnodes > 1 and cfg.node_rank != 0:
         _wait_for_node0(cfg, launcher)
     status = StatusFile(cfg, local_generation(cfg.hub))
@@ -146,6 +153,8 @@ def _launch(cfg: RunConfig) -> int:
             return 0
         raise
     finally:
+        if watch is not None:
+            watch.close()
         status.set(error=error)
         status.close(outcome)
         lock.release()
@@ -212,6 +221,8 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
         for stage in layout.STAGES:
             # A damaged step the run would save again (or a damaged final one) blocks it forever.
             layout.latest_or_quarantine(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        if launcher.stop_requested:  # a stop (a preemption notice) before the restore: nothing to save
+            return 0
         if cfg.hub.repo_id:
             status.set(phase="restore")
             if not _restore_or_wait(cfg, launcher):
@@ -238,7 +249,7 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             _prepare(cfg, launcher, lock, env, "sft", args)
             if launcher.stop_requested:
                 return 0
-        code = launcher.run(torchrun_command(cfg, module, nproc, args), env, lock)
+        code = _launch_stage(cfg, launcher, lock, env, stage, module, nproc, args)
         if launcher.stop_requested:
             return 0
         if fencing.fenced_by(cfg.base_dir, cfg.model_tag) is not None:
@@ -259,6 +270,36 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
         _evaluate_if_asked(cfg, stage, status)
     status.set(phase="done")
     return 0
+
+
+def _launch_stage(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dict[str, str], stage: str,
+                  module: str, nproc: int, args: list[str]) -> int:
+    """torchrun for one stage; its exit code. After a CUDA out-of-memory the stage is relaunched here, from
+    its newest checkpoint, with half the device batch (no Docker round-trip, and nothing for the crash-loop
+    guard: each halving is progress), which runs/<tag>/device_batch.json keeps for later launches on the
+    same GPUs and settings. Out of memory at one sequence: RunFailed, one line."""
+    record = DeviceBatchRecord(cfg.base_dir, cfg.model_tag)
+    key = {"gpus": gpu_inventory(cfg.device), "nproc": nproc, "nnodes": cfg.nnodes, "preset": cfg.preset,
+           "fp8": env.get("FP8", ""), "args": list(args)}
+    size = record.get(stage, key)
+    while True:
+        launch_args = [*args, "--device-batch-size", str(size)] if size else list(args)
+        code = launcher.run(torchrun_command(cfg, module, nproc, launch_args), env, lock)
+        oom = launcher.out_of_memory
+        if code == 0 or oom is None or launcher.stop_requested:
+            return code
+        if oom.device_batch_size <= 1:
+            usable = f", {oom.card_gib:.1f} GiB usable" if oom.card_gib else ""
+            raise RunFailed(f"the {stage} stage ran out of GPU memory at device batch "
+                            f"{oom.device_batch_size} (step {oom.step}{usable}): not even one sequence at a "
+                            "time fits: use GPUs with more memory, more GPUs (NPROC_PER_NODE: each holds 1/N "
+                            "of the optimizer state), a smaller PRESET or a shorter --max-seq-len", "memory")
+        size = oom.device_batch_size // 2  # halves every time: the loop ends at 1 at the latest
+        record.keep(stage, key, size, oom)
+        newest = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        log.warning(kv(event="oom_relaunch", stage=stage, step=oom.step,
+                       device_batch_size=oom.device_batch_size, next_device_batch_size=size,
+                       resume_from_step=newest.step if newest else 0))
 
 
 def _prepare(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dict[str, str], stage: str,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +22,7 @@ from entrypoint.launch.config import RunConfig
 from entrypoint.launch.procs import descendants, signal_pids
 from entrypoint.launch.volume import VolumeLock
 from entrypoint.logs import redact
+from trainer.out_of_memory import OutOfMemory, parse_report
 
 log = logging.getLogger("phoenix.run")
 
@@ -55,6 +57,7 @@ class Launcher:
         self.proc: subprocess.Popen | None = None
         self.stopping = threading.Event()
         self.error: str | None = None  # the first `error:` line a child printed
+        self.out_of_memory: OutOfMemory | None = None  # the first out-of-memory report a worker logged
         self.last_exception: str | None = None  # the last line of a child's traceback
         self._to_workers = True
         self._signaled: set[int] = set()
@@ -64,11 +67,15 @@ class Launcher:
         return self.stopping.is_set()
 
     def on_signal(self, signum: int, _frame: Any) -> None:
-        if not self.stopping.is_set():
-            log.warning("received %s: asking the workers for an emergency checkpoint",
-                        signal.Signals(signum).name)
+        self.stop(f"received {signal.Signals(signum).name}: asking the workers for an emergency checkpoint")
+
+    def stop(self, announcement: str | None = None) -> None:
+        """Stop the launch, from a signal handler or another thread (a preemption notice): the workers
+        write an emergency checkpoint at their next step boundary, a preparation process just ends.
+        `announcement` is logged by the first stop only."""
+        if announcement and not self.stopping.is_set():
+            log.warning(announcement)
         self.stopping.set()
-        self._forward_stop()
 
     def _forward_stop(self) -> None:
         proc = self.proc
@@ -82,7 +89,7 @@ class Launcher:
 
     def run(self, command: list[str], env: dict[str, str], lock: VolumeLock, to_workers: bool = True) -> int:
         log.info("launch %s", " ".join(command))
-        self.error = self.last_exception = None
+        self.error = self.last_exception = self.out_of_memory = None
         self._to_workers, self._signaled = to_workers, set()
         # The child inherits the lock (held until it exits, even if we die first) and dies with us;
         # torchrun's workers exit when it does (trainer.runtime's orphan watchdog).
@@ -94,7 +101,8 @@ class Launcher:
         try:
             while self.proc.poll() is None:
                 if self.stopping.wait(0.2):
-                    self._forward_stop()
+                    self._forward_stop()  # again and again: workers that appear later get it too
+                    time.sleep(0.2)
             relay.join()
             return self.proc.returncode
         finally:
@@ -112,6 +120,8 @@ class Launcher:
                     self.error, quiet = line[len("error: "):].strip(), False
                 elif _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
                     self.last_exception = line.strip()
+                elif self.out_of_memory is None:
+                    self.out_of_memory = parse_report(line)
                 if sink is not None:
                     sink.write(line)
                     sink.flush()

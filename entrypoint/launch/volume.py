@@ -1,7 +1,9 @@
-"""The run's footprint on the volume: per-node lock and status file, the failure record, `phoenix health`.
+"""The run's footprint on the volume: per-node lock and status file, the failure record, the device batch
+record, `phoenix health`.
 
 The failure record (runs/<tag>/failures.json) is the crash-loop guard's memory: the last launch's error
-line and how many launches in a row ended in it with the same configuration and no new checkpoint.
+line and how many launches in a row ended in it with the same configuration and no new checkpoint. The
+device batch record (runs/<tag>/device_batch.json) is what out-of-memory halvings left each stage with.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import click
 from entrypoint.hub.config import TRAINER_STATUS_FILE
 from entrypoint.launch.config import PreflightError, RunConfig
 from trainer import checkpoint_layout as layout
+from trainer.out_of_memory import OutOfMemory
 
 log = logging.getLogger("phoenix.run")
 
 FAILURES_FILE = "failures.json"
+DEVICE_BATCH_FILE = "device_batch.json"
 
 
 class VolumeLock:
@@ -119,6 +123,42 @@ class FailureLog:
     def clear(self) -> None:
         with suppress(OSError):
             self.path.unlink(missing_ok=True)
+
+
+class DeviceBatchRecord:
+    """runs/<tag>/device_batch.json: per stage, the device batch that out-of-memory halvings left it with,
+    and the `key` it holds for (the GPUs and the stage's settings). A launch with the same key trains at
+    it; other GPUs or settings start from the stage's own setting (`auto`) again. One file for all nodes
+    (a multi-node volume is shared): every node's stage must run at the same size.
+    """
+
+    def __init__(self, base_dir: Path, model_tag: str) -> None:
+        self.path = base_dir / "runs" / model_tag / DEVICE_BATCH_FILE
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def get(self, stage: str, key: dict[str, Any]) -> int | None:
+        entry = self._read().get(stage)
+        if not isinstance(entry, dict) or entry.get("key") != key:
+            return None
+        size = entry.get("device_batch_size")
+        return size if isinstance(size, int) and size > 0 else None
+
+    def keep(self, stage: str, key: dict[str, Any], size: int, oom: OutOfMemory) -> None:
+        """Record `size` for the stage after `oom`; a volume that cannot take it costs the next launches
+        (they run out again and halve again), not this one."""
+        entry = {"device_batch_size": size, "key": key, "out_of_memory": {
+            "step": oom.step, "device_batch_size": oom.device_batch_size, "card_gib": oom.card_gib,
+            "time": time.time()}}
+        try:
+            layout.write_json_atomic(self.path, {**self._read(), stage: entry})
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
 
 
 class StatusFile:

@@ -1,5 +1,6 @@
 """`phoenix sync`: the sidecar process: a sync pass every HF_SYNC_INTERVAL s, at once when the trainer
-stops, and a final one on SIGTERM within the stop grace period; it outlives every fault.
+stops or a preemption notice comes (then each new checkpoint as it appears), and a final one on SIGTERM
+within the stop grace period; it outlives every fault.
 
 The pass itself (what is pushed and pruned, how) is `sync.Syncer`. A failed pass is retried sooner, except
 when the Hub asked for a wait (its hourly commit quota: up to an hour) or the account is full (an hour:
@@ -24,6 +25,8 @@ import click
 from entrypoint.hub.calls import Pause
 from entrypoint.hub.config import TRAINER_STATUS_FILE, HubConfig, local_generation
 from entrypoint.hub.errors import HubFatal, StorageLocked
+from entrypoint.launch.clouds import PREEMPTION, Notice
+from entrypoint.launch.preemption import describe, read_notice
 from entrypoint.logs import kv, redact, setup_hub_logging
 from entrypoint.sidecar.sync import PassResult, Syncer
 from trainer import checkpoint_layout as layout
@@ -124,6 +127,7 @@ def run_loop(
     next_pass = not_before = time.monotonic()  # not_before: no pass sooner, whatever happens (the Hub asked)
     running = _Pass(syncer)
     seen, generation = read_trainer_status(cfg), local_generation(cfg)
+    notices = NoticeFollower(cfg)
     while not stop.is_set():
         status = read_trainer_status(cfg)
         trainer_stopped = status is not None and status["status"] != "running"
@@ -134,13 +138,14 @@ def run_loop(
         # A launch on this volume just claimed a generation: what was fenced may be pushed now.
         current = local_generation(cfg)
         claimed, generation = current != generation, current
-        now = time.monotonic()
+        now, noticed = time.monotonic(), notices.push_now()
         if isinstance(fatal, StorageLocked):  # nothing is tried again: every try would upload a checkpoint
             if now >= next_pass:
                 _log_fatal(fatal, "uploading nothing until the sidecar is restarted")
                 next_pass = now + cfg.sync_interval
-        elif (just_stopped or claimed or now >= next_pass) and now >= not_before:
+        elif (noticed or just_stopped or claimed or now >= next_pass) and now >= not_before:
             started = now  # passes start every interval, however long one takes: a push never waits longer
+            notices.passed()
             running.start()
             if not running.wait(stop=stop):
                 break  # stopped mid-pass: the final push waits for it, within the grace period
@@ -162,10 +167,56 @@ def run_loop(
             if exit_when_stopped and trainer_stopped and (result.ok or result.fenced):
                 log.info(kv(event="exit", reason="the trainer stopped and the final sync is done"))
                 return 0 if result.ok else 1
-        stop.wait(max(0.0, min(poll_seconds, next_pass - time.monotonic())))
+        stop.wait(max(0.0, min(notices.poll_seconds(poll_seconds), next_pass - time.monotonic())))
     if fatal is not None:  # already said; a final push would only fail the same way
         return 2
     return _final_push(cfg, running, poll_seconds, stop_wait_seconds, grace_seconds, not_before)
+
+
+class NoticeFollower:
+    """The preemption notice `phoenix run` writes (launch.preemption): push ahead of the schedule.
+
+    A warning asks for one pass now. A notice puts the loop on a fast poll until its deadline (two
+    minutes at least): each new checkpoint on the volume (the emergency one, published at the trainer's
+    next step boundary) is pushed the moment it appears, before `phoenix run` has even exited.
+    """
+
+    NOTICE_POLL_S = 1.0  # the notice file is read every second: a small read, against a 30 s window
+    FAST_POLL_S = 0.2
+    FAST_AT_LEAST_S = 120.0  # AWS's two minutes; the VM may outlive a short deadline (GCP's 30 s) a little
+
+    def __init__(self, cfg: HubConfig) -> None:
+        self.cfg = cfg
+        self.seen: Notice | None = None
+        self.fast_until = 0.0
+        self.pushed_newest: tuple[int | None, ...] | None = None
+
+    def _newest(self) -> tuple[int | None, ...]:
+        """Each stage's newest published step: a step folder appears whole (atomic rename)."""
+        stages = (layout.stage_dir(self.cfg.base_dir, stage, self.cfg.model_tag) for stage in layout.STAGES)
+        return tuple(found[0][0] if (found := layout.step_dirs(folder)) else None for folder in stages)
+
+    def push_now(self) -> bool:
+        notice = read_notice(self.cfg.base_dir, self.cfg.model_tag)
+        left = notice.seconds_left() if notice is not None else None
+        stale = left is not None and left < -60  # an earlier instance's, before this launch replaced it
+        if notice is not None and notice != self.seen and not stale:
+            self.seen = notice
+            if notice.kind == PREEMPTION:
+                self.fast_until = time.monotonic() + max(left or 0.0, self.FAST_AT_LEAST_S)
+            log.info(kv(event="preemption_notice_seen", **describe(notice),
+                        action="pushing the newest checkpoint at once"))
+            return True
+        return time.monotonic() < self.fast_until and self._newest() != self.pushed_newest
+
+    def passed(self) -> None:
+        """A pass starts now: what is on the volume at this moment is what it pushes."""
+        if time.monotonic() < self.fast_until:
+            self.pushed_newest = self._newest()
+
+    def poll_seconds(self, usual: float) -> float:
+        fast = time.monotonic() < self.fast_until
+        return min(usual, self.FAST_POLL_S if fast else self.NOTICE_POLL_S)
 
 
 def _log_fatal(exc: HubFatal, action: str) -> None:

@@ -67,7 +67,10 @@ def run_figures(base_dir: Path, model_tag: str, stage: str, meta: dict[str, Any]
         figures["base device hours"] = round(base["loop_state"]["train_time"] * base["world_size"] / 3600, 3)
     if stage == "sft":
         figures["sft steps"] = meta["step"]
-        figures["sft conversations"] = f"{meta['step'] * meta['config']['conversations_per_step']:,}"
+        # Packed SFT records how many conversations went into rows; before packing a step took a fixed count.
+        conversations = (meta["conversations"] if "conversations" in meta
+                         else meta["step"] * meta["config"]["conversations_per_step"])
+        figures["sft conversations"] = f"{conversations:,}"
         figures["sft dataset"] = meta["data"]["dataset"]
         if meta["loop_state"].get("min_val_loss", float("inf")) < float("inf"):
             figures["sft val loss (best)"] = round(meta["loop_state"]["min_val_loss"], 4)
