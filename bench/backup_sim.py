@@ -160,26 +160,25 @@ def simulate(cfg: SimConfig, hub: LocalHub, workdir: Path, environ: dict[str, st
     sidecar.join(120)
     log = hub.request_log[first_request:]
     result.refused = sum(r.status in (403, 429) for r in log)
-    result.history_writes = sum(r.method == "POST" and ("/commit/" in r.path or "/super-squash/" in r.path)
-                                for r in log)
+    result.history_writes = sum(r.method == "POST" and r.status == 200
+                                and ("/commit/" in r.path or "/super-squash/" in r.path) for r in log)
     result.requests = len(log)
     result.peak_counted_gb = max(result.peak_counted_gb, hub.storage(USER).counted / cfg.bytes_per_gb)
-    _lags(cfg, result, saved, start)
+    _lags(cfg, result, saved, start, time.monotonic())
     _restore_check(env, base, workdir / "redeployed", result)
     return result
 
 
-def _lags(cfg: SimConfig, result: SimResult, saved: dict[tuple[int, int], float], start: float) -> None:
-    """How long each checkpoint waited, from its save until the Hub held it or a newer one: the training a
-    lost instance would cost beyond the trainer's own cadence. None landed yet: the whole run is at risk."""
+def _lags(cfg: SimConfig, result: SimResult, saved: dict[tuple[int, int], float], start: float,
+          end: float) -> None:
+    """How long each checkpoint waited, from its save until the Hub held it or a newer one (never: until
+    the end): the training a lost instance would cost beyond the trainer's own cadence."""
     hours = cfg.scale / HOUR
-    if not result.landed:
-        return
-    result.first_backup_h = (result.landed[0][0] - start) * hours
+    if result.landed:
+        result.first_backup_h = (result.landed[0][0] - start) * hours
     for key, at in saved.items():
-        covered = min((t for t, held in result.landed if held >= key and t >= at), default=None)
-        if covered is not None:
-            result.worst_lag_h = max(result.worst_lag_h, (covered - at) * hours)
+        covered = min((t for t, held in result.landed if held >= key and t >= at), default=end)
+        result.worst_lag_h = max(result.worst_lag_h, (covered - at) * hours)
 
 
 def _restore_check(env: dict[str, str], base: Path, fresh: Path, result: SimResult) -> None:
