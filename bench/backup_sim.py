@@ -144,6 +144,7 @@ def simulate(cfg: SimConfig, hub: LocalHub, workdir: Path, environ: dict[str, st
         "stop": stop, "syncer": syncer, "poll_seconds": min(0.05, hub_cfg.sync_interval / 4),
         "grace_seconds": 840 / cfg.scale + 30})
     saved: dict[tuple[int, int], float] = {}  # (stage, step) -> clock time it was published
+    made: dict[tuple[str, int], dict[str, str]] = {}  # (stage, step) -> sha256 of each file, as saved
     nbytes, every = int(cfg.ckpt_gb * cfg.bytes_per_gb), cfg.save_every_min * 60 / cfg.scale
     saves = int(cfg.hours * 60 / cfg.save_every_min)
     sft_from = saves - int(cfg.sft_hours * 60 / cfg.save_every_min)
@@ -154,6 +155,7 @@ def simulate(cfg: SimConfig, hub: LocalHub, workdir: Path, environ: dict[str, st
         stage, step = ("base", k) if k <= sft_from else ("sft", k - sft_from)
         save_checkpoint(base, stage, step, nbytes, done=k == sft_from)
         saved[(layout.STAGES.index(stage), step)] = time.monotonic()
+        made[(stage, step)] = _digests(base, stage, step)
         layout.prune(layout.stage_dir(base, stage, TAG), keep_last=3)  # the trainer's KEEP_LAST
         result.peak_counted_gb = max(result.peak_counted_gb, hub.storage(USER).counted / cfg.bytes_per_gb)
     stop.set()  # docker compose stop: the sidecar's final push
@@ -165,7 +167,7 @@ def simulate(cfg: SimConfig, hub: LocalHub, workdir: Path, environ: dict[str, st
     result.requests = len(log)
     result.peak_counted_gb = max(result.peak_counted_gb, hub.storage(USER).counted / cfg.bytes_per_gb)
     _lags(cfg, result, saved, start, time.monotonic())
-    _restore_check(env, base, workdir / "redeployed", result)
+    _restore_check(env, made, workdir / "redeployed", result)
     return result
 
 
@@ -181,19 +183,19 @@ def _lags(cfg: SimConfig, result: SimResult, saved: dict[tuple[int, int], float]
         result.worst_lag_h = max(result.worst_lag_h, (covered - at) * hours)
 
 
-def _restore_check(env: dict[str, str], base: Path, fresh: Path, result: SimResult) -> None:
-    """A redeploy: restore onto an empty volume; bitwise the trainer's copy of the Hub's newest."""
+def _restore_check(env: dict[str, str], made: dict[tuple[str, int], dict[str, str]], fresh: Path,
+                   result: SimResult) -> None:
+    """A redeploy: restore onto an empty volume; bitwise what the trainer saved as the Hub's newest."""
     steps = restore(HubConfig.from_env(env | {"NANOCHAT_BASE_DIR": str(fresh)}))
     stage = next((s for s in reversed(layout.STAGES) if steps[s] is not None), None)
-    if stage is None:
-        return
-    result.restored = (stage, steps[stage])
+    if stage is not None:
+        result.restored = (stage, steps[stage])
+        result.bitwise = _digests(fresh, stage, steps[stage]) == made[result.restored]
 
-    def digests(volume: Path) -> dict[str, str]:
-        folder = layout.stage_dir(volume, stage, TAG) / layout.step_dir_name(steps[stage])
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
-    result.bitwise = digests(fresh) == digests(base)
+def _digests(volume: Path, stage: str, step: int) -> dict[str, str]:
+    folder = layout.stage_dir(volume, stage, TAG) / layout.step_dir_name(step)
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def report(cfg: SimConfig, result: SimResult) -> str:

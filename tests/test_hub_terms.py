@@ -24,29 +24,10 @@ from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
 from tests.test_bucket_store import bucket_env, bucket_paths, restore_on_empty_volume
 from tests.test_hub_storage import PHOENIX, TAG, cfg_of, digests, make_checkpoint
+from tests.test_sidecar_faults import lines_with, sidecar, sync_log
+from tests.test_sync import wait_for
 from trainer import checkpoint_layout as layout
 from trainer.data import DataError, ShardStore
-
-
-def lines_with(text: str, needle: str) -> list[str]:
-    return [line for line in text.splitlines() if needle in line]
-
-
-def sidecar(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(PHOENIX + ["sync", "--poll-seconds", "0.1", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def sync_log(env: dict[str, str]) -> str:
-    path = Path(env["NANOCHAT_BASE_DIR"]) / "logs" / "hf_sync.log"
-    return path.read_text() if path.is_file() else ""
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
