@@ -242,29 +242,33 @@ def _final_push(cfg: HubConfig, running: _Pass, poll_seconds: float, stop_wait_s
         time.sleep(poll_seconds)
     left = deadline - time.monotonic()
     if not_before >= deadline:  # the Hub asked for a longer wait (commit quota), or the account is full
-        log.error(kv(event="final_push_skipped", seconds_left=round(left, 1),
-                     hub_wait_s=round(not_before - time.monotonic()),
-                     action="exiting; the next sidecar pushes what is left"))
-        return 1
+        return _skipped(left, not_before)
     estimate = _estimate(cfg, syncer, left)
     log.info(kv(event="stopping", action="final sync", seconds_left=round(left, 1), **estimate))
-    if running.wait(until=deadline) and syncer.pause.sleep(max(0.0, not_before - time.monotonic())):
-        running.start()
-        if running.wait(until=deadline):
-            if isinstance(running.outcome, HubFatal):
-                _log_fatal(running.outcome, "exiting")
-                return 2
-            assert running.outcome is not None
-            return 0 if running.outcome.ok else 1
-    if time.monotonic() < deadline:  # the Hub's wait (what was left of it) would overrun the grace period
-        return 1
-    log.error(
-        kv(
-            event="final_push_timeout",
-            grace_s=grace_seconds,
-            action="exiting within the stop grace period; the next sidecar pushes what is left",
-        )
-    )
+    if not running.wait(until=deadline):  # the pass under way at the stop
+        return _timed_out(grace_seconds)
+    if not syncer.pause.sleep(max(0.0, not_before - time.monotonic())):  # what is left of the Hub's wait
+        return _skipped(deadline - time.monotonic(), not_before)
+    running.start()
+    if not running.wait(until=deadline):
+        return _timed_out(grace_seconds)
+    if isinstance(running.outcome, HubFatal):
+        _log_fatal(running.outcome, "exiting")
+        return 2
+    assert running.outcome is not None
+    return 0 if running.outcome.ok else 1
+
+
+def _skipped(seconds_left: float, not_before: float) -> int:
+    log.error(kv(event="final_push_skipped", seconds_left=round(seconds_left, 1),
+                 hub_wait_s=round(not_before - time.monotonic()),
+                 action="exiting; the next sidecar pushes what is left"))
+    return 1
+
+
+def _timed_out(grace_seconds: float) -> int:
+    log.error(kv(event="final_push_timeout", grace_s=grace_seconds,
+                 action="exiting within the stop grace period; the next sidecar pushes what is left"))
     return 1
 
 
