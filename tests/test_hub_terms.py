@@ -22,11 +22,13 @@ from entrypoint.launch.config import RunConfig
 from entrypoint.launch.preflight import hub_problems, storage_problems
 from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
+from tests.helpers import SFT_DATASET_REPO, publish_chat_dataset
 from tests.test_bucket_store import bucket_env, bucket_paths, restore_on_empty_volume
 from tests.test_hub_storage import PHOENIX, TAG, cfg_of, digests, make_checkpoint
 from tests.test_sidecar_faults import lines_with, sidecar, sync_log
 from tests.test_sync import wait_for
 from trainer import checkpoint_layout as layout
+from trainer.chat_data import load_chat_dataset
 from trainer.data import DataError, ShardStore
 
 
@@ -208,6 +210,10 @@ def test_a_gated_dataset_is_a_read_problem(hub, tmp_path) -> None:
     store = ShardStore(tmp_path / "data", repo)
     with pytest.raises(DataError, match="is gated and HF_TOKEN may not read it yet: accept its conditions"):
         store.path("shard_00000.parquet")
+    publish_chat_dataset(hub.server, 20)  # the SFT dataset, through `datasets`
+    hub.server.gate(SFT_DATASET_REPO, "dataset")
+    with pytest.raises(DataError, match="is gated and HF_TOKEN may not read it yet: .* or set SFT_DATASET"):
+        load_chat_dataset(SFT_DATASET_REPO, "train", tmp_path / "sft_data")
 
 
 def test_a_stop_says_whether_the_newest_can_go_up_and_never_leaves_it_looking_complete(hub, env,
