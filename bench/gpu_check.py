@@ -47,6 +47,8 @@ GPU_PARTS = [
     Part("bf16", 30, {}),
     Part("fp8", 60, {}),
     Part("two_process", 90, {}),
+    Part("save_d20", 90, dict(depth=20, vocab=32768, processes=1)),  # the trainer's save, call to published
+    Part("relaunch_warm", 180, dict(args=[])),  # tiny preset, compiled on CUDA: warm vs cold inductor cache
 ]
 CPU_PARTS = [
     Part("env", 60, {}),
@@ -58,6 +60,8 @@ CPU_PARTS = [
     Part("resume_1proc", 180, dict(nproc=1)),
     Part("oom_relaunch", 120, {}),
     Part("two_process", 180, {}),
+    Part("save_tiny", 60, dict(depth=2, vocab=2048, processes=1)),
+    Part("relaunch_tiny", 120, dict(args=["--no-compile"])),  # the path only: eager, nothing to cache
 ]
 MIN_START_S = 20
 
@@ -89,6 +93,15 @@ def run_part(name: str, args: dict[str, Any], cpu: bool, workdir: Path, timeout:
         return oom_relaunch_check(device, workdir, 0.9 * timeout)
     if name.startswith("checkpoint"):
         return probes.checkpoint_stall(device, args["depth"], args["vocab"], workdir / "checkpoint")
+    if name.startswith("save"):
+        from bench.checkpoint import measure_emergency_save
+
+        result = measure_emergency_save(args["depth"], args["vocab"], args["processes"], workdir / "save", 2)
+        return {**result, "passed": result["emergency_save_s"] > 0}
+    if name.startswith("relaunch"):
+        from bench.relaunch import measure_relaunch
+
+        return measure_relaunch(workdir / "relaunch", args["args"], device.type, 0.9 * timeout)
     # Inner limits a little under the part's, so a slow run is reported by the probe, not killed.
     if name.startswith("resume"):
         return probes.resume_check(device, workdir, args["nproc"], 0.9 * timeout)
@@ -160,6 +173,13 @@ def summary_line(report: dict[str, Any]) -> str:
             words.append(f"oom relaunch {launches} {record['status']}")
         elif name.startswith("checkpoint"):
             words.append(f"ckpt stall {r['async_stall_ms']:.0f} ms vs torch.save {r['sync_save_ms']:.0f} ms")
+        elif name.startswith("save"):
+            words.append(f"emergency save {r['emergency_save_s']:.1f} s on {r['processes']} proc")
+        elif name.startswith("relaunch") and "relaunch_cold" in r:
+            warm, cold = r["relaunch_warm"], r["relaunch_cold"]
+            words.append(f"relaunch to first step warm {warm['launch_to_first_step_s']:.0f} s "
+                         f"(compile {warm['compile_s']:.0f}) vs cold {cold['launch_to_first_step_s']:.0f} s "
+                         f"(compile {cold['compile_s']:.0f})")
         elif name.startswith("resume"):
             how = "bitwise" if r.get("bitwise") else f"max_rel={r.get('after_resume_max_rel_diff')}"
             words.append(f"kill-9 resume from step {r.get('resumed_from')} {how} {record['status']}")

@@ -41,15 +41,22 @@ SNAPSHOT = (
 )
 
 
+def meta_of(step: int) -> dict:
+    """A meta.json the checkpoint contract accepts (every key it asks for, blank), without a run behind it."""
+    blank = {key: kind() for key, kind in {**layout.META_KEYS, **layout.STAGE_META_KEYS["base"]}.items()}
+    return {**blank, "stage": "base", "step": step, "world_size": 1, "rng": [{}]}
+
+
 def build_volume(base: Path, mb: int, checkpoints: int) -> None:
     """Checkpoints of `mb` MB each: a third weights, two thirds optimizer state, like AdamW."""
     rng = np.random.default_rng(0)
     for i in range(1, checkpoints + 1):
         tmp = layout.new_tmp_dir(layout.stage_dir(base, "base", TAG), 250 * i)
-        for name, share in (("model.safetensors", 1 / 3), ("optim.safetensors", 2 / 3)):
+        for name, share in (("model.safetensors", 1 / 3), ("optimizer.safetensors", 2 / 3)):
             data = np.frombuffer(rng.bytes(int(mb * MB * share)), dtype=np.uint8)
             save_file({"data": data}, str(tmp / name))
-        (tmp / "meta.json").write_text(json.dumps({"step": 250 * i}))
+        save_file({"rank0.torch_cpu": np.full(16, i, dtype=np.uint8)}, str(tmp / "rng.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta_of(250 * i)))
         layout.publish(tmp, 250 * i, stage="base", model_tag=TAG)
     (base / "tokenizer").mkdir(parents=True)
     (base / "tokenizer" / "tokenizer.json").write_text(json.dumps({"vocab": list(range(65536))}))

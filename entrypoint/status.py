@@ -1,4 +1,5 @@
-"""`phoenix status [--json]`: per stage, where the run is locally and on the Hub, how fast, and when done."""
+"""`phoenix status [--json]`: per stage, where the run is locally and on the Hub, how fast, and when done;
+then what the run's interruptions cost (trainer.recovery)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from entrypoint.launch.volume import FailureLog
 from entrypoint.logs import redact
 from entrypoint.sidecar.sync import due
 from trainer import checkpoint_layout as layout
+from trainer import recovery
+
+SHOWN_INTERRUPTIONS = 5  # the newest ones in the text view (--json has all)
 
 
 def _recent_steps(cfg: HubConfig, stage: str, window: int = 50) -> list[dict[str, Any]]:
@@ -106,7 +110,26 @@ def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
             entry["eta_seconds"] = round(max(0, remaining) * statistics.median(r["dt"] for r in recent))
         report["stages"][stage] = entry
     report["failures"] = FailureLog(cfg.base_dir, cfg.model_tag, limit=0).read()
+    report["interruptions"] = recovery.read(cfg.base_dir, cfg.model_tag)
     return report
+
+
+def interruption_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Per interruption: steps lost, launch to first step by phase, GPU-seconds lost; totals first."""
+    if not records:
+        return []
+    gpu_h = sum(r["gpu_s_lost"] for r in records) / 3600
+    lines = [f"interruptions: {len(records)}, {sum(r['steps_lost'] for r in records):,} steps lost, "
+             f"{gpu_h:.2f} GPU-hours lost (lost steps + relaunches to first step)",
+             f"  {'when (UTC)':16} {'stage':5} {'cause':7} {'resumed':>7} {'lost':>5} {'to 1st step':>11} "
+             f"{'restore':>7} {'data':>6} {'compile':>7} {'1st step':>8} {'gpu-s lost':>10}"]
+    for r in records[-SHOWN_INTERRUPTIONS:]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["time"]))
+        lines.append(f"  {when:16} {r['stage']:5} {r['cause']:7} {r['resumed_step']:>7,} "
+                     f"{r['steps_lost']:>5,} {r['launch_to_first_step_s']:>10.1f}s {r['restore_s']:>7.1f} "
+                     f"{r['data_s']:>6.1f} {r['compile_s']:>7.1f} {r['first_step_s']:>8.1f} "
+                     f"{r['gpu_s_lost']:>10,.0f}")
+    return lines
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -148,3 +171,5 @@ def status_command(as_json: bool, no_hub: bool) -> None:
         eta = "done" if e["done"] else _fmt(e["eta_seconds"], "s")
         click.echo(f"{stage:6} {_fmt(e['local_step']):>8} {_fmt(e['hub_step']):>8} {unsynced:>9} {age:>9} "
                    f"{_fmt(e['train_step']):>8} {_fmt(e['tok_per_sec']):>10} {eta:>8}")
+    for line in interruption_lines(report["interruptions"]):
+        click.echo(line)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first-GPU check (bench/gpu_check.py): environment, compiled throughput and MFU at d12/d20, the
-# checkpoint stall, kill -9 + resume through `phoenix run`, two processes on one GPU; one JSON file.
+# checkpoint stall, kill -9 + resume through `phoenix run`, two processes on one GPU, the emergency save
+# of d20, the relaunch to first step with a warm and a cold compile cache; one JSON file.
 # Offline; needs only torch, numpy, safetensors, pyarrow, tokenizers (+ click for `phoenix run`).
 #   scripts/gpu_check.sh [--out gpu_check.json] [--budget-s 480]      scripts/gpu_check.sh --cpu
 set -euo pipefail

@@ -29,6 +29,14 @@ def publish_corpus(server, tmp_dir: Path, num_shards: int = 4, docs_per_shard: i
     server.publish_dataset(DATASET_REPO, {p.name: p for p in paths})
 
 
+def client_env(server, root: Path) -> dict[str, str]:
+    """The environment of a process whose Hub is the local `server` (cache under `root`), W&B offline."""
+    import os
+
+    return {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(root / "hf_home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
+
+
 def tiny_job(hub, tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
     """Environment of a tiny CPU `phoenix run` with Hub sync configured on `hub`, and its (empty) volume."""
     publish_corpus(hub.server, tmp_path / "shards")
@@ -38,6 +46,40 @@ def tiny_job(hub, tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
            "DEVICE": "cpu", "RUN_SFT": "0", "HF_REPO_ID": f"{hub.user}/checkpoints", "WANDB_MODE": "offline",
            **extra}
     return env, volume
+
+
+def checkpoint_meta(step: int, stage: str = "base", **extra: Any) -> dict[str, Any]:
+    """A meta.json the checkpoint contract accepts (each key it asks for, blank): synthetic checkpoints."""
+    blank = {key: kind() for key, kind in {**layout.META_KEYS, **layout.STAGE_META_KEYS[stage]}.items()}
+    return {**blank, "stage": stage, "step": step, "world_size": 1, "rng": [{}], **extra}
+
+
+# What a synthetic checkpoint holds: the required files and the optimizer state in one gathered file.
+SYNTHETIC_FILES = (*layout.REQUIRED_FILES, layout.GATHERED_OPTIMIZER)
+
+
+def fill_checkpoint(tmp: Path, step: int, stage: str = "base", **meta: Any) -> None:
+    """Make a synthetic checkpoint being written in `tmp` complete: meta.json (`checkpoint_meta`) and a small
+    tensor file, unique to the file, step and stage, for each required one missing."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    for name in SYNTHETIC_FILES:
+        if name.endswith(".safetensors") and not (tmp / name).exists():
+            save_file({"t": np.full(4, step)}, str(tmp / name), {"stage": stage, "file": name})
+    (tmp / layout.META_NAME).write_text(json.dumps(checkpoint_meta(step, stage, **meta)))
+
+
+def rot_on_hub(hub, repo_id: str, path: str) -> None:
+    """Bit rot behind the Hub's back: the tree still announces the right sha256, one byte is wrong."""
+    from huggingface_hub import HfApi
+
+    entry = next(f for f in HfApi(endpoint=hub.url, token=hub.token).list_repo_tree(repo_id, recursive=True)
+                 if f.path == path)
+    blob = hub.server.data_dir / "blobs" / entry.lfs.sha256
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
 
 
 def stage_command(module: str, nproc: int, *args: str) -> list[str]:
@@ -203,12 +245,10 @@ def train_chat_model(server, root: Path, base_steps: int, sft_steps: int,
                      sft_args: tuple[str, ...] = ()) -> tuple[dict[str, str], Path, str, str]:
     """A volume (root/volume) with a finished tiny base stage and a finished SFT stage, trained on corpus and
     chats published on `server`: (client env, volume, base output, SFT output)."""
-    import os
 
     publish_corpus(server, root / "shards")
     publish_chat_dataset(server)
-    env = {**os.environ, "HF_ENDPOINT": server.url,
-           "HF_HOME": str(root / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline"}
+    env = client_env(server, root)
     volume = root / "volume"
     code, base_out = run_trainer(volume, {**env, **(base_env or {})}, "--num-iterations", str(base_steps),
                                  "--eval-every", "0", *base_args)

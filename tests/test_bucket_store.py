@@ -14,6 +14,7 @@ from entrypoint.hub.restore import fetch_weights, restore
 from entrypoint.hub.stores import claim_generation, open_store
 from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
+from tests.helpers import SYNTHETIC_FILES
 from tests.test_hub_storage import (
     PHOENIX,
     TAG,
@@ -25,6 +26,8 @@ from tests.test_hub_storage import (
 )
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
+
+FILES = len(SYNTHETIC_FILES) + 1  # per checkpoint in the bucket, MANIFEST.json included
 
 
 def bucket_env(hub, tmp_path: Path) -> dict[str, str]:
@@ -96,7 +99,7 @@ def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, e
         assert hub.server.bucket_size(env["HF_REPO_ID"]) <= quota
     assert not [r for r in hub.server.request_log if r.status == 403]
     assert collect(cfg_of(env))["hub_storage"]["counted"] == hub.server.bucket_size(env["HF_REPO_ID"])
-    assert len(bucket_paths(hub, env)) == 2 * 4  # two checkpoints of 4 files: nothing left behind
+    assert len(bucket_paths(hub, env)) == 2 * FILES  # two checkpoints: nothing left behind
     volume_after, step = restore_on_empty_volume(env, tmp_path, "redeployed", cli=True)
     assert step == 39 and same_files(base, volume_after, 39)
     stage, weights = fetch_weights(cfg_of(env, NANOCHAT_BASE_DIR=str(tmp_path / "chat")))  # `phoenix chat`
@@ -135,14 +138,14 @@ def test_sidecar_killed_mid_prune_leaves_a_verifiable_latest(hub, env, tmp_path,
     done = phoenix(env, "sync", "--once")
     assert done.returncode == 0, done.stdout + done.stderr
     assert bucket_steps(env) == [3, 2]
-    assert len(bucket_paths(hub, env)) == 2 * 4  # step 1's files went too, manifest or not
+    assert len(bucket_paths(hub, env)) == 2 * FILES  # step 1's files went too, manifest or not
 
 
 def test_a_batch_applied_only_in_part_leaves_no_manifest_and_the_next_pass_completes_it(hub, env) -> None:
     make_checkpoint(volume(env), 1)
-    hub.server.fail_bucket_op("step_000001/optim.safetensors")  # buckets are not transactional
+    hub.server.fail_bucket_op("step_000001/optimizer.safetensors")  # buckets are not transactional
     failed = Syncer(cfg_of(env)).sync_once()
-    assert not failed.ok and failed.pushed == [] and "optim.safetensors" in failed.errors[0]
+    assert not failed.ok and failed.pushed == [] and "optimizer.safetensors" in failed.errors[0]
     landed = bucket_paths(hub, env)
     assert any(p.endswith("step_000001/model.safetensors") for p in landed)  # the rest of the batch did
     assert not any(p.endswith(layout.MANIFEST_NAME) for p in landed) and bucket_steps(env) == []
@@ -165,7 +168,7 @@ def test_partial_or_damaged_checkpoints_in_the_bucket_are_never_restored(hub, en
         api.batch_bucket_files(bucket, add=[((override or {}).get(n) or (local / n).read_bytes(),
                                              f"{folder[step]}/{n}") for n in names])
 
-    data = ["model.safetensors", "optim.safetensors", "meta.json"]
+    data = list(SYNTHETIC_FILES)  # model.safetensors first
     upload(4, data)  # step 4: every file but no manifest (an upload cut short)
     upload(3, [*data[1:], layout.MANIFEST_NAME])  # step 3: a manifest, but a file it lists is missing
     model = (stage_dir / "step_000002" / "model.safetensors").read_bytes()
@@ -179,7 +182,7 @@ def test_partial_or_damaged_checkpoints_in_the_bucket_are_never_restored(hub, en
     layout.prune(stage_dir, keep_last=2)
     result = Syncer(cfg_of(env)).sync_once()
     assert result.ok and result.pushed == [("base", 4)] and result.pruned == [("base", 1)], result.errors
-    assert bucket_steps(env) == [4, 2] and len(bucket_paths(hub, env)) == 2 * 4
+    assert bucket_steps(env) == [4, 2] and len(bucket_paths(hub, env)) == 2 * FILES
 
 
 def digests(base: Path, step: int) -> dict[str, str]:

@@ -156,6 +156,6 @@ def test_chat_fetches_only_the_weights_from_the_hub_when_the_volume_has_none(tra
     assert done.stdout == expected + "\n"  # the same float32 weights
     files = sorted(str(p.relative_to(empty)) for p in empty.rglob("*") if p.is_file())
     step = f"weights/sft_checkpoints/{MODEL_TAG}/{layout.step_dir_name(SFT_STEPS)}"
-    # No optimizer, and nothing training could mistake for a checkpoint to resume from.
+    # No optimizer, nothing training could mistake for a checkpoint to resume from; and the fetches' lock.
     assert files == ["tokenizer/tokenizer.json", f"{step}/MANIFEST.json", f"{step}/meta.json",
-                     f"{step}/model.safetensors"]
+                     f"{step}/model.safetensors", f"weights/{MODEL_TAG}.lock"]

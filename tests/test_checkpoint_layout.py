@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from tests.helpers import SYNTHETIC_FILES, fill_checkpoint
 from trainer import checkpoint_layout as layout
 
 
 def make_checkpoint(directory, step, payload=b"x", done=False):
     tmp = layout.new_tmp_dir(directory, step)
     save_file({"w": np.full((4, 4), step, dtype=np.float32)}, str(tmp / "model.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "payload": payload.decode()}))
+    fill_checkpoint(tmp, step, payload=payload.decode())
     return layout.publish(tmp, step, stage="base", model_tag="t", done=done)
 
 
 def test_publish_writes_manifest_and_verifies(tmp_path):
     ckpt = make_checkpoint(tmp_path, 250)
     assert ckpt.path.name == "step_000250"
-    assert set(ckpt.files) == {"model.safetensors", "meta.json"}
+    assert set(ckpt.files) == set(SYNTHETIC_FILES)
     manifest = json.loads((ckpt.path / layout.MANIFEST_NAME).read_text())
     assert manifest["files"]["meta.json"]["sha256"] == layout.sha256_file(ckpt.path / "meta.json")
     assert layout.verify(ckpt.path, full_hash=True).step == 250
@@ -78,6 +79,35 @@ def _corrupt_extra_pickle_file(path):
     (path / "optimizer.pt").write_bytes(b"\x80\x04K\x01.")
 
 
+def _rehashed(path, meta_change=None, drop=()):
+    """Wrong content hashed again, as a buggy writer would leave it: every sha256 matches."""
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, **(meta_change or {})}))
+    for name in drop:
+        (path / name).unlink()
+    (path / layout.MANIFEST_NAME).unlink()
+    layout.write_manifest(path, 20, stage="base", model_tag="t")
+
+
+def _corrupt_meta_missing_key(path):
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["loader"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    _rehashed(path)
+
+
+def _corrupt_meta_wrong_type(path):
+    _rehashed(path, {"world_size": "1"})
+
+
+def _corrupt_meta_other_step(path):
+    _rehashed(path, {"step": 10})
+
+
+def _corrupt_manifest_lists_only_meta(path):
+    _rehashed(path, drop=("model.safetensors", "optimizer.safetensors", "rng.safetensors"))
+
+
 @pytest.mark.parametrize("corrupt,needle,needs_hash", [
     (_corrupt_truncate, "model.safetensors", False),
     (_corrupt_flip_byte, "model.safetensors", True),
@@ -85,6 +115,10 @@ def _corrupt_extra_pickle_file(path):
     (_corrupt_other_step, "MANIFEST.json", False),
     (_corrupt_pickle, "model.safetensors", False),
     (_corrupt_extra_pickle_file, "optimizer.pt", False),
+    (_corrupt_meta_missing_key, "meta.json: 'loader' is missing", False),
+    (_corrupt_meta_wrong_type, "meta.json: 'world_size' is str, not int", False),
+    (_corrupt_meta_other_step, "meta.json: written for step 10, not 20", False),
+    (_corrupt_manifest_lists_only_meta, "MANIFEST.json: lists no model.safetensors", False),
 ])
 def test_damaged_latest_is_skipped_with_a_warning_naming_the_file(tmp_path, caplog, corrupt, needle,
                                                                    needs_hash):
@@ -167,3 +201,12 @@ def test_damaged_steps_above_the_latest_good_one_go_to_quarantine(tmp_path):
     _corrupt_flip_byte(lone / "step_000003")
     assert layout.latest_or_quarantine(lone) is None  # nothing good: nothing moved, not our call
     assert [step for step, _ in layout.step_dirs(lone)] == [3]
+
+
+def test_optimizer_state_is_one_gathered_file_or_every_share() -> None:
+    share = layout.optimizer_share_name
+    assert layout.optimizer_state_problem([layout.GATHERED_OPTIMIZER]) is None
+    assert layout.optimizer_state_problem([share(0, 2), share(1, 2), "model.safetensors"]) is None
+    assert share(1, 3) in layout.optimizer_state_problem([share(0, 3), share(2, 3)])
+    for names in ([], [share(0, 2), share(0, 1)], [layout.GATHERED_OPTIMIZER, share(0, 1)]):
+        assert layout.optimizer_state_problem(names) is not None

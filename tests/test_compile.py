@@ -9,6 +9,10 @@ cache makes the module fixture take ~60 s on 2 cores (warm: ~15 s).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -77,3 +81,27 @@ def test_compile_flag_is_honest_on_every_device():
     assert compiles("on", cpu) and not compiles("off", cuda)
     with pytest.raises(SystemExit):
         parse_config(["--preset", "tiny", "--compile", "--no-compile"])
+
+
+# In a fresh interpreter, as the trainer starts: where inductor (and Triton inside it) will cache kernels.
+CACHE_PROBE = """import sys
+import trainer.train  # imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR to torch's default
+from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
+from trainer.runtime import keep_compile_caches
+keep_compile_caches(sys.argv[1])
+print(cache_dir(), triton_cache_dir(0))
+"""
+
+
+def test_compiled_kernels_are_cached_on_the_volume_unless_a_folder_was_chosen(tmp_path):
+    """A relaunch on the same volume finds the kernels its predecessor compiled (bench/relaunch.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    done = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    cache = tmp_path / "cache" / "torchinductor"
+    assert done.returncode == 0 and done.stdout.split() == [str(cache), str(cache / "triton" / "0")], done
+    chosen = tmp_path / "chosen"
+    done = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path / "volume")],
+                          env={**env, "TORCHINDUCTOR_CACHE_DIR": str(chosen)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[0] == str(chosen), done

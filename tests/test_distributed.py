@@ -1,10 +1,12 @@
 """The sharded optimizer step (trainer.distributed): owners by name, two real ranks over gloo against one
-process on the same global batch, each rank's state limited to its names, one checkpoint format for any
-world size. The trainer's kill -9 tests (test_train.py, test_sft.py) run it end to end."""
+process on the same global batch, each rank's state limited to its names, each rank's share saved in a
+file of its own and read back on any world size (1 -> 2 -> 1). The trainer's kill -9 tests (test_train.py,
+test_sft.py) run it end to end."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.sharded_worker import TINY, build, global_batch
+from tests.sharded_worker import STEPS, TINY, build, global_batch
+from trainer import checkpoint_layout as layout
 from trainer.distributed import Dist, ShardedOptimizer, assign_owners
 from trainer.model import build_model
 from trainer.optim import HybridOptimizer
+from trainer.resume import restore_trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -53,7 +57,7 @@ def test_one_process_is_the_plain_optimizer_bitwise():
             optimizer.zero_grad()
     for (name, a), b in zip(sharded_model.named_parameters(), plain_model.parameters(), strict=True):
         assert torch.equal(a, b), name
-    assert sharded.gather_state().keys() == plain.state_tensors().keys()
+    assert sharded.state_share().keys() == plain.state_tensors().keys()
 
 
 def test_a_replaced_gradient_is_a_clear_error_not_a_silent_desync():
@@ -98,12 +102,14 @@ def test_each_rank_holds_the_state_of_its_own_names_only(two_ranks):
     assert max(r["state_numel"] for r in ranks) < 0.75 * total  # memory: neither rank holds it all
 
 
-def test_the_checkpointed_state_is_the_same_file_for_one_or_two_processes(two_ranks):
-    gathered = load_file(str(two_ranks / "gathered_optimizer.safetensors"))
+def test_the_two_shares_together_are_the_one_process_state(two_ranks):
+    shares = [load_file(str(two_ranks / f"share_rank{rank}.safetensors")) for rank in (0, 1)]
     reference = load_file(str(two_ranks / "reference_optimizer.safetensors"))
-    assert sorted(gathered) == sorted(reference)
+    assert shares[0] and shares[1] and not shares[0].keys() & shares[1].keys()
+    merged = {**shares[0], **shares[1]}
+    assert sorted(merged) == sorted(reference)
     for key, tensor in reference.items():
-        assert gathered[key].dtype == tensor.dtype and torch.equal(gathered[key], tensor), key
+        assert merged[key].dtype == tensor.dtype and torch.equal(merged[key], tensor), key
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks_exactly(two_ranks):
@@ -112,6 +118,39 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_exactly(two_ranks):
         resumed = load_file(str(two_ranks / f"resumed_model_rank{rank}.safetensors"))
         for name, tensor in expected.items():
             assert torch.equal(resumed[name], tensor), (rank, name)
+
+
+def test_checkpoint_files_resume_1_2_1_processes_bitwise(two_ranks):
+    """The trainer's save: one file per rank's share, listed in the manifest; any world size reads it."""
+    saved = layout.complete_checkpoints(layout.stage_dir(two_ranks, "base", "sharded"))
+    assert [c.step for c in saved] == [STEPS + 1, STEPS]
+    two, one = saved
+    assert [n for n in one.files if "optimizer" in n] == ["optimizer-00000-of-00001.safetensors"]
+    shares = sorted(n for n in two.files if "optimizer" in n)
+    assert shares == ["optimizer-00000-of-00002.safetensors", "optimizer-00001-of-00002.safetensors"]
+    for rank, name in enumerate(shares):  # each rank's file holds the state of its own names only
+        owned = json.loads((two_ranks / f"rank{rank}.json").read_text())["owned"]
+        keys = load_file(str(two.path / name)).keys()
+        assert {key.split(".", 1)[1].rsplit(".", 1)[0] for key in keys} == set(owned)
+    expected = load_file(str(two_ranks / "reference_model_final.safetensors"))
+    resumed = load_file(str(two_ranks / "resumed_121_model.safetensors"))
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_a_checkpoint_with_one_gathered_optimizer_file_still_resumes(two_ranks, tmp_path):
+    """Checkpoints written before the shares were saved in parallel hold `optimizer.safetensors`."""
+    one = layout.complete_checkpoints(layout.stage_dir(two_ranks, "base", "sharded"))[-1]
+    tmp = layout.new_tmp_dir(tmp_path / "old", one.step)
+    for name in one.files:
+        shutil.copy(one.path / name, tmp / ("optimizer.safetensors" if "optimizer" in name else name))
+    old = layout.publish(tmp, one.step, stage="base")
+    assert "optimizer.safetensors" in old.files
+    model, optimizer = build(Dist(0, 0, 1, CPU))
+    restore_trajectory(old, old.meta(), model, optimizer, Dist(0, 0, 1, CPU), seed=0)
+    reference = load_file(str(two_ranks / "reference_optimizer.safetensors"))
+    assert optimizer.state_share().keys() == reference.keys()
+    assert all(torch.equal(optimizer.state_share()[key], tensor) for key, tensor in reference.items())
 
 
 def test_loading_refuses_a_state_of_another_model(two_ranks):

@@ -27,7 +27,7 @@ from entrypoint.tools.eval import (
     resolve_bundle,
     results_path,
 )
-from tests.helpers import MODEL_TAG, chat_conversations, run_phoenix
+from tests.helpers import MODEL_TAG, chat_conversations, fill_checkpoint, run_phoenix
 from trainer import checkpoint_layout as layout
 from trainer.chat_eval import (
     TASKS,
@@ -259,7 +259,7 @@ def write_model(base: Path, stage: str, step: int, tokenizer_dir: Path) -> None:
         model.lm_head.weight.zero_()
     tmp = layout.new_tmp_dir(layout.stage_dir(base, stage, MODEL_TAG), step)
     save_file(model.state_dict(), str(tmp / "model.safetensors"))
-    (tmp / layout.META_NAME).write_text(json.dumps({"model_config": config.__dict__, "step": step}))
+    fill_checkpoint(tmp, step, stage, model_config=config.__dict__)
     layout.publish(tmp, step, done=True, stage=stage, model_tag=MODEL_TAG, run_id="test")
 
 

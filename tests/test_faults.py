@@ -71,7 +71,7 @@ def test_damaged_checkpoints_are_quarantined_and_saved_again(job):
     assert final.done and final.step == STEPS
     # Sizes right, sha256 wrong (bit rot): the done checkpoint, and the one below it, which the rerun of
     # the last steps will save again.
-    flip_a_byte(final.path / "optimizer.safetensors")
+    flip_a_byte(final.path / "optimizer-00000-of-00001.safetensors")
     flip_a_byte(ckpt_dir(volume) / layout.step_dir_name(STEPS - 5) / "model.safetensors")
     code, out = run_phoenix(env, "run", *TRAIN)
     assert code == 0, out

@@ -34,7 +34,9 @@ def report(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     tmp = tmp_path_factory.mktemp("gpu_check")
     out = tmp / "gpu_check.json"
     # compile and bf16 run the probes tests/test_compile.py runs in-process: left out here to save ~25 s.
-    parts = "env,throughput_tiny,checkpoint_tiny,resume_1proc,oom_relaunch,two_process"
+    # relaunch_tiny (bench/relaunch.py: three launches, ~45 s) is left out too; test_train.py checks what
+    # it reads, the trainer's event=startup line.
+    parts = "env,throughput_tiny,checkpoint_tiny,save_tiny,resume_1proc,oom_relaunch,two_process"
     done = subprocess.run([str(SCRIPT), "--cpu", "--only", parts, "--out", str(out), "--budget-s", "900"],
                           env=bare_host_env(tmp), capture_output=True, text=True, timeout=1200)
     return done, json.loads(out.read_text())
@@ -53,8 +55,8 @@ def test_cpu_check_passes_every_part_and_ends_with_one_summary_line(report):
     parts = result["parts"]
     assert summary == result["summary"] and summary.startswith("gpu_check: ")
     assert f"{len(parts)}/{len(parts)} passed" in summary
-    assert set(parts) == {"env", "throughput_tiny", "checkpoint_tiny", "resume_1proc", "oom_relaunch",
-                          "two_process"}
+    assert set(parts) == {"env", "throughput_tiny", "checkpoint_tiny", "save_tiny", "resume_1proc",
+                          "oom_relaunch", "two_process"}
 
 
 def test_the_report_holds_the_figures(report):
@@ -64,6 +66,8 @@ def test_the_report_holds_the_figures(report):
     throughput = parts["throughput_tiny"]["result"]
     assert throughput["compiled"] and throughput["tok_per_sec"] > 0
     assert parts["checkpoint_tiny"]["result"]["async_stall_ms"] > 0
+    save = parts["save_tiny"]["result"]
+    assert save["emergency_save_s"] > 0 and "optimizer-00000-of-00001.safetensors" in save["files"]
 
 
 def test_phoenix_run_killed_mid_run_resumes_bitwise_on_cpu(report):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from entrypoint.hub.restore import restore
 from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
 from tests.conftest import CREDIT_DELAY_S
+from tests.helpers import fill_checkpoint
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
 
@@ -34,9 +34,9 @@ def make_checkpoint(base: Path, step: int, stage: str = "base", done: bool = Fal
     in every stage (SFT saves the same model and optimizer); `done` marks a stage's final one."""
     tmp = layout.new_tmp_dir(layout.stage_dir(base, stage, TAG), step)
     rng = np.random.default_rng([step, layout.STAGES.index(stage)])
-    for name in ("model.safetensors", "optim.safetensors"):
+    for name in ("model.safetensors", "optimizer.safetensors"):
         save_file({"w": rng.random(CKPT_BYTES // 8, dtype=np.float32)}, str(tmp / name))
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
+    fill_checkpoint(tmp, step, stage)
     return layout.publish(tmp, step, stage=stage, model_tag=TAG, done=done)
 
 
@@ -270,7 +270,7 @@ def test_restore_survives_a_squash_of_the_commit_it_pinned(hub, env, tmp_path) -
         make_checkpoint(base, step)
         assert Syncer(cfg_of(env, HF_KEEP_LAST="all")).sync_once().ok
     # Restore pauses on its first checkpoint file; meanwhile the sidecar prunes and squashes the history.
-    pause = hub.server.pause_next("/optim.safetensors", "HEAD")
+    pause = hub.server.pause_next("/optimizer.safetensors", "HEAD")
     outcome: dict[str, object] = {}
     volume = tmp_path / "restoring"
     thread = threading.Thread(

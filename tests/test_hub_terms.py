@@ -23,7 +23,7 @@ from entrypoint.launch.preflight import hub_problems, storage_problems
 from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
 from tests.helpers import SFT_DATASET_REPO, publish_chat_dataset
-from tests.test_bucket_store import bucket_env, bucket_paths, restore_on_empty_volume
+from tests.test_bucket_store import FILES, bucket_env, bucket_paths, restore_on_empty_volume
 from tests.test_hub_storage import PHOENIX, TAG, cfg_of, digests, make_checkpoint
 from tests.test_sidecar_faults import lines_with, sidecar, sync_log
 from tests.test_sync import wait_for
@@ -261,7 +261,7 @@ def test_a_run_an_older_phoenix_pushed_into_the_repo_restores_and_moves_to_the_b
     assert open_store(cfg_of(env)).view().steps("base") == [4, 3]
     api = HfApi(endpoint=hub.url, token=hub.token)
     assert not [f for f in api.list_repo_files(env["HF_REPO_ID"]) if f.startswith("base_checkpoints/")]
-    assert len(bucket_paths(hub, env)) == 2 * 4
+    assert len(bucket_paths(hub, env)) == 2 * FILES
     storage = collect(cfg_of(env))["hub_storage"]  # `phoenix status`: the repo's frees count until credited
     assert storage["settled"] == hub.server.bucket_size(env["HF_REPO_ID"])
     assert storage["counted"] == hub.server.storage(hub.user).counted

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -277,6 +278,10 @@ def test_a_notice_mid_run_ends_in_a_pushed_checkpoint_and_an_exact_resume(hub, t
     assert out.count("event=preemption_notice ") == 1 and "source=aws notice=terminate " in out, out
     assert stopped.meta()["stopped"] and not stopped.done and stopped.step > 10
     assert f"checkpoint published step={stopped.step} " in out
+    # The emergency save against the notice's window: 120 s, of which the save left most.
+    saved = re.search(rf"event=emergency_save step={stopped.step} reason=preemption_notice "
+                      r"emergency_save_s=([\d.]+) since_stop_s=[\d.]+ deadline_left_s=([\d.]+) ", out)
+    assert saved and float(saved[1]) < 60 < float(saved[2]) <= 120, out
     assert trainer_status(volume)["status"] == "stopped"
     assert "event=preemption_notice_seen" in "".join(sidecar.out)
     assert stopped.step in hub_steps(hub, env)

@@ -1,13 +1,15 @@
 """`phoenix report` on a real run's files: a tiny base run killed with SIGKILL mid-interval and resumed.
 
-The report must show the resume (in its table and in the data it plots), draw real PNGs, line up the
-sidecar's pushes with the steps (sync lag) and list the evaluations; readable without W&B.
+The report must show the resume (in its table and in the data it plots) and what the interruption cost
+(as `phoenix status` does), draw real PNGs, line up the sidecar's pushes with the steps (sync lag) and
+list the evaluations; readable without W&B.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 from click.testing import CliRunner
@@ -67,6 +69,16 @@ def test_report_of_a_killed_and_resumed_run(tmp_path):
         assert (report_dir / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     assert not (report_dir / "base_mfu.png").exists()  # no MFU on a CPU: no empty plot
     assert "- (CPU or unknown GPU)" in page
+    # What the kill cost, as the relaunch recorded it: steps 9-10 (or 9, if the kill beat step 10's
+    # record) redone, and the relaunch's time to its first step, by phase.
+    row = re.search(r"\| base \| killed \| 8 \| (9|10) \| ([12]) \| ([\d.]+) s \| ([\d.]+) s \| "
+                    r"([\d.]+) s \| 0\.0 s \| ([\d.]+) s \| ([\d.]+) s \| ([\d,]+) \|", page)
+    assert "## Interruptions" in page and row, page
+    assert int(row[1]) - 8 == int(row[2]) and float(row[3]) >= float(row[4]) + float(row[5]) > 0
+    status = CliRunner().invoke(main, ["status", "--no-hub"], env=volume_env)
+    assert status.exit_code == 0, status.output
+    assert f"interruptions: 1, {row[2]} steps lost" in status.output
+    assert re.search(rf"base +killed +8 +{row[2]} +{row[3]}s", status.output), status.output
 
     # The same report in-process, to another folder: what it plotted includes the resume.
     _, stages = write_report(base, MODEL_TAG, tmp_path / "elsewhere")

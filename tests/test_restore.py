@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from entrypoint.hub.config import HubConfig
 from entrypoint.hub.restore import STAGING_DIR, restore
+from tests.helpers import fill_checkpoint, rot_on_hub
 from trainer import checkpoint_layout as layout
 
 TAG = "d26-hyperbolic"
@@ -30,7 +31,7 @@ def make_checkpoint(base: Path, step: int, tensors: dict[str, int] | None = None
     rng = np.random.default_rng(step)
     for name, nbytes in (tensors or {"model.safetensors": 64 * 1024}).items():
         save_file({"w": rng.random(nbytes // 4, dtype=np.float32)}, str(tmp / name))
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
+    fill_checkpoint(tmp, step)
     return layout.publish(tmp, step, stage="base", model_tag=TAG)
 
 
@@ -108,16 +109,7 @@ def _delete_on_hub(hub, env, path: str) -> None:
 
 
 def _rot_in_storage(hub, env, path: str) -> None:
-    """Bit rot behind the Hub's back: the tree still announces the right sha256, the bytes are wrong."""
-    entry = next(
-        f
-        for f in HfApi(endpoint=hub.url, token=hub.token).list_repo_tree(env["HF_REPO_ID"], recursive=True)
-        if f.path == path
-    )
-    blob = hub.server.data_dir / "blobs" / entry.lfs.sha256
-    data = bytearray(blob.read_bytes())
-    data[-1] ^= 0xFF
-    blob.write_bytes(bytes(data))
+    rot_on_hub(hub, env["HF_REPO_ID"], path)
 
 
 @pytest.mark.parametrize("corrupt", [_replace_on_hub, _delete_on_hub, _rot_in_storage])
@@ -136,6 +128,17 @@ def test_corrupt_latest_on_the_hub_falls_back_to_the_previous(hub, env, source, 
         "event=hub_checkpoint_corrupt" in w and "step_000750" in w and "model.safetensors" in w
         for w in warnings
     ), warnings
+
+
+def test_a_stage_whose_every_checkpoint_is_corrupt_is_an_error_unless_it_may_start_over(hub, env, source):
+    make_checkpoint(source, 250)
+    upload(hub, env, source)
+    _rot_in_storage(hub, env, f"base_checkpoints/{TAG}/step_000250/model.safetensors")
+    done = phoenix(env, "restore")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert done.stderr.startswith("error: the Hub holds 1 base checkpoint(s) of MODEL_TAG=d26-hyperbolic and "
+                                  "not one is intact") and len(done.stderr.splitlines()) == 1, done.stderr
+    assert restore(HubConfig.from_env(env), fresh_start_ok=["base"]) == {"base": None, "sft": None}
 
 
 def test_killed_restore_resumes_without_refetching_finished_files(hub, env, source) -> None:

@@ -25,6 +25,7 @@ from tests.helpers import (
     weights_sha256,
 )
 from trainer import checkpoint_layout as layout
+from trainer import recovery
 
 STEPS = 30
 TRAIN = ("--", "--num-iterations", str(STEPS), "--save-every", "5", "--eval-every", "15")
@@ -72,9 +73,16 @@ def test_kill9_of_everything_then_relaunch_resumes_at_the_last_checkpoint(job, t
     assert code is None
     survivor = layout.latest(ckpt_dir(volume)).step
     assert survivor >= 5  # SIGKILL leaves no emergency checkpoint: the last published one survives
+    relaunched = time.time()
     code, out = run_phoenix(env, "run", *TRAIN)
     assert code == 0, out
     assert f"resuming from step={survivor}" in out
+    # The relaunch's cost, counted from `phoenix run`'s start (not the worker's, seconds later), with the
+    # entrypoint's verify and prepare in its restore and data phases.
+    (record,) = recovery.read(volume, MODEL_TAG)
+    assert abs(record["time"] - record["launch_to_first_step_s"] - relaunched) < 0.5, record
+    assert record["resumed_step"] == survivor and 12 <= record["reached_step"] <= 13
+    assert record["launch_to_first_step_s"] >= record["restore_s"] + record["data_s"] > 0
 
 
 def test_redeploy_on_an_empty_volume_restores_from_the_hub_and_ends_identical(job, tmp_path):

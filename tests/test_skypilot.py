@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from entrypoint.demo.fake_metadata import FakeMetadata
 from entrypoint.launch.config import RunConfig
 from entrypoint.launch.torchrun import torchrun_command
-from tests.helpers import MODEL_TAG, tiny_job
+from tests.helpers import MODEL_TAG, fill_checkpoint, tiny_job
 from tests.test_sync import hub_steps
 from trainer import checkpoint_layout as layout
 
@@ -135,7 +135,7 @@ def test_the_run_section_succeeds_only_for_a_finished_run(hub, tmp_path):
     # launch has nothing left to train, ends as finished, and the sidecar pushes before the job ends.
     tmp = layout.new_tmp_dir(layout.stage_dir(volume, "base", MODEL_TAG), 7)
     save_file({"w": np.zeros(1024, dtype=np.float32)}, str(tmp / "model.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({"step": 7}))
+    fill_checkpoint(tmp, 7)
     layout.publish(tmp, 7, done=True, stage="base", model_tag=MODEL_TAG)
     done = run_section(env)
     assert done.returncode == 0, done.stdout + done.stderr

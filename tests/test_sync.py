@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from entrypoint.hub.config import TRAINER_STATUS_FILE, HubConfig
 from entrypoint.hub.errors import RepoMissing
 from entrypoint.hub.stores import claim_generation
 from entrypoint.sidecar.sync import Syncer
+from tests.helpers import fill_checkpoint
 from trainer import checkpoint_layout as layout
 
 TAG = "d26-hyperbolic"
@@ -31,7 +31,7 @@ def make_checkpoint(base: Path, step: int, stage: str = "base", nbytes: int = 64
     tmp = layout.new_tmp_dir(layout.stage_dir(base, stage, TAG), step)
     rng = np.random.default_rng(step)
     save_file({"w": rng.random(nbytes // 4, dtype=np.float32)}, str(tmp / "model.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
+    fill_checkpoint(tmp, step, stage)
     return layout.publish(tmp, step, stage=stage, model_tag=TAG)
 
 
@@ -109,7 +109,7 @@ def test_pushes_exactly_the_complete_checkpoints_one_commit_each(hub, env) -> No
     newest_first = [f"step {c.step} of {TAG} (base)" for c in sorted(ckpts, key=lambda c: -c.step)]
     assert commit_titles(hub, env) == ["initial commit", *newest_first]
     assert api(hub).repo_info(env["HF_REPO_ID"]).private is True
-    tensors = sum(c.files["model.safetensors"]["size"] for c in ckpts)
+    tensors = sum(e["size"] for c in ckpts for name, e in c.files.items() if name.endswith(".safetensors"))
     assert hub.server.bytes_uploaded == tensors  # JSON files travel inline in the commit
     assert "event=push_done stage=base step=750" in done.stdout and "mb_s=" in done.stdout
     assert (base / "logs" / "hf_sync.log").read_text().count("event=push_done") == 3

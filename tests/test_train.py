@@ -235,3 +235,33 @@ def test_a_relaunched_run_continues_the_same_wandb_run(corpus, tmp_path):
     runs = sorted((base / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
     assert layout.latest(checkpoint_dir(base)).meta()["wandb_run_id"] == run_id
+
+
+def test_save_every_auto_changes_its_interval_and_a_kill9_still_resumes_bitwise(corpus, tmp_path):
+    """SAVE_EVERY=auto: a first save 10 steps in measures the stall, then Young/Daly picks the interval
+    (logged with its inputs); a kill -9 between saves is recorded as an interruption, and the run ends
+    exactly as the reference with its fixed interval."""
+    base = corpus.volume(tmp_path / "volume")
+    auto = ("--num-iterations", str(STEPS), "--eval-every", "24", "--save-every", "auto")
+    code, first = run_trainer(base, corpus.env, *auto, kill_when=lambda line: "step 00040/" in line)
+    assert code is None, first
+    saved = sorted(c.step for c in layout.complete_checkpoints(checkpoint_dir(base)))
+    # The first save 10 steps in (none at SAVE_EVERY's 3, 6, 9), then more before the kill.
+    assert "checkpoint step=10 " in first and "checkpoint step=3 " not in first and 10 < max(saved) < 40
+    code, second = run_trainer(base, corpus.env, *auto)
+    assert code == 0, second
+    changes = [line for line in (first + second).splitlines() if "event=save_interval" in line]
+    assert changes and " previous=10 " in changes[0]
+    assert all(f" {key}=" in changes[0] for key in ("save_every", "save_cost_s", "mtbi_s", "interruptions",
+                                                     "step_s", "min_interval_s", "max_interval_s"))
+    assert weights_sha256(base, STEPS) == weights_sha256(corpus.reference, STEPS)
+    assert step_losses(base) == step_losses(corpus.reference)
+    # The relaunch recorded what the kill cost: from the step it resumed at to the last step logged.
+    (record,) = [json.loads(line) for line in (base / "runs" / "test-tiny" / "interruptions.jsonl").open()]
+    assert record["cause"] == "killed" and record["resumed_step"] == max(saved)
+    assert 39 <= record["reached_step"] <= 40 and record["steps_lost"] == record["reached_step"] - max(saved)
+    assert record["launch_to_first_step_s"] >= record["restore_s"] + record["data_s"] > 0
+    assert "event=interruption stage=base cause=killed" in second
+    startup = next(line for line in second.splitlines() if "event=startup stage=base" in line)
+    assert all(f" {phase}=" in startup for phase in ("launch_to_first_step_s", "restore_s", "data_s",
+                                                     "compile_s", "first_step_s", "other_s"))

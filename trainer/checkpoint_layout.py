@@ -6,10 +6,15 @@ checkpoint complete?", so the three can never disagree.
 
 Layout: $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/step_NNNNNN/ holding tensors as
 *.safetensors, everything else as *.json, and MANIFEST.json (size + sha256 of every other file),
-written last. A directory is published by renaming a fully written, fsynced temporary sibling into
-place, so a crash leaves either the old set of checkpoints or the new one. A damaged step directory
-newer than the latest good one is moved to $NANOCHAT_BASE_DIR/quarantine/ (kept for inspection), so
-the run can save that step again instead of failing on the name forever.
+written last. Complete means: the manifest lists every file a resume reads (REQUIRED_FILES, and the
+optimizer state: one gathered file or every rank's share), each is there as listed, and meta.json holds
+what a resume reads, with the right types (META_KEYS): matching hashes cannot vouch for content that was
+wrong when it was hashed. A directory is published by renaming a fully written, fsynced temporary sibling
+into place, so a crash leaves either the old set of checkpoints or the new one. Several processes may
+write into one temporary directory: each fsyncs and hashes its own files and reports their entries
+(size, sha256) to the one that publishes, which does so only once every report is in. A damaged step
+directory newer than the latest good one is moved to $NANOCHAT_BASE_DIR/quarantine/ (kept for
+inspection), so the run can save that step again instead of failing on the name forever.
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # Only these suffixes may hold checkpoint data: neither format can execute code when loaded.
 _SAFE_SUFFIXES = (".safetensors", ".json")
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# What a resume reads (trainer.resume, trainer.train, trainer.sft): without any of them it could only crash.
+REQUIRED_FILES = ("model.safetensors", "rng.safetensors", META_NAME)
+# The optimizer state: one gathered file (checkpoints before per-rank writes), or each rank's share.
+GATHERED_OPTIMIZER = "optimizer.safetensors"
+_OPTIMIZER_SHARE = re.compile(r"^optimizer-(\d{5})-of-(\d{5})\.safetensors$")
+META_KEYS: dict[str, type] = {
+    "stage": str, "step": int, "world_size": int, "rng": list, "num_iterations": int, "model_config": dict,
+    "config": dict, "loop_state": dict, "loader": dict, "run_id": str, "wandb_run_id": str}
+STAGE_META_KEYS: dict[str, dict[str, type]] = {"base": {"total_batch_size": int, "max_seq_len": int},
+                                               "sft": {"base": dict, "data": dict}}
+RUN_KEYS = ("run_id", "wandb_run_id")  # what runs/<tag>/run.json must hold
 
 
 class CheckpointInvalid(Exception):
@@ -140,12 +156,16 @@ def _check_format(path: Path) -> None:
             raise CheckpointInvalid(f"{path}: safetensors header is not a JSON object")
 
 
-def write_manifest(ckpt_dir: Path, step: int, **fields: Any) -> dict[str, Any]:
+def write_manifest(ckpt_dir: Path, step: int, finished: dict[str, dict[str, Any]] | None = None,
+                   **fields: Any) -> dict[str, Any]:
     """Hash every file in `ckpt_dir` and write MANIFEST.json last: from then on the directory is complete.
 
-    `fields` (stage, model_tag, run_id, done, ...) are stored alongside, so torch-free readers such as
-    the sidecar learn what they need without opening meta.json.
+    `finished`: entries their writers already computed (fsynced, then hashed), taken as they are once the
+    size on disk agrees; every other file is hashed here. `fields` (stage, model_tag, run_id, done, ...) are
+    stored alongside, so torch-free readers such as the sidecar learn what they need without opening
+    meta.json.
     """
+    finished = finished or {}
     files = {}
     for path in sorted(ckpt_dir.iterdir()):
         if path.name == MANIFEST_NAME:
@@ -153,7 +173,13 @@ def write_manifest(ckpt_dir: Path, step: int, **fields: Any) -> dict[str, Any]:
         if not path.is_file():
             raise CheckpointInvalid(f"{path}: checkpoints hold plain files only")
         _check_format(path)
-        files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        entry = finished.get(path.name) or {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        if entry["size"] != path.stat().st_size:
+            raise CheckpointInvalid(f"{path}: {path.stat().st_size} bytes, its writer reported "
+                                    f"{entry['size']}")
+        files[path.name] = entry
+    if missing := sorted(finished.keys() - files.keys()):
+        raise CheckpointInvalid(f"{ckpt_dir / missing[0]}: reported finished by its writer but missing")
     manifest = {"format": FORMAT, "step": step, **fields, "files": files}
     with open(ckpt_dir / MANIFEST_NAME, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -179,8 +205,8 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     if manifest.get("step") != step:
         raise CheckpointInvalid(f"{manifest_path}: written for step {manifest.get('step')}, not {step}")
     files = manifest.get("files")
-    if not isinstance(files, dict) or META_NAME not in files:
-        raise CheckpointInvalid(f"{manifest_path}: lists no {META_NAME}")
+    if not isinstance(files, dict):
+        raise CheckpointInvalid(f"{manifest_path}: lists no files")
     for name, entry in files.items():
         if "/" in name or name.startswith(".") or name == MANIFEST_NAME:
             raise CheckpointInvalid(f"{manifest_path}: bad file name {name!r}")
@@ -201,11 +227,17 @@ def verify(ckpt_dir: Path, *, full_hash: bool = False) -> Checkpoint:
 
 
 def check_files(directory: Path, manifest: dict[str, Any], *, full_hash: bool = False) -> None:
-    """Raise CheckpointInvalid unless `directory` holds exactly the files `manifest` lists, as listed.
+    """Raise CheckpointInvalid unless `directory` holds exactly the files `manifest` lists, as listed, among
+    them every required one, and a sound meta.json.
 
     The file half of `verify`, for a manifest that came from elsewhere (the Hub) or a directory not yet
     published under its step name.
     """
+    missing = [name for name in REQUIRED_FILES if name not in manifest["files"]]
+    if problem := optimizer_state_problem(manifest["files"]):
+        missing.append(problem)
+    if missing:
+        raise CheckpointInvalid(f"{directory / MANIFEST_NAME}: lists no {', '.join(missing)}")
     present = {p.name for p in directory.iterdir()} - {MANIFEST_NAME}
     if unlisted := sorted(present - set(manifest["files"])):
         raise CheckpointInvalid(f"{directory / unlisted[0]}: not listed in the manifest")
@@ -220,6 +252,50 @@ def check_files(directory: Path, manifest: dict[str, Any], *, full_hash: bool = 
         _check_format(path)
         if full_hash and sha256_file(path) != entry["sha256"]:
             raise CheckpointInvalid(f"{path}: sha256 does not match the manifest (corrupted or tampered)")
+    check_meta(directory / META_NAME, manifest)
+
+
+def optimizer_share_name(rank: int, world_size: int) -> str:
+    """The file of one rank's optimizer share: each rank writes its own, in parallel."""
+    return f"optimizer-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def optimizer_state_problem(names: Iterable[str]) -> str | None:
+    """What optimizer state the file names lack (None when there is one gathered file or every share)."""
+    names = set(names)
+    shares = [match for name in names if (match := _OPTIMIZER_SHARE.match(name))]
+    if GATHERED_OPTIMIZER in names and not shares:
+        return None
+    world_sizes = {int(match.group(2)) for match in shares}
+    if len(world_sizes) == 1 and GATHERED_OPTIMIZER not in names:
+        (world_size,) = world_sizes
+        absent = sorted(set(range(world_size)) - {int(match.group(1)) for match in shares})
+        return f"{optimizer_share_name(absent[0], world_size)} (optimizer share)" if absent else None
+    return "optimizer state (one gathered file or every rank's share)"
+
+
+def check_meta(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """meta.json, or CheckpointInvalid unless it holds every key a resume reads, typed as written, for the
+    manifest's step and stage."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointInvalid(f"{path}: not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointInvalid(f"{path}: not a JSON object")
+    for key, kind in {**META_KEYS, **STAGE_META_KEYS.get(meta.get("stage"), {})}.items():
+        value = meta.get(key)
+        if key not in meta:
+            raise CheckpointInvalid(f"{path}: {key!r} is missing")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointInvalid(f"{path}: {key!r} is {type(value).__name__}, not {kind.__name__}")
+    if (stage := meta["stage"]) not in STAGES or manifest.get("stage", stage) != stage:
+        raise CheckpointInvalid(f"{path}: stage {stage!r}, the manifest's is {manifest.get('stage')!r}")
+    if meta["step"] != manifest["step"]:
+        raise CheckpointInvalid(f"{path}: written for step {meta['step']}, not {manifest['step']}")
+    if meta["world_size"] < 1 or len(meta["rng"]) != meta["world_size"]:
+        raise CheckpointInvalid(f"{path}: {len(meta['rng'])} RNG states for world size {meta['world_size']}")
+    return meta
 
 
 def step_dirs(directory: Path) -> list[tuple[int, Path]]:
@@ -251,21 +327,41 @@ def latest(directory: Path, *, full_hash: bool = False) -> Checkpoint | None:
     return None
 
 
-def quarantine(step_path: Path, reason: str) -> Path:
-    """Move a damaged step directory to $NANOCHAT_BASE_DIR/quarantine/<stage>_checkpoints/<tag>/.
+def quarantine(path: Path, reason: str) -> Path:
+    """Move a damaged step directory (or run file) of $NANOCHAT_BASE_DIR/<folder>/<tag>/ to
+    $NANOCHAT_BASE_DIR/quarantine/<folder>/<tag>/.
 
     Kept, never deleted: it may be the only copy of that step. One warning line names where it went.
     """
-    stage_path = step_path.parent
-    base_dir = stage_path.parent.parent
-    aside_dir = base_dir / QUARANTINE_DIR / stage_path.parent.name / stage_path.name
+    tag_dir = path.parent
+    base_dir = tag_dir.parent.parent
+    aside_dir = base_dir / QUARANTINE_DIR / tag_dir.parent.name / tag_dir.name
     aside_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    aside = aside_dir / f"{step_path.name}.{stamp}-{uuid.uuid4().hex[:6]}"
-    os.rename(step_path, aside)
-    fsync_dir(stage_path)
-    log.warning("checkpoint quarantined path=%s to=%s reason=%s", step_path, aside, reason)
+    aside = aside_dir / f"{path.name}.{stamp}-{uuid.uuid4().hex[:6]}"
+    os.rename(path, aside)
+    fsync_dir(tag_dir)
+    what = "checkpoint" if parse_step(path.name) is not None else "file"
+    log.warning("%s quarantined path=%s to=%s reason=%s", what, path, aside, reason)
     return aside
+
+
+def read_run_file(path: Path) -> dict[str, Any] | None:
+    """runs/<tag>/run.json (the run's ids, the SFT dataset's pin), or None if there is none.
+
+    A damaged one (torn, not an object, ids missing) is quarantined like a damaged checkpoint and None
+    returned: restore brings the Hub's copy back, the trainer rebuilds the ids from the checkpoint it resumes.
+    """
+    try:
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if isinstance(record, dict) and all(isinstance(record.get(key), str) for key in RUN_KEYS):
+        return record
+    quarantine(path, "not a JSON object with the run's ids")
+    return None
 
 
 def latest_or_quarantine(directory: Path, *, full_hash: bool = True) -> Checkpoint | None:
@@ -298,16 +394,20 @@ def new_tmp_dir(directory: Path, step: int) -> Path:
     return path
 
 
-def publish(tmp_dir: Path, step: int, **manifest_fields: Any) -> Checkpoint:
+def publish(tmp_dir: Path, step: int, finished: dict[str, dict[str, Any]] | None = None,
+            **manifest_fields: Any) -> Checkpoint:
     """fsync the files, write the manifest last, rename into place and fsync the parent.
 
-    Raises FileExistsError if a directory for this step already exists: a published checkpoint is
-    immutable, so two writers can never interleave files of one step.
+    `finished`: the entries (size, sha256) of files their writers already fsynced and hashed; call
+    this only once every writer has reported. Raises FileExistsError if a directory for this step already
+    exists: a published checkpoint is immutable, so two writers can never interleave files of one step.
     """
     for path in tmp_dir.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    write_manifest(tmp_dir, step, **manifest_fields)
+        if path.name not in (finished or {}):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    manifest = write_manifest(tmp_dir, step, finished, **manifest_fields)
+    check_files(tmp_dir, manifest)  # what is published must be complete: refused before it is visible
     return _rename_into_place(tmp_dir, step)
 
 

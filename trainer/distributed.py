@@ -3,8 +3,9 @@ optimizer state and updates it; gradients are reduced to the owners and the new 
 
 ZeRO-2 without DDP, as nanochat's optimizer does it, but sharded by parameter NAME: which rank owns what
 is a pure function of the names, their sizes and the world size (`assign_owners`), and the optimizer
-state stays a dict keyed by name, so a checkpoint is the same file on 1 or 8 GPUs and a run resumes on
-any GPU count. One process runs the same code with every collective skipped.
+state stays a dict keyed by name: each rank saves its own share and a run resumes on any GPU count, each
+rank reading the names it owns from whichever files hold them. One process runs the same code with every
+collective skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,6 +27,8 @@ from trainer.optim import HybridOptimizer
 # ---------------------------------------------------------------------------------------------------
 # Processes
 
+CHECKPOINT_EXCHANGE_TIMEOUT = timedelta(minutes=10)  # the longest a rank may take to write its files
+
 
 @dataclass
 class Dist:
@@ -32,6 +36,9 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
+    # A gloo group of its own for the checkpoint writer threads, which meet there while the training
+    # thread goes on with the default group (None with one process).
+    checkpoint_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -50,9 +57,12 @@ def init_distributed(device_flag: str) -> Dist:
         device = torch.device("cpu")
     if "TORCHELASTIC_RUN_ID" in os.environ:
         exit_when_orphaned()
+    checkpoint_group = None
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Dist(rank, local_rank, world_size, device)
+        # Bounded: a writer thread whose peer died must end (with an error), not hold the process open.
+        checkpoint_group = dist.new_group(backend="gloo", timeout=CHECKPOINT_EXCHANGE_TIMEOUT)
+    return Dist(rank, local_rank, world_size, device, checkpoint_group)
 
 
 def exit_when_orphaned(poll_s: float = 1.0) -> None:
@@ -169,37 +179,22 @@ class ShardedOptimizer:
         """The optimizer state this rank holds: its share, not the whole."""
         return sum(t.numel() * t.element_size() for t in self.optimizer.state.values())
 
-    # --- checkpoints: one name-keyed state dict, whatever the world size -----------------------------
+    # --- checkpoints: name-keyed state, each rank's share in a file of its own, any world size on load --
 
     def state_keys(self) -> list[str]:
         """Every state key of every rank, as a checkpoint holds them."""
         return self.optimizer.state_keys(self.params)
 
-    def gather_state(self) -> dict[str, torch.Tensor] | None:
-        """The state of every name, on rank 0 (None elsewhere; every rank must call it). The owners send
-        it one tensor at a time, each moved to the CPU on arrival, so rank 0's device never holds more
-        than its own share plus one tensor."""
-        state = self.optimizer.state_tensors()
-        d = self.d
-        if d.world_size == 1:
-            return state
-        full = dict(state) if d.is_main else None
-        # Gloo moves CPU tensors, NCCL device ones: the CPU step counters travel on the device.
-        for name, owner in self.owners.items():
-            if owner != 0 and d.is_main:
-                for key, fresh in self.optimizer.new_state(name).items():
-                    buffer = fresh.to(d.device)
-                    dist.recv(buffer, src=owner)
-                    full[key] = buffer.cpu()
-            elif owner == d.rank and not d.is_main:
-                for key in self.optimizer.state_keys([name]):
-                    dist.send(state[key].to(d.device), dst=0)
-        return full
+    def state_share(self) -> dict[str, torch.Tensor]:
+        """The state of the names this rank owns, keyed by name (the live tensors: the checkpointer copies
+        them before the next step). Each rank saves its own share, in parallel; no rank gathers."""
+        return self.optimizer.state_tensors()
 
     def load_state(self, saved_keys: Sequence[str],
                    load: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
-        """Restore this rank's share of a checkpoint's state: `saved_keys` is every key the file holds
-        (checked against every rank's), `load(keys)` reads just those keys into a dict of tensors."""
+        """Restore this rank's share of a checkpoint's state, whatever world size wrote it: `saved_keys` is
+        every key the checkpoint holds (checked against every rank's), `load(keys)` reads just those keys,
+        from whichever files hold them, into a dict of tensors."""
         expected = self.state_keys()
         missing, unexpected = sorted(set(expected) - set(saved_keys)), sorted(set(saved_keys) - set(expected))
         if missing or unexpected:

@@ -1,5 +1,5 @@
 """A run's checkpoints as the stage scripts use them: which one to resume from, how a rank's weights,
-optimizer share and RNG come back from it (on any world size), and how every rank's share goes into one.
+optimizer share and RNG come back from it (on any world size), and how every rank saves its share.
 
 The files themselves are written by trainer.checkpoint (async, atomic) in trainer.checkpoint_layout's
 layout; the refusals here are ConfigErrors, one line each.
@@ -7,7 +7,6 @@ layout; the refusals here are ConfigErrors, one line each.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -39,12 +38,20 @@ def find_resume_checkpoint(directory: Path, allow_fresh_start: bool) -> layout.C
     return ckpt
 
 
-def run_identity(base_dir: str | Path, model_tag: str) -> dict[str, str]:
-    """The run's ids (run id, W&B run id), created once per MODEL_TAG and kept on the volume."""
+def run_identity(base_dir: str | Path, model_tag: str,
+                 resumed: dict[str, Any] | None = None) -> dict[str, str]:
+    """The run's ids (run id, W&B run id), created once per MODEL_TAG and kept on the volume. A missing or
+    damaged file (quarantined) gets the ids of the checkpoint being resumed (`resumed`: its meta), else new
+    ones: a fresh run."""
     path = Path(base_dir) / "runs" / model_tag / "run.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    identity = {"run_id": uuid.uuid4().hex, "wandb_run_id": uuid.uuid4().hex[:12], "model_tag": model_tag}
+    identity = layout.read_run_file(path)
+    if identity is not None:
+        return identity
+    if resumed is not None:
+        identity = {"run_id": resumed["run_id"], "wandb_run_id": resumed["wandb_run_id"]}
+    else:
+        identity = {"run_id": uuid.uuid4().hex, "wandb_run_id": uuid.uuid4().hex[:12]}
+    identity["model_tag"] = model_tag
     layout.write_json_atomic(path, identity)
     return identity
 
@@ -97,12 +104,34 @@ def check_optimizer_recipe(ckpt: layout.Checkpoint, meta: dict[str, Any]) -> Non
                           f"start anew under another MODEL_TAG")
 
 
+def optimizer_state(ckpt: layout.Checkpoint
+                    ) -> tuple[list[str], Callable[[list[str]], dict[str, torch.Tensor]]]:
+    """(every optimizer state key the checkpoint holds, a reader of any subset of them), whichever files
+    and world size hold them: the per-rank shares, or the one gathered `optimizer.safetensors` of
+    checkpoints written before shares were saved in parallel."""
+    holder: dict[str, str] = {}
+    for name in sorted(ckpt.files):
+        if name.startswith("optimizer") and name.endswith(".safetensors"):
+            for key in tensor_names(ckpt, name):
+                if key in holder:
+                    raise ConfigError(f"{ckpt.path}: optimizer state {key} is in both {holder[key]} and "
+                                      f"{name}")
+                holder[key] = name
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name in sorted({holder[key] for key in keys}):
+            tensors.update(load_tensors(ckpt, name, [key for key in keys if holder[key] == name]))
+        return tensors
+
+    return list(holder), read
+
+
 def restore_trajectory(ckpt: layout.Checkpoint, meta: dict[str, Any], model: torch.nn.Module,
                        optimizer: ShardedOptimizer, d: Dist, seed: int) -> None:
     """Weights, this rank's share of the optimizer state and its RNG from a checkpoint, on any world size."""
     model.load_state_dict(load_tensors(ckpt, "model.safetensors"))
-    optimizer.load_state(tensor_names(ckpt, "optimizer.safetensors"),
-                         lambda keys: load_tensors(ckpt, "optimizer.safetensors", keys))
+    optimizer.load_state(*optimizer_state(ckpt))
     rng_tensors = load_tensors(ckpt, "rng.safetensors")
     if d.rank < meta["world_size"]:
         set_rng_state(meta["rng"][d.rank], {k.split(".", 1)[1]: v for k, v in rng_tensors.items()
@@ -116,9 +145,9 @@ def restore_trajectory(ckpt: layout.Checkpoint, meta: dict[str, Any], model: tor
 def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
                     optimizer: ShardedOptimizer, d: Dist, meta: Callable[[list[Any]], dict[str, Any]],
                     rank_state: Any = None) -> float:
-    """Every rank contributes its RNG (and `rank_state`) and the optimizer state it owns; rank 0 writes
-    (the weights are replicated). `meta` turns the ranks' states into the stage's metadata. Returns the
-    stall in seconds.
+    """Every rank writes the optimizer state it owns, in parallel, and contributes its RNG (and
+    `rank_state`) to rank 0, which also writes the weights (replicated) and the metadata; `meta` turns the
+    ranks' states into the stage's metadata. Returns the stall in seconds.
 
     Raises FencedStop on every rank, once this checkpoint is written, if the sidecar found that a newer
     launch took the run over (see trainer.fencing): training on here would only burn GPUs.
@@ -126,11 +155,19 @@ def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, mode
     rng_json, rng_tensors = rng_state()
     start = time.perf_counter()
     contributions = gather({"rng": rng_json, "rng_tensors": rng_tensors, "state": rank_state}, d)
-    optimizer_state = optimizer.gather_state()
     gather_s = time.perf_counter() - start
-    stall = gather_s
+    files = {layout.optimizer_share_name(d.rank, d.world_size): optimizer.state_share()}
+    full_meta = None
     if d.is_main:
-        stall += _write_checkpoint(checkpointer, step, done, model, optimizer_state, meta, contributions)
+        full_meta = {**meta([c["state"] for c in contributions]), "step": step,
+                     "world_size": len(contributions), "rng": [c["rng"] for c in contributions],
+                     "torch_version": torch.__version__, "optimizer_recipe": OPTIMIZER_RECIPE,
+                     "saved_at": time.time()}
+        files["model.safetensors"] = model.state_dict()
+        files["rng.safetensors"] = {f"rank{r}.{name}": tensor for r, c in enumerate(contributions)
+                                    for name, tensor in c["rng_tensors"].items()}
+    stall = gather_s + checkpointer.save(step, files, full_meta, done=done)
+    if d.is_main:
         log.info("checkpoint step=%d stall_ms=%.1f gather_ms=%.1f", step, stall * 1000, gather_s * 1000)
     # One small read on rank 0 per save, its verdict broadcast; the checkpoint is on disk before we stop.
     stage_dir = checkpointer.directory  # <base_dir>/<stage>_checkpoints/<model_tag>
@@ -139,17 +176,3 @@ def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, mode
         checkpointer.wait()
         raise fencing.FencedStop(fencing.fence_message(fence))
     return stall
-
-
-def _write_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, model: torch.nn.Module,
-                      optimizer_state: dict[str, torch.Tensor], meta: Callable[[list[Any]], dict[str, Any]],
-                      contributions: list[Any]) -> float:
-    full_meta = {**meta([c["state"] for c in contributions]), "step": step, "world_size": len(contributions),
-                 "rng": [c["rng"] for c in contributions], "torch_version": torch.__version__,
-                 "optimizer_recipe": OPTIMIZER_RECIPE,
-                 "saved_at": time.time()}
-    rng_file = {f"rank{r}.{name}": tensor for r, c in enumerate(contributions)
-                for name, tensor in c["rng_tensors"].items()}
-    files = {"model.safetensors": model.state_dict(), "optimizer.safetensors": optimizer_state,
-             "rng.safetensors": rng_file}
-    return checkpointer.save(step, files, full_meta, done=done)

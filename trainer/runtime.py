@@ -26,11 +26,13 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint_layout as layout
-from trainer import fencing
+from trainer import fencing, recovery
 from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError
 from trainer.data import DataError
 from trainer.distributed import Dist, init_distributed
 from trainer.out_of_memory import OUT_OF_MEMORY_EXIT_CODE, OutOfMemory
+from trainer.recovery import StartupClock
+from trainer.save_policy import parse_save_every
 
 log = logging.getLogger("phoenix.train")
 
@@ -77,8 +79,10 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
     cfg.compile = args.compile or "auto"
     cfg.allow_fresh_start = args.allow_fresh_start
     cfg.base_dir = str(Path(cfg.base_dir).expanduser())
-    if cfg.save_every <= 0:
-        raise ConfigError(f"SAVE_EVERY must be positive, got {cfg.save_every}")
+    try:
+        parse_save_every(cfg.save_every)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}: set SAVE_EVERY (or --save-every) to e.g. 250, or auto") from None
     return cfg
 
 
@@ -96,6 +100,7 @@ def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Di
         logging.getLogger(chatty).setLevel(logging.WARNING)  # one line per request drowns the step log
     try:
         cfg = parse(argv)
+        keep_compile_caches(cfg.base_dir)
         d = init_distributed(cfg.device)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -120,17 +125,35 @@ def stage_main(parse: Callable[[list[str] | None], Any], body: Callable[[Any, Di
 
 
 class StopSignal:
-    """SIGTERM/SIGINT (docker stop, preemption notice) set a flag the loop acts on after the step."""
+    """SIGTERM/SIGINT (docker stop, or `phoenix run` relaying a cloud's preemption notice) set a flag the
+    loop acts on after the step: an emergency checkpoint, then exit."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.requested_at: float | None = None  # time.time() of the first signal
+        self.reason = ""
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if not self.requested:
+            self.requested_at, self.reason = time.time(), signal.Signals(signum).name
         self.requested = True
         log.warning("received %s: will write an emergency checkpoint after this step",
                     signal.Signals(signum).name)
+
+    def report_saved(self, step: int, checkpointer: AsyncCheckpointer) -> None:
+        """The emergency save's one line: how long it took, and what was left of the preemption notice's
+        window (runs/<tag>/preemption.json) when it was published."""
+        now, timing = time.time(), checkpointer.timing
+        stage_dir = checkpointer.directory  # <base_dir>/<stage>_checkpoints/<model_tag>
+        deadline = recovery.notice_deadline(stage_dir.parent.parent, stage_dir.name)
+        since_stop = f"{now - self.requested_at:.2f}" if self.requested_at else "-"
+        left = f"{deadline - now:.1f}" if deadline else "-"
+        log.info("event=emergency_save step=%d reason=%s emergency_save_s=%.2f since_stop_s=%s "
+                 "deadline_left_s=%s %s", step, "preemption_notice" if deadline else self.reason,
+                 timing.get("total_s", 0.0), since_stop, left,
+                 " ".join(f"{k}={v:.2f}" for k, v in timing.items() if k != "total_s"))
 
 
 # On the CPU, compiling costs about a minute (inductor's C++ builds on 2 cores) and saves a few percent of
@@ -157,6 +180,31 @@ def compiles_update(compile_mode: str, device: torch.device, flops_per_token: fl
     return cpu_pays and compiles(compile_mode, device, flops_per_token)
 
 
+def keep_compile_caches(base_dir: str) -> None:
+    """inductor's cache (and Triton's, which inductor keeps inside it per GPU) on the volume, unless the
+    user chose a folder: a relaunch on the same volume loads the compiled kernels instead of compiling them
+    again. Importing torch._dynamo already set the variable to torch's default (/tmp/torchinductor_<user>,
+    lost with the instance), so that value counts as unset; inductor reads it at every compile."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        default = default_cache_dir()
+    except ImportError:
+        default = None
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(base_dir) / "cache" / "torchinductor")
+
+
+def compile_seconds() -> float:
+    """Wall seconds this process has spent compiling (dynamo and inductor, forward and backward)."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except (ImportError, AttributeError):  # a private API: without it the compile counts as the step
+        return 0.0
+
+
 def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: bool = False
                   ) -> tuple[torch.nn.Module, Any]:
     """(the module to train through, the autocast context): bf16 autocast on CUDA, torch.compile where
@@ -169,20 +217,24 @@ def compute_setup(model: torch.nn.Module, d: Dist, compile_mode: str, dynamic: b
     return train_model, autocast
 
 
-def agree(loss_sum: torch.Tensor, stop: StopSignal, checkpointer: AsyncCheckpointer, d: Dist
-          ) -> tuple[float, bool]:
-    """The one all-reduce per step: (sum of the ranks' losses, whether every rank must stop now).
+def agree(loss_sum: torch.Tensor, stop: StopSignal, checkpointer: AsyncCheckpointer, d: Dist,
+          save_due: bool) -> tuple[float, bool, bool]:
+    """The one all-reduce per step: (sum of the ranks' losses, whether every rank must stop now, whether
+    every rank saves now: rank 0's `save_due`, see trainer.save_policy).
 
-    A failed background checkpoint write on rank 0 stops every rank, instead of training on unprotected.
+    A failed background checkpoint write on any rank stops every rank, instead of training on unprotected.
     """
-    flags = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=d.device),
-                         torch.tensor(float(checkpointer.failed), device=d.device)])
+    flags = torch.tensor([float(stop.requested), float(checkpointer.failed), float(d.is_main and save_due)],
+                         device=d.device)
+    flags = torch.cat([loss_sum.float().reshape(1), flags])
     if d.world_size > 1:
         dist.all_reduce(flags)
     if flags[2].item() > 0:
-        checkpointer.poll()  # raises the write error on rank 0
-        raise CheckpointWriteError("a checkpoint write failed on rank 0 (see its log); stopping")
-    return flags[0].item(), flags[1].item() > 0
+        # The writer threads finish their exchanges first (the process group must outlive them), then the
+        # write error is raised where it happened and on rank 0, which publishes.
+        checkpointer.wait()
+        raise CheckpointWriteError("a checkpoint write failed on another rank (see rank 0's log); stopping")
+    return flags[0].item(), flags[1].item() > 0, flags[3].item() > 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,8 +259,14 @@ class StepReporter:
     """Rank 0's outputs per step: the nanochat-style log line, the metrics JSONL, the heartbeat, W&B."""
 
     def __init__(self, stage: str, base_dir: str, model_tag: str, d: Dist, flops_per_token: float,
-                 wandb_name: str, wandb_id: str, wandb_config: dict[str, Any]) -> None:
+                 wandb_name: str, wandb_id: str, wandb_config: dict[str, Any], startup: StartupClock,
+                 resumed: dict[str, Any] | None) -> None:
+        """startup: this process's clock since launch; resumed: the metadata of the checkpoint it resumed
+        from (None for a fresh start). Its first step logs the start-up and records the interruption."""
         self.stage = stage
+        self.base_dir, self.model_tag = base_dir, model_tag
+        self.startup, self.resumed = startup, resumed
+        self.compiled_before = compile_seconds()  # built just before the loop: what the first step adds
         self.enabled = d.is_main
         self.world_size = d.world_size
         self.flops_per_token = flops_per_token
@@ -222,6 +280,7 @@ class StepReporter:
         self.heartbeat = Heartbeat(logs_dir / f"heartbeat_{model_tag}.json")
         # Per-step numbers for `phoenix status` and the tests; kept open for the whole run.
         metrics_path = logs_dir / f"train_{stage}_{model_tag}.jsonl"
+        self.previous = recovery.last_logged_step(metrics_path) if self.enabled and resumed else None
         self.metrics = open(metrics_path, "a") if self.enabled else None  # noqa: SIM115
         self.first_step = True
         self.wandb = None
@@ -255,8 +314,10 @@ class StepReporter:
                  dt * 1000, f"{tok_per_sec:,.0f}", f"{mfu:.2f}" if mfu is not None else "-",
                  loop_state["train_time"] / 60)
         now = time.time()
-        if self.first_step and step > 1:  # this process resumed from the checkpoint of step - 1
-            self.metrics.write(json.dumps({"step": step - 1, "event": "resume", "time": now}) + "\n")
+        if self.first_step:
+            self._first_step(step, dt)
+            if self.resumed:  # this process resumed from the checkpoint of step - 1
+                self.metrics.write(json.dumps({"step": step - 1, "event": "resume", "time": now}) + "\n")
         self.first_step = False
         # Wall-clock time lets `phoenix report` line steps up with the sidecar's pushes (sync lag).
         self.metrics.write(json.dumps({"step": step, "loss": loss, "lrm": lrm, "dt": dt,
@@ -268,6 +329,19 @@ class StepReporter:
                             "train/mfu": mfu}, step=step)
         self.heartbeat.beat(step=step, num_iterations=num_iterations, stage=self.stage,
                             tok_per_sec=tok_per_sec)
+
+    def _first_step(self, step: int, dt: float) -> None:
+        """Launch to first step by phase; after a resume, the interruption's cost in the run's history."""
+        compiled = compile_seconds()
+        startup = self.startup.first_step(dt, compiled, compiled - self.compiled_before)
+        log.info("event=startup stage=%s step=%d %s", self.stage, step,
+                 " ".join(f"{key}={value:.2f}" for key, value in startup.items()))
+        if self.resumed:
+            record = recovery.interruption(self.stage, self.resumed, self.previous, startup, self.world_size)
+            recovery.append(self.base_dir, self.model_tag, record)
+            log.info("event=interruption stage=%s cause=%s resumed_step=%d steps_lost=%d lost_compute_s=%.1f "
+                     "gpu_s_lost=%.1f", self.stage, record["cause"], record["resumed_step"],
+                     record["steps_lost"], record["lost_compute_s"], record["gpu_s_lost"])
 
     def value(self, step: int, name: str, value: float) -> None:
         """An evaluation result, e.g. ("val_bpb", 0.81)."""

@@ -12,7 +12,6 @@ whose pieces it reuses.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -45,6 +44,7 @@ from trainer.distributed import Dist, ShardedOptimizer, broadcast
 from trainer.engine import Engine
 from trainer.gc_freeze import FrozenGC
 from trainer.model import build_model, config_from_dict
+from trainer.recovery import StartupClock, stage_history
 from trainer.resume import (
     check_horizon,
     check_optimizer_recipe,
@@ -65,6 +65,7 @@ from trainer.runtime import (
     config_from_flags,
     stage_main,
 )
+from trainer.save_policy import SaveSchedule
 from trainer.sft_schedule import INIT_LR_FRAC, SFT_SCHEDULE, set_sft_schedule
 from trainer.tokenizer import load_tokenizer, tokenizer_sha256
 from trainer.train import CPU_DEVICE_BATCH, PRESETS
@@ -99,7 +100,7 @@ class SFTConfig:
     sample_every: int = 100  # answer SAMPLE_QUESTIONS every this many steps and at the end; 0 = off
     eval_conversations: int = 1024  # held out: the last rows of the split
     seed: int = 42
-    save_every: int = 250
+    save_every: str = "250"  # steps between checkpoints, or auto (trainer.save_policy)
     keep_last: int = 3
     model_tag: str = "d26-hyperbolic"
     base_dir: str = "~/.cache/nanochat"
@@ -141,7 +142,7 @@ def sft_dataset_revision(cfg: SFTConfig) -> str | None:
     up), so a resumed or redeployed SFT reads the same data even after the dataset moves on. None when
     the Hub cannot say: loading then reports the problem, or falls back on the volume's cache."""
     path = Path(cfg.base_dir) / "runs" / cfg.model_tag / "run.json"
-    identity = json.loads(path.read_text()) if path.exists() else {}
+    identity = layout.read_run_file(path) or {}
     pin = identity.get("sft_dataset") or {}
     if pin.get("repo_id") == cfg.sft_dataset:
         return pin["revision"]
@@ -190,6 +191,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     base_dir = Path(cfg.base_dir)
     ckpt_dir = layout.stage_dir(base_dir, STAGE, cfg.model_tag)
     stop = StopSignal()
+    startup = StartupClock()
 
     # --- what to start from: our own latest checkpoint, else the finished base; decided on rank 0 -------
     decision: tuple[str | None, str | None] = (None, None)
@@ -199,6 +201,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         base_ckpt = None if ckpt else finished_base_checkpoint(base_dir, cfg.model_tag)
         decision = (str(ckpt.path) if ckpt else None, str(base_ckpt.path) if base_ckpt else None)
     resume_path, base_path = broadcast(decision, d)
+    startup.lap("restore_s")
     ckpt = layout.verify(Path(resume_path)) if resume_path else None
     meta = ckpt.meta() if ckpt else None
     if ckpt is not None and ckpt.done:
@@ -249,6 +252,7 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
         changed = sorted(k for k in data_identity if meta["data"].get(k) != data_identity[k])
         raise ConfigError(f"{ckpt.path} was trained on {meta['data']}; this run has {data_identity} (differs "
                           f"in {', '.join(changed)}): keep them to resume exactly")
+    startup.lap("data_s")
 
     # --- model, from the base weights or our checkpoint --------------------------------------------------
     try:
@@ -286,11 +290,15 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_loss": float("inf"), "train_time": 0.0}
     loader_state = None
-    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
+    # A lost run.json gets the base run's ids back (an SFT checkpoint holds base's W&B id + -sft).
+    resumed = {**meta, "wandb_run_id": meta["wandb_run_id"].removesuffix("-sft")} if meta else base_meta
+    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag, resumed) if d.is_main else None, d)
     # A W&B run of its own (steps restart at 0), with an id derived from the run's, stable across restarts.
     identity = {**identity, "wandb_run_id": f"{identity['wandb_run_id']}-sft"}
     if ckpt is not None:
+        startup.lap()
         restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
+        startup.lap("restore_s")
         step = meta["step"]
         loop_state = meta["loop_state"]
         loader_state = meta["loader"]
@@ -311,14 +319,17 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     device_batch_size = resolve_device_batch(STAGE, parse_device_batch(cfg.device_batch_size),
                                              CPU_DEVICE_BATCH.get(cfg.preset, 1),
                                              cfg.rows_per_step // d.world_size, trials, step)
+    startup.lap()
     loader = ChatLoader(fetch, num_train, tokenizer, cfg.rows_per_step, device_batch_size,
                         cfg.max_seq_len, d.rank, d.world_size, cfg.seed, loader_state)
     val_batches = eval_batches(fetch, range(num_train, len(dataset)), tokenizer, device_batch_size,
                                cfg.max_seq_len, d.rank, d.world_size)
+    startup.lap("data_s")
     reporter = StepReporter(STAGE, cfg.base_dir, cfg.model_tag, d, model.estimate_flops_per_token(),
                             f"{cfg.wandb_run}-sft" if cfg.wandb_run else "", identity["wandb_run_id"],
-                            wandb_config={**asdict(cfg), "base_step": origin["step"]})
-    checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, stage=STAGE, model_tag=cfg.model_tag,
+                            wandb_config={**asdict(cfg), "base_step": origin["step"]}, startup=startup,
+                            resumed=meta)
+    checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, d, stage=STAGE, model_tag=cfg.model_tag,
                                      run_id=identity["run_id"])
     log.info("sft dataset=%s split=%s conversations=%d train=%d held_out=%d horizon=%d steps of %d "
              "rows x %d world_size=%d device_batch=%d device=%s", cfg.sft_dataset, cfg.sft_split,
@@ -353,6 +364,8 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
     stop_now = False
     train_start = time.time() - loop_state["train_time"]
     gc_habit = FrozenGC()
+    saves = SaveSchedule(cfg.save_every, STAGE, step,
+                         lambda: stage_history(cfg.base_dir, cfg.model_tag, STAGE))
     # A CUDA out-of-memory ends the stage with its report (trainer.train's loop says why).
     with exit_on_out_of_memory(STAGE, device_batch_size, d.device, lambda: step + 1, checkpointer.wait):
         if step == 0 and evaluating:
@@ -380,21 +393,25 @@ def sft(cfg: SFTConfig, d: Dist) -> int:
             optimizer.step()
             optimizer.zero_grad()
             step += 1
-            train_loss, stop_now = agree(loss_sum, stop, checkpointer, d)
+            train_loss, stop_now, save_now = agree(loss_sum, stop, checkpointer, d, saves.due(step))
             loop_state["train_time"] = time.time() - train_start
-            reporter.step(step, num_iterations, train_loss, loop_state, lrm, time.perf_counter() - t0,
-                          counts[1].item())
+            dt = time.perf_counter() - t0
+            reporter.step(step, num_iterations, train_loss, loop_state, lrm, dt, counts[1].item())
+            saves.observe_step(dt)
             gc_habit.after_step(step)  # after the step's log line, as nanochat
             if evaluating and (step % cfg.eval_every == 0 or step == num_iterations):
                 evaluate()
             if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
                 sample()
-            if step % cfg.save_every == 0 or stop_now or step == num_iterations:
+            if save_now or stop_now or step == num_iterations:
                 # The final checkpoint is marked done: a relaunch skips the finished stage.
-                save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta)
+                stall = save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d,
+                                        stage_meta)
+                saves.saved(step, stall, checkpointer.timing.get("total_s", 0.0), loop_state["train_time"])
 
     checkpointer.wait()
     if stop_now:
+        stop.report_saved(step, checkpointer)
         log.info("emergency checkpoint published at step %d: exiting for resume", step)
     else:
         log.info("sft stage finished at step %d", step)

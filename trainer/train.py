@@ -42,6 +42,7 @@ from trainer.fp8 import convert_to_fp8, fp8_unavailable
 from trainer.gc_freeze import FrozenGC
 from trainer.model import GPT, build_model, config_for_depth, config_from_dict, fa3_attention
 from trainer.recipe import ASSUMED_MFU, REFERENCE_BATCH, REFERENCE_DEPTH, Plan, plan, scaling_params
+from trainer.recovery import StartupClock, stage_history
 from trainer.resume import (
     check_horizon,
     check_optimizer_recipe,
@@ -62,6 +63,7 @@ from trainer.runtime import (
     config_from_flags,
     stage_main,
 )
+from trainer.save_policy import SaveSchedule
 from trainer.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger("phoenix.train")
@@ -120,7 +122,7 @@ class TrainConfig:
     reference_depth: int = REFERENCE_DEPTH
     reference_batch_size: int = REFERENCE_BATCH
     seed: int = 42
-    save_every: int = 250
+    save_every: str = "250"  # steps between checkpoints, or auto (trainer.save_policy)
     keep_last: int = 3
     model_tag: str = "d26-hyperbolic"
     base_dir: str = "~/.cache/nanochat"
@@ -252,6 +254,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     if cfg.fp8 and (why := fp8_unavailable(d.device)):
         raise ConfigError(f"FP8=1 asks for FP8 training but {why}: unset FP8 (or --fp8 0) to train in bf16")
     stop = StopSignal()
+    startup = StartupClock()
 
     # --- what to resume from: decided once on rank 0 (hashing is not free), then broadcast -----------
     resume_path = None
@@ -261,6 +264,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     resume_path = broadcast(resume_path, d)
     ckpt = layout.verify(Path(resume_path)) if resume_path else None
     meta = ckpt.meta() if ckpt else None
+    startup.lap("restore_s")
     if ckpt is not None and ckpt.done:
         log.info("base stage already finished at step %d: nothing to do", ckpt.step)
         return 0
@@ -274,6 +278,7 @@ def train(cfg: TrainConfig, d: Dist) -> int:
         store = ShardStore(dataset_dir(base_dir, cfg.dataset_repo), cfg.dataset_repo, announce=False)
     tokenizer = load_tokenizer(base_dir / "tokenizer")
     tokenizer_sha = tokenizer_sha256(base_dir / "tokenizer")
+    startup.lap("data_s")
     if ckpt is not None:
         check_resume(cfg, ckpt, tokenizer_sha)
 
@@ -330,12 +335,14 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     step = 0
     loop_state = {"smooth_loss": 0.0, "min_val_bpb": float("inf"), "train_time": 0.0}
     lanes = None
-    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag) if d.is_main else None, d)
+    identity = broadcast(run_identity(cfg.base_dir, cfg.model_tag, meta) if d.is_main else None, d)
     if ckpt is not None:
         if meta["total_batch_size"] != total_batch_size or meta["max_seq_len"] != cfg.max_seq_len:
             raise ConfigError(f"{ckpt.path} was trained with total batch {meta['total_batch_size']} x seq "
                               f"{meta['max_seq_len']}; keep them to resume exactly")
+        startup.lap()
         restore_trajectory(ckpt, meta, model, optimizer, d, cfg.seed)
+        startup.lap("restore_s")
         step = meta["step"]
         loop_state = meta["loop_state"]
         lanes = lane_state(meta["loader"], ckpt.path)
@@ -352,15 +359,18 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                                              CPU_DEVICE_BATCH.get(cfg.preset, 1), per_rank, trials, step,
                                              divisors_only=True)
 
+    startup.lap()
     docs = DocumentSource(store, tokenizer, num_lanes, range(d.rank * per_rank, (d.rank + 1) * per_rank))
     loader = DistributedTokenLoader(docs, cfg.max_seq_len, device_batch_size, num_lanes, d.rank,
                                     d.world_size, lanes, pin_memory=d.device.type == "cuda")
     val_rows = validation_rows(store, tokenizer, cfg.max_seq_len, max(1, cfg.eval_tokens // cfg.max_seq_len))
+    startup.lap("data_s")
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=d.device)
     reporter = StepReporter(STAGE, cfg.base_dir, cfg.model_tag, d, model.estimate_flops_per_token(),
                             cfg.wandb_run, identity["wandb_run_id"],
-                            wandb_config={**asdict(cfg), "num_params": num_params})
-    checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, stage=STAGE, model_tag=cfg.model_tag,
+                            wandb_config={**asdict(cfg), "num_params": num_params}, startup=startup,
+                            resumed=meta)
+    checkpointer = AsyncCheckpointer(ckpt_dir, cfg.keep_last, d, stage=STAGE, model_tag=cfg.model_tag,
                                      run_id=identity["run_id"])
     log_plan(run_plan, num_params, model.estimate_flops_per_token(), step, loop_state["train_time"],
              reporter.peak, d.world_size)
@@ -394,6 +404,8 @@ def train(cfg: TrainConfig, d: Dist) -> int:
     train_start = time.time() - loop_state["train_time"]
     gc_habit = FrozenGC()
     timed_from: tuple[int, float] | None = None  # (step, time) after this process's first step
+    saves = SaveSchedule(cfg.save_every, STAGE, step,
+                         lambda: stage_history(cfg.base_dir, cfg.model_tag, STAGE))
     # A CUDA out-of-memory ends the stage with its report: `phoenix run` relaunches it with half the device
     # batch from the checkpoint the save in flight publishes.
     with exit_on_out_of_memory(STAGE, device_batch_size, d.device, lambda: step + 1, checkpointer.wait):
@@ -414,11 +426,13 @@ def train(cfg: TrainConfig, d: Dist) -> int:
             optimizer.step()
             optimizer.zero_grad()
             step += 1
-            loss_total, stop_now = agree(loss_sum, stop, checkpointer, d)
+            loss_total, stop_now, save_now = agree(loss_sum, stop, checkpointer, d, saves.due(step))
             loop_state["train_time"] = time.time() - train_start
             lrm = optimizer.groups[0].lr / optimizer.groups[0].initial_lr
-            reporter.step(step, num_iterations, loss_total / d.world_size, loop_state, lrm,
-                          time.perf_counter() - t0, total_batch_size)
+            dt = time.perf_counter() - t0
+            reporter.step(step, num_iterations, loss_total / d.world_size, loop_state, lrm, dt,
+                          total_batch_size)
+            saves.observe_step(dt)
             gc_habit.after_step(step)  # after the step's log line, as nanochat
             if timed_from is None:  # the first step pays for compilation and warm-up: time the next ones
                 timed_from = (step, time.perf_counter())
@@ -431,14 +445,16 @@ def train(cfg: TrainConfig, d: Dist) -> int:
                 evaluate()
             if sampler and (step % cfg.sample_every == 0 or step == num_iterations):
                 sample()
-            if step % cfg.save_every == 0 or stop_now or step == num_iterations:
+            if save_now or stop_now or step == num_iterations:
                 # The final checkpoint is marked done: a relaunch skips the finished stage.
-                save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d, stage_meta,
-                                rank_state=loader.state_dict())
+                stall = save_checkpoint(checkpointer, step, step == num_iterations, model, optimizer, d,
+                                        stage_meta, rank_state=loader.state_dict())
+                saves.saved(step, stall, checkpointer.timing.get("total_s", 0.0), loop_state["train_time"])
 
     checkpointer.wait()
     loader.close()
     if stop_now:
+        stop.report_saved(step, checkpointer)
         log.info("emergency checkpoint published at step %d: exiting for resume", step)
     else:
         log.info("base stage finished at step %d", step)

@@ -11,7 +11,12 @@ If the history is squashed while we read (the commit we pinned vanishes), or a b
 restore starts over on a fresh view, keeping what it staged. Every sha256 is checked against the manifest
 in staging (before downloading, also every size, against the store's listing), then
 `checkpoint_layout.publish_copy` publishes atomically, as the trainer does. A checkpoint that is corrupt
-or partial on the Hub is skipped, with a warning naming the file, for the one before it.
+or partial on the Hub is skipped, with a warning naming the file, for the one before it; a stage whose every
+checkpoint is so, with none on the volume, is an error (`Unservable`) rather than a silent fresh start.
+
+Whoever restores holds the run's lock (`phoenix run` has it; `phoenix restore` takes it, waiting for another
+restore, refusing a run), so no two writers ever share the staging files. Chat's weight fetch, outside the
+checkpoints, holds a lock of its own on `weights/`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -29,11 +35,12 @@ from pathlib import Path
 import click
 
 from entrypoint.hub.client import Hub
-from entrypoint.hub.config import GENERATION_FILE, TOKENIZER_PATH, HubConfig
+from entrypoint.hub.config import GENERATION_FILE, RUN_FILE, TOKENIZER_PATH, HubConfig
 from entrypoint.hub.errors import HubError, HubFatal, RepoMissing, RevisionGone
 from entrypoint.hub.repo_store import RepoStore
 from entrypoint.hub.store import CheckpointStore, StoredCheckpoint, StoreView
 from entrypoint.hub.stores import open_store
+from entrypoint.launch.volume import RESTORE_COMMAND, LockHeld, VolumeLock, lock_path
 from entrypoint.logs import kv, setup_hub_logging
 from trainer import checkpoint_layout as layout
 
@@ -49,12 +56,20 @@ class CorruptOnHub(HubError):
     """The Hub's copy of a checkpoint cannot be restored; the message names the file."""
 
 
-def restore(cfg: HubConfig | None = None, hub: Hub | None = None) -> dict[str, int | None]:
+class Unservable(HubError):
+    """The Hub lists checkpoints of a stage the volume has none of, and not one of them is intact. Waiting
+    will not mend them (the sidecar that pushed them is fenced off by this launch), and restoring nothing
+    would start the stage over under the old run's name."""
+
+
+def restore(cfg: HubConfig | None = None, hub: Hub | None = None,
+            fresh_start_ok: Collection[str] = ()) -> dict[str, int | None]:
     """Restore from the Hub what the volume lacks; return the latest complete local step per stage.
 
     Nothing is downloaded for a stage whose volume checkpoint is as new as the Hub's. Raises HubFatal
-    (credentials, repo id) and HubUnavailable (Hub unreachable after retries); the entrypoint decides
-    whether to start from the volume anyway.
+    (credentials, repo id), HubUnavailable (Hub unreachable after retries; the entrypoint decides whether to
+    start from the volume anyway) and Unservable, unless the stage is in `fresh_start_ok`. The caller holds
+    the run's lock.
     """
     cfg = cfg or HubConfig.from_env()
     if cfg.repo_id is None:
@@ -63,7 +78,7 @@ def restore(cfg: HubConfig | None = None, hub: Hub | None = None) -> dict[str, i
     store = open_store(cfg, hub)
     for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
         try:
-            return _restore_from_head(cfg, store)
+            return _restore_from_head(cfg, store, fresh_start_ok)
         except RevisionGone as exc:
             if attempt == SNAPSHOT_ATTEMPTS:
                 raise
@@ -73,7 +88,8 @@ def restore(cfg: HubConfig | None = None, hub: Hub | None = None) -> dict[str, i
     raise AssertionError("unreachable")
 
 
-def _restore_from_head(cfg: HubConfig, store: CheckpointStore) -> dict[str, int | None]:
+def _restore_from_head(cfg: HubConfig, store: CheckpointStore,
+                       fresh_start_ok: Collection[str]) -> dict[str, int | None]:
     try:
         view = store.view()
     except RepoMissing:
@@ -85,9 +101,10 @@ def _restore_from_head(cfg: HubConfig, store: CheckpointStore) -> dict[str, int 
             )
         )
         return _local_steps(cfg)
-    restored = False
+    restored = new_run = False
     for stage in layout.STAGES:
         local = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
+        corrupt: list[str] = []
         for stored in view.checkpoints[stage]:
             step = stored.step
             if local is not None and step <= local.step:
@@ -98,6 +115,7 @@ def _restore_from_head(cfg: HubConfig, store: CheckpointStore) -> dict[str, int 
                 restored = True
                 break
             except CorruptOnHub as exc:
+                corrupt.append(str(exc))
                 log.warning(
                     kv(
                         event="hub_checkpoint_corrupt",
@@ -107,7 +125,11 @@ def _restore_from_head(cfg: HubConfig, store: CheckpointStore) -> dict[str, int 
                         action="trying the previous checkpoint",
                     )
                 )
-    _restore_side_files(store, view, overwrite=restored)
+        else:
+            if corrupt and local is None:
+                _unservable(cfg, stage, corrupt, fresh_start_ok)
+                new_run |= stage == "base"
+    _restore_side_files(store, view, overwrite=restored, run_files=not new_run)
     staging_root = cfg.base_dir / STAGING_DIR
     if staging_root.is_dir() and not any(p.is_file() for p in staging_root.rglob("*")):
         shutil.rmtree(staging_root)  # keep partial downloads only: they are what a rerun resumes from
@@ -119,6 +141,19 @@ def _restore_from_head(cfg: HubConfig, store: CheckpointStore) -> dict[str, int 
         )
     )
     return steps
+
+
+def _unservable(cfg: HubConfig, stage: str, corrupt: list[str], fresh_start_ok: Collection[str]) -> None:
+    flag = "phoenix run -- --allow-fresh-start" if stage == "base" else "SFT_ARGS=--allow-fresh-start"
+    if stage not in fresh_start_ok:
+        raise Unservable(
+            f"the Hub holds {len(corrupt)} {stage} checkpoint(s) of MODEL_TAG={cfg.model_tag} and not one is "
+            f"intact ({corrupt[0]}), nor is there one on the volume: put an intact checkpoint back on the "
+            f"volume or the Hub, or start the {stage} stage over as a new run ({flag})"
+        )
+    over = "as a new run (new ids: the old run's files stay on the Hub)" if stage == "base" else "from base"
+    log.warning(kv(event="hub_checkpoint_unservable", stage=stage, checkpoints=len(corrupt),
+                   action=f"starting the {stage} stage over {over}, as {flag} allows"))
 
 
 def _local_steps(cfg: HubConfig) -> dict[str, int | None]:
@@ -219,29 +254,41 @@ def _publish(cfg: HubConfig, stage: str, staging: Path, manifest: dict) -> layou
     return layout.publish_copy(tmp, manifest, full_hash=False)
 
 
-def _restore_side_files(store: CheckpointStore, view: StoreView, *, overwrite: bool) -> None:
-    """Tokenizer and `runs/<tag>/` files (in the git repo, whatever the store): fetched when missing, or
-    replaced along with a restored checkpoint.
+def _restore_side_files(store: CheckpointStore, view: StoreView, *, overwrite: bool, run_files: bool) -> None:
+    """Tokenizer and (unless a new run starts) `runs/<tag>/` files, in the git repo whatever the store:
+    fetched when missing (a damaged run.json is quarantined, so missing), or replaced along with a restored
+    checkpoint.
 
     generation.json is left out: it is the fencing token, owned by `claim_generation`.
     """
     cfg, hub, snapshot = store.cfg, store.hub, view.snapshot
-    fetch = partial(_fetch, hub, partial(RepoStore(cfg, hub).fetch, view))
+    fetch = partial(RepoStore(cfg, hub).fetch, view)
     run_dir = cfg.run_path("")
-    paths = [TOKENIZER_PATH] + sorted(
-        p for p in snapshot.files if p.startswith(run_dir) and p != cfg.run_path(GENERATION_FILE)
-    )
+    run_paths = [p for p in snapshot.files if p.startswith(run_dir) and p != cfg.run_path(GENERATION_FILE)]
+    paths = [TOKENIZER_PATH] + (sorted(run_paths) if run_files else [])
     for path in paths:
         local = cfg.local(path)
         remote = snapshot.files.get(path)
+        if path == cfg.run_path(RUN_FILE) and remote is not None:
+            layout.read_run_file(local)  # a damaged one goes to quarantine: the Hub's copy replaces it
         if remote is None or (local.exists() and (not overwrite or snapshot.same(path, local))):
             continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        staged = local.with_name(f"{layout.TMP_PREFIX}{local.name}")
-        staged.unlink(missing_ok=True)
-        fetch(path, staged, remote.size)
-        os.replace(staged, local)
+        _fetch_whole(hub, fetch, path, local, remote.size)
         log.info(kv(event="restored_file", path=path, bytes=remote.size))
+
+
+def _fetch_whole(hub: Hub, fetch: Callable[[str, Path, int], None], path: str, local: Path,
+                 size: int) -> None:
+    """Download a small file under a name of its own, then rename it into place: a reader, or anyone else
+    fetching it (chat and a restore both bring the tokenizer), sees the old file or the new one."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    staged = local.with_name(f"{layout.TMP_PREFIX}{local.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        _fetch(hub, fetch, path, staged, size)
+        os.replace(staged, local)
+    finally:
+        for leftover in (staged, staged.with_name(staged.name + INCOMPLETE_SUFFIX)):
+            leftover.unlink(missing_ok=True)
 
 
 # Inference needs the weights and the model config, never the optimizer or RNG state.
@@ -255,7 +302,8 @@ def fetch_weights(cfg: HubConfig, hub: Hub | None = None) -> tuple[str, Path] | 
     The folder, `$NANOCHAT_BASE_DIR/weights/<stage>_checkpoints/<tag>/step_NNNNNN/`, holds MANIFEST.json,
     meta.json and model.safetensors, each sha256-checked against the manifest. It lies outside the
     checkpoint directories on purpose: without its optimizer it is not a complete checkpoint, and training
-    must never resume from it. A rerun resumes a cut download and reuses finished files. The tokenizer
+    must never resume from it. A rerun resumes a cut download and reuses finished files; two at once (two
+    chats) take turns on `weights/<tag>.lock`, the second finding what the first fetched. The tokenizer
     comes along if the volume lacks it. None when the Hub holds no checkpoint (or no repo).
     """
     store = open_store(cfg, hub)
@@ -263,6 +311,16 @@ def fetch_weights(cfg: HubConfig, hub: Hub | None = None) -> tuple[str, Path] | 
         view = store.view()
     except RepoMissing:
         return None
+    lock = VolumeLock(cfg.base_dir / WEIGHTS_DIR / f"{cfg.model_tag}.lock", command="phoenix chat")
+    lock.acquire(wait_for="phoenix chat")
+    try:
+        return _fetch_newest_weights(store, view)
+    finally:
+        lock.release()
+
+
+def _fetch_newest_weights(store: CheckpointStore, view: StoreView) -> tuple[str, Path] | None:
+    cfg = store.cfg
     for stage in reversed(layout.STAGES):  # the finished product first: SFT, then base
         for stored in view.checkpoints[stage]:
             try:
@@ -273,11 +331,8 @@ def fetch_weights(cfg: HubConfig, hub: Hub | None = None) -> tuple[str, Path] | 
                 continue
             tokenizer = cfg.local(TOKENIZER_PATH)
             if not tokenizer.exists() and TOKENIZER_PATH in view.snapshot.files:
-                tokenizer.parent.mkdir(parents=True, exist_ok=True)
-                staged = tokenizer.with_name(f"{layout.TMP_PREFIX}{tokenizer.name}")
-                _fetch(store.hub, partial(RepoStore(cfg, store.hub).fetch, view), TOKENIZER_PATH, staged,
-                       view.snapshot.files[TOKENIZER_PATH].size)
-                os.replace(staged, tokenizer)
+                _fetch_whole(store.hub, partial(RepoStore(cfg, store.hub).fetch, view), TOKENIZER_PATH,
+                             tokenizer, view.snapshot.files[TOKENIZER_PATH].size)
             return stage, folder
     return None
 
@@ -301,6 +356,11 @@ def _fetch_weight_files(store: CheckpointStore, view: StoreView, stored: StoredC
         if layout.sha256_file(local / name) != entry["sha256"]:
             (local / name).unlink()
             raise CorruptOnHub(f"{folder}/{name}: sha256 does not match the manifest")
+    try:
+        layout.check_meta(local / layout.META_NAME, manifest)  # what the chat reads of it
+    except layout.CheckpointInvalid as exc:
+        shutil.rmtree(local)
+        raise CorruptOnHub(str(exc)) from None
     for older in local.parent.iterdir():  # only the newest weights are worth their disk space
         if older != local:
             shutil.rmtree(older, ignore_errors=True)
@@ -313,11 +373,26 @@ def restore_command() -> None:
     """Restore the newest complete checkpoints from HF_REPO_ID (repo or bucket) if the volume lacks them."""
     cfg = HubConfig.from_env_or_exit()
     setup_hub_logging(cfg.base_dir / "logs" / "hf_restore.log")
+    if cfg.repo_id is None:
+        restore(cfg)
+        return
+    lock = VolumeLock(lock_path(cfg.base_dir, cfg.model_tag), command=RESTORE_COMMAND)
+    try:
+        lock.acquire(wait_for=RESTORE_COMMAND)
+    except LockHeld as exc:
+        click.echo(f"error: {exc.command} ({exc.description}) holds MODEL_TAG={cfg.model_tag} on this volume "
+                   "and restores what it needs by itself: stop it first to restore by hand", err=True)
+        sys.exit(2)
     try:
         restore(cfg)
+    except Unservable as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     except HubFatal as exc:
         log.error(kv(event="fatal", error=str(exc)))
         sys.exit(2)
     except HubError as exc:
         log.error(kv(event="restore_failed", error=str(exc)))
         sys.exit(1)
+    finally:
+        lock.release()

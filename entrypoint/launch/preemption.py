@@ -37,17 +37,12 @@ from entrypoint.launch.clouds import (
 )
 from entrypoint.logs import kv
 from trainer import checkpoint_layout as layout
-from trainer.fencing import run_dir
+from trainer.recovery import notice_path  # the trainer reads the notice's deadline from it too
 
 log = logging.getLogger("phoenix.run")
 
 WATCH_MODES = ("auto", "off", "aws", "gcp", "azure")
-NOTICE_FILE = "preemption.json"
 DEFAULT_POLL_S = {"aws": 5.0, "gcp": 1.0, "azure": 1.0}
-
-
-def notice_path(base_dir: str | Path, model_tag: str) -> Path:
-    return run_dir(base_dir, model_tag) / NOTICE_FILE
 
 
 def read_notice(base_dir: str | Path, model_tag: str) -> Notice | None:

@@ -195,7 +195,7 @@ def unwritable_folders(cfg: RunConfig) -> list[Path]:
     would otherwise surface only at the first save, SAVE_EVERY steps into the run."""
     base, tag = cfg.base_dir, cfg.model_tag
     folders = [base / name for name in ("logs", "runs", "tokenizer", "base_data", "sft_data", ".restore",
-                                        layout.QUARANTINE_DIR)] + [base / "runs" / tag]
+                                        "cache", layout.QUARANTINE_DIR)] + [base / "runs" / tag]
     step_folders = []
     for stage in layout.STAGES:
         directory = layout.stage_dir(base, stage, tag)

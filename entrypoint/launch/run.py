@@ -2,12 +2,12 @@
 
 In order: preflight (one line per problem, before any download or launch), an exclusive lock on the
 volume for MODEL_TAG, a generation on the Hub (claimed unless this volume's is already the newest),
-damaged checkpoints moved to quarantine, restore from the Hub when the volume lacks the latest
-checkpoint (waiting for the Hub rather than starting over when the volume has nothing to resume),
-tokenizer and first shards, then base pretraining and (RUN_SFT=1) SFT under torchrun, each skipped once
-its final checkpoint is marked done. SIGTERM/SIGINT, and a cloud's preemption notice (launch.preemption),
-go to the workers, which write an emergency checkpoint and exit 0. The trainer status file tells the
-sidecar when to do its last push.
+damaged checkpoints moved to quarantine; then, in a child process that a stop ends at once
+(entrypoint.launch.prepare), restore from the Hub when the volume lacks the latest checkpoint (waiting for
+the Hub rather than starting over when the volume has nothing to resume), tokenizer and first shards;
+then base pretraining and (RUN_SFT=1) SFT under torchrun, each skipped once its final checkpoint is marked
+done. SIGTERM/SIGINT, and a cloud's preemption notice (launch.preemption), go to the workers, which write
+an emergency checkpoint and exit 0. The trainer status file tells the sidecar when to do its last push.
 
 How a launch ends, for `restart: on-failure` (compose.yaml): exit 0 when finished, stopped, or held by
 the crash-loop guard (the same failure PHOENIX_MAX_FAILURES launches in a row with the same settings and
@@ -18,10 +18,12 @@ A stage that runs out of GPU memory is relaunched here, with half the device bat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,12 +37,20 @@ from entrypoint.hub.stores import claim_generation
 from entrypoint.launch.config import PreflightError, RunConfig, nproc_for
 from entrypoint.launch.preemption import start_watch
 from entrypoint.launch.preflight import gpu_inventory, preflight, visible_gpus
-from entrypoint.launch.prepare import volume_error
+from entrypoint.launch.prepare import EXIT_KINDS, HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, PHASES_ENV
 from entrypoint.launch.torchrun import Launcher, torchrun_command
-from entrypoint.launch.volume import DeviceBatchRecord, FailureLog, StatusFile, VolumeLock, node0_is_live
+from entrypoint.launch.volume import (
+    DeviceBatchRecord,
+    FailureLog,
+    LockHeld,
+    StatusFile,
+    VolumeLock,
+    lock_path,
+    node0_is_live,
+)
 from entrypoint.logs import kv, redact, setup_logging
 from trainer import checkpoint_layout as layout
-from trainer import fencing
+from trainer import fencing, recovery
 
 log = logging.getLogger("phoenix.run")
 
@@ -48,11 +58,10 @@ EXIT_CRASH, EXIT_ERROR = 1, 2
 # Kinds of failure whose cause a plain relaunch cannot change (they are in the checkpoint or the data,
 # not on the machine): a held guard refuses these outright; the others are cheap to check again.
 _REFUSED_KINDS = ("stage", "crash")
-HUB_WAIT_FIRST_S, HUB_WAIT_MAX_S, HUB_WAIT_TICK_S = 5.0, 300.0, 30.0
 
 
 class RunFailed(Exception):
-    """The launch ends on a failure. `kind`: preflight | volume | memory (the machine's) | stage
+    """The launch ends on a failure. `kind`: preflight | volume | hub | memory (the machine's) | stage
     (user-fixable) | crash."""
 
     def __init__(self, line: str, kind: str, printed: bool = False) -> None:
@@ -79,10 +88,6 @@ def volume_progress(cfg: RunConfig) -> str:
         ckpt = layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
         steps.append(f"{stage}={ckpt.step if ckpt else '-'}")
     return ",".join(steps)
-
-
-def volume_has_checkpoint(cfg: RunConfig) -> bool:
-    return any(layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag)) for stage in layout.STAGES)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,8 +134,12 @@ def _launch(cfg: RunConfig) -> int:
     problems = preflight(cfg)
     if problems:
         raise PreflightError("\n".join(problems))
-    lock = VolumeLock(cfg.base_dir / "runs" / cfg.model_tag / f"trainer.node{cfg.node_rank}.lock")
-    lock.acquire()
+    lock = VolumeLock(lock_path(cfg.base_dir, cfg.model_tag, cfg.node_rank))
+    try:
+        lock.acquire()  # waits for a `phoenix restore` to end
+    except LockHeld as exc:
+        raise PreflightError(f"another {exc.command} is training this MODEL_TAG on this volume "
+                             f"({exc.description}): stop it first, or use another MODEL_TAG") from None
     launcher = Launcher(_log_file())
     signal.signal(signal.SIGTERM, launcher.on_signal)
     signal.signal(signal.SIGINT, launcher.on_signal)
@@ -215,7 +224,10 @@ def _claim_until_it_lands(cfg: RunConfig, status: StatusFile, launcher: Launcher
 
 def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: VolumeLock) -> int:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(cfg.base_dir), "MODEL_TAG": cfg.model_tag,
-           "DEVICE": cfg.device}
+           "DEVICE": cfg.device, "RUN_SFT": str(int(cfg.run_sft))}
+    # This launch's own phases, handed to the first stage it starts, which then counts its time to first
+    # step from this process's start (trainer.recovery).
+    phases, launched = {"restore_s": 0.0, "data_s": 0.0}, recovery.process_start_time()
     if cfg.node_rank == 0:
         status.set(phase="verify")
         for stage in layout.STAGES:
@@ -223,17 +235,11 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             layout.latest_or_quarantine(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))
         if launcher.stop_requested:  # a stop (a preemption notice) before the restore: nothing to save
             return 0
-        if cfg.hub.repo_id:
-            status.set(phase="restore")
-            if not _restore_or_wait(cfg, launcher):
-                return 0
-        else:
+        if cfg.hub.repo_id or not stage_done(cfg, "base"):
+            status.set(phase="prepare")  # restore from the Hub, then the base stage's data
+            phases = _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
+        if not cfg.hub.repo_id:
             log.info("HF_REPO_ID not set: Hub sync and restore are off")
-        if launcher.stop_requested:
-            return 0
-        if not stage_done(cfg, "base"):
-            status.set(phase="prepare")
-            _prepare(cfg, launcher, lock, env, "base", cfg.train_args)
     nproc = nproc_for(cfg, visible_gpus())
     stages = [("base", "trainer.train", cfg.train_args)] + ([("sft", "trainer.sft", cfg.sft_args)]
                                                             if cfg.run_sft else [])
@@ -246,10 +252,13 @@ def _stages(cfg: RunConfig, launcher: Launcher, status: StatusFile, lock: Volume
             continue
         status.set(phase=stage)
         if stage == "sft" and cfg.node_rank == 0:
-            _prepare(cfg, launcher, lock, env, "sft", args)
+            phases["data_s"] += _prepare(cfg, launcher, lock, env, "sft", args)["data_s"]
             if launcher.stop_requested:
                 return 0
-        code = _launch_stage(cfg, launcher, lock, env, stage, module, nproc, args)
+        stage_env = env
+        if launched:  # the first stage of this launch; a later one counts from its own start
+            stage_env, launched = {**env, **recovery.launch_env(launched, **phases)}, 0.0
+        code = _launch_stage(cfg, launcher, lock, stage_env, stage, module, nproc, args)
         if launcher.stop_requested:
             return 0
         if fencing.fenced_by(cfg.base_dir, cfg.model_tag) is not None:
@@ -303,47 +312,20 @@ def _launch_stage(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dic
 
 
 def _prepare(cfg: RunConfig, launcher: Launcher, lock: VolumeLock, env: dict[str, str], stage: str,
-             args: list[str]) -> None:
-    """Resume check and data download in a child process: a stop ends it at once, an error is one line."""
+             args: list[str]) -> dict[str, float]:
+    """Restore (base), resume check and data download in a child process: a stop ends it at once, an error
+    is one line, and its exit code says how the crash-loop guard counts it. Returns its phase times."""
     command = [sys.executable, "-m", "entrypoint.launch.prepare", stage, "--preset", cfg.preset, *args]
-    code = launcher.run(command, env, lock, to_workers=False)
+    with tempfile.TemporaryDirectory(prefix="phoenix-prepare-") as tmp:
+        times = Path(tmp) / "phases.json"
+        code = launcher.run(command, {**env, PHASES_ENV: str(times)}, lock, to_workers=False)
+        phases = json.loads(times.read_text()) if times.is_file() else {"restore_s": 0.0, "data_s": 0.0}
     if code != 0 and not launcher.stop_requested:
         if launcher.error is not None:
-            raise RunFailed(launcher.error, "stage", printed=True)
+            raise RunFailed(launcher.error, EXIT_KINDS.get(code, "stage"), printed=True)
         crash = launcher.last_exception or f"preparing the {stage} stage failed (code {code})"
         raise RunFailed(crash, "crash")
-
-
-def _restore_or_wait(cfg: RunConfig, launcher: Launcher) -> bool:
-    """Restore from the Hub. With nothing on the volume to resume, a Hub that cannot be asked (or holds
-    checkpoints it cannot serve now) is waited for, with backoff: starting over from step 0 would later
-    publish a new run over the Hub's. Returns False when a stop came during the wait."""
-    from entrypoint.hub.restore import restore
-
-    wait = HUB_WAIT_FIRST_S
-    while True:
-        try:
-            restore(cfg.hub)
-            return True
-        except HubFatal:
-            raise
-        except OSError as exc:
-            if (line := volume_error(exc)) is None:
-                raise
-            raise RunFailed(f"restoring from the Hub into {cfg.base_dir}: {line}", "volume") from None
-        except HubError as exc:
-            if volume_has_checkpoint(cfg):
-                log.warning("Hub unreachable for restore (%s): continuing from the volume", redact(str(exc)))
-                return True
-            error = redact(str(exc))
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            log.warning(kv(event="hub_wait", retry_in_s=round(left), error=error,
-                           reason="the volume has nothing to resume and the Hub may hold the run: waiting "
-                                  "for it rather than starting over"))
-            if launcher.stopping.wait(min(left, HUB_WAIT_TICK_S)):
-                return False
-        wait = min(2 * wait, HUB_WAIT_MAX_S)
+    return phases
 
 
 def _evaluate_if_asked(cfg: RunConfig, stage: str, status: StatusFile) -> None:

@@ -23,7 +23,8 @@ from typing import Any
 import click
 
 from entrypoint.hub.config import TRAINER_STATUS_FILE
-from entrypoint.launch.config import PreflightError, RunConfig
+from entrypoint.launch.config import RunConfig
+from entrypoint.logs import kv
 from trainer import checkpoint_layout as layout
 from trainer.out_of_memory import OutOfMemory
 
@@ -33,28 +34,60 @@ FAILURES_FILE = "failures.json"
 DEVICE_BATCH_FILE = "device_batch.json"
 
 
-class VolumeLock:
-    """flock on the volume: the kernel drops it when its holder dies, so a stale lock is never a problem."""
+RESTORE_COMMAND = "phoenix restore"
 
-    def __init__(self, path: Path) -> None:
+
+def lock_path(base_dir: Path, model_tag: str, node_rank: int = 0) -> Path:
+    """The run's lock: whoever writes the checkpoints of MODEL_TAG on this node's volume holds it."""
+    return base_dir / "runs" / model_tag / f"trainer.node{node_rank}.lock"
+
+
+class LockHeld(Exception):
+    """Someone else holds the lock: `command` (e.g. "phoenix run") and `description` (pid, host, since)."""
+
+    def __init__(self, command: str, description: str) -> None:
+        super().__init__(f"{command} ({description})")
+        self.command, self.description = command, description
+
+
+class VolumeLock:
+    """flock on the volume: the kernel drops it when its holder dies, so a stale lock is never a problem.
+
+    The file names its holder: the command on the first line, pid, host and start on the second.
+    """
+
+    WAIT_LOG_S = 30.0
+
+    def __init__(self, path: Path, command: str = "phoenix run") -> None:
         self.path = path
+        self.command = command
         self._file: Any = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait_for: str = RESTORE_COMMAND) -> None:
+        """Take the lock. While `wait_for` holds it (a restore, which ends by itself), wait, saying so every
+        30 s; any other holder raises LockHeld."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 - held for the life of the run
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown holder"
-            handle.close()
-            raise PreflightError(f"another phoenix run is training this MODEL_TAG on this volume ({holder}): "
-                                 "stop it first, or use another MODEL_TAG") from None
+        said = -self.WAIT_LOG_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                command, _, description = handle.read().strip().partition("\n")
+                if command and command != wait_for:  # (no command yet: its holder is writing it)
+                    handle.close()
+                    raise LockHeld(command, description or "unknown holder") from None
+                if time.monotonic() - said >= self.WAIT_LOG_S:
+                    said = time.monotonic()
+                    log.info(kv(event="lock_wait", holder=command or "-", holder_is=description or "-",
+                                path=self.path))
+                time.sleep(0.5)
         handle.seek(0)
         handle.truncate()
         since = time.strftime("%Y-%m-%dT%H:%M:%S")
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+        handle.write(f"{self.command}\npid {os.getpid()} on {socket.gethostname()} since {since}")
         handle.flush()
         self._file = handle
 

@@ -9,7 +9,6 @@ task, and the run's W&B summary when WANDB_RUN is set. One process, one device (
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -145,8 +144,8 @@ def _to_wandb(base_dir: Path, model_tag: str, name: str, stage: str, results: di
     ended with training, and W&B drops values logged at an earlier step."""
     import wandb
 
-    run_file = base_dir / "runs" / model_tag / "run.json"
-    run_id = json.loads(run_file.read_text())["wandb_run_id"] if run_file.is_file() else None
+    identity = layout.read_run_file(base_dir / "runs" / model_tag / "run.json")
+    run_id = identity["wandb_run_id"] if identity else None
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "phoenix"), name=name, id=run_id,
                      resume="allow", mode=mode, dir=str(base_dir / "logs"))

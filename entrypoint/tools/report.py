@@ -2,8 +2,9 @@
 
 Reads logs/train_<stage>_<tag>.jsonl (a record per step: loss, tok/s, MFU, time; val bpb/loss records;
 a `resume` record where a process resumed), logs/phoenix_run.log (restores from the Hub),
-logs/hf_sync.log (the sidecar's pushes) and runs/<tag>/eval/*.json (phoenix eval). Writes
-runs/<tag>/report/report.md and its PNGs; needs no W&B, no GPU and no torch (matplotlib, Agg backend).
+logs/hf_sync.log (the sidecar's pushes), runs/<tag>/interruptions.jsonl (what each interruption cost)
+and runs/<tag>/eval/*.json (phoenix eval). Writes runs/<tag>/report/report.md and its PNGs; needs no
+W&B, no GPU and no torch (matplotlib, Agg backend).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import click
 
 from trainer import checkpoint_layout as layout
+from trainer import recovery
 
 _KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 _LOG_TIME = "%Y-%m-%dT%H:%M:%S"  # entrypoint.logs' datefmt (local time of the container, usually UTC)
@@ -177,6 +179,28 @@ def stage_section(series: StageSeries, pngs: list[Path]) -> list[str]:
     return [*lines, ""]
 
 
+def interruption_section(records: list[dict[str, Any]]) -> list[str]:
+    """Per interruption: steps lost, launch to first step by phase, GPU-seconds lost (trainer.recovery)."""
+    if not records:
+        return []
+    gpu_h = sum(r["gpu_s_lost"] for r in records) / 3600
+    lines = ["## Interruptions", "",
+             f"{len(records)} interruption{'s' if len(records) != 1 else ''}: "
+             f"{sum(r['steps_lost'] for r in records):,} steps lost, {gpu_h:.2f} GPU-hours lost (the lost "
+             "steps on the GPUs that ran them, plus each relaunch's time to its first step on all its GPUs).",
+             "",
+             "| when (UTC) | stage | cause | resumed at | reached | steps lost | launch to first step | "
+             "restore | tokenizer, shards | compile | first step | other | GPU-s lost |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["time"]))
+        lines.append(f"| {when} | {r['stage']} | {r['cause']} | {r['resumed_step']} | {r['reached_step']} | "
+                     f"{r['steps_lost']} | {r['launch_to_first_step_s']:.1f} s | {r['restore_s']:.1f} s | "
+                     f"{r['data_s']:.1f} s | {r['compile_s']:.1f} s | {r['first_step_s']:.1f} s | "
+                     f"{r['other_s']:.1f} s | {r['gpu_s_lost']:,.0f} |")
+    return [*lines, ""]
+
+
 def eval_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
@@ -212,6 +236,7 @@ def write_report(base_dir: Path, model_tag: str, out: Path | None = None
         lines += stage_section(series, pngs)
     if not stages:
         lines += ["No training steps logged yet.", ""]
+    lines += interruption_section(recovery.read(base_dir, model_tag))
     lines += eval_section(read_evals(run_dir))
     page = out / "report.md"
     tmp = page.with_suffix(".md.tmp")  # renamed over the page: a reader never sees half of it
