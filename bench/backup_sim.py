@@ -105,9 +105,10 @@ def save_checkpoint(base: Path, stage: str, step: int, nbytes: int, done: bool =
     """A published checkpoint of about `nbytes`: weights a third, optimizer state two thirds, random."""
     tmp = layout.new_tmp_dir(layout.stage_dir(base, stage, TAG), step)
     rng = np.random.default_rng([step, layout.STAGES.index(stage)])
-    for name, share in (("model.safetensors", 1 / 3), ("optim.safetensors", 2 / 3)):
+    for name, share in (("model.safetensors", 1 / 3), (layout.GATHERED_OPTIMIZER, 2 / 3)):
         save_file({"w": rng.random(max(1, int(nbytes * share) // 4), dtype=np.float32)}, str(tmp / name))
-    (tmp / "meta.json").write_text(f'{{"step": {step}}}')
+    save_file({"rank0.torch_cpu": np.zeros(8, dtype=np.uint8)}, str(tmp / "rng.safetensors"))
+    layout.write_json_atomic(tmp / layout.META_NAME, layout.blank_meta(step, stage))
     layout.publish(tmp, step, stage=stage, model_tag=TAG, done=done)
 
 

@@ -239,7 +239,7 @@ def test_a_full_account_is_one_clear_line_and_status_shows_it(hub, env) -> None:
     full = phoenix(env, "sync", "--once")
     assert full.returncode == 1 and "Traceback" not in full.stdout + full.stderr
     line = next(x for x in full.stdout.splitlines() if "event=sync_failed" in x)
-    assert "storage limit reached" in line and "HF_KEEP_LAST" in line and "bucket" in line
+    assert "storage limit reached" in line and "HF_KEEP_LAST" in line and "HF_STORAGE_LIMIT_GB" in line
     status = phoenix(env, "status").stdout
     assert "(checkpoints in the bucket)" in status and "hub storage: counted 0.00 GB" in status
     assert "storage limit reached" in status

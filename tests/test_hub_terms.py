@@ -22,7 +22,7 @@ from entrypoint.launch.config import RunConfig
 from entrypoint.launch.preflight import hub_problems, storage_problems
 from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
-from tests.helpers import SFT_DATASET_REPO, publish_chat_dataset
+from tests.helpers import SFT_DATASET_REPO, SYNTHETIC_FILES, fill_checkpoint, publish_chat_dataset
 from tests.test_bucket_store import FILES, bucket_env, bucket_paths, restore_on_empty_volume
 from tests.test_hub_storage import PHOENIX, TAG, cfg_of, digests, make_checkpoint
 from tests.test_sidecar_faults import lines_with, sidecar, sync_log
@@ -118,10 +118,10 @@ def test_a_full_account_backs_off_an_hour_and_never_hashes_a_checkpoint_again(hu
     refused = syncer.sync_once()
     assert not refused.ok and refused.backoff_s == 3600  # the loop waits an hour: storage is credited late
     assert "storage limit reached" in refused.errors[0] and "retried in an hour" in refused.errors[0]
-    assert len(hashed) == 3  # each file the manifest lists, checked against it once
-    assert syncer.sync_once().backoff_s == 3600 and len(hashed) == 3  # the retry reads nothing to hash
+    assert len(hashed) == len(SYNTHETIC_FILES)  # each file the manifest lists, checked against it once
+    assert syncer.sync_once().backoff_s == 3600 and len(hashed) == len(SYNTHETIC_FILES)  # nothing again
     hub.server.set_quota(hub.user, None)
-    assert syncer.sync_once().pushed == [("base", 1)] and len(hashed) == 3
+    assert syncer.sync_once().pushed == [("base", 1)] and len(hashed) == len(SYNTHETIC_FILES)
     # The sidecar process: one refused push, then nothing for the hour, whatever the interval.
     make_checkpoint(base, 2)
     hub.server.set_quota(hub.user, 1000)
@@ -228,7 +228,7 @@ def test_a_stop_says_whether_the_newest_can_go_up_and_never_leaves_it_looking_co
         wait_for(lambda: "event=push_done stage=base step=1" in sync_log(env), 60, "a measured push")
         big = layout.new_tmp_dir(layout.stage_dir(base, "base", TAG), 2)  # far larger than a grace allows
         (big / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}      " + bytes(32 << 20))
-        (big / "meta.json").write_text('{"step": 2}')
+        fill_checkpoint(big, 2)
         layout.publish(big, 2, stage="base", model_tag=TAG)
         held = hub.server.pause_next(f"/api/buckets/{env['HF_REPO_ID']}/batch", "POST")  # its upload stalls
         out = stop(proc)
