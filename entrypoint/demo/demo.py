@@ -1,11 +1,11 @@
 """`phoenix demo`: the whole story on a CPU, offline: train, die, lose the volume, come back, same numbers.
 
 A local Hub serves FineWeb-like shards (generated, or your own parquet folder); the tiny preset trains
-once uninterrupted. Then again with a sidecar pushing checkpoints to the local Hub through Xet (keeping
-the last 2, squashing the history to free the rest): the trainer is killed with SIGKILL and relaunched
+once uninterrupted. Then again with a sidecar pushing checkpoints to the local Hub's Storage Bucket through
+Xet (keeping the last 2; a delete frees storage at once): the trainer is killed with SIGKILL and relaunched
 (it resumes from the volume), then the whole instance is lost (trainer and sidecar killed, volume wiped)
 and a redeploy restores from the Hub and trains to the end. The demo prints the loss going down, tok/s,
-where each run resumed, the Hub's storage before and after pruning, and whether the runs ended
+where each run resumed, the storage the Hub counted at its peak and at the end, and whether the runs ended
 bit-identical.
 """
 
@@ -73,14 +73,15 @@ def _wait_for_push(log: Path, step: int, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def _squashes(log: Path) -> list[tuple[int, int]]:
-    """(before, after) bytes of each history squash the sidecar logged."""
-    found = []
+def _counted(log: Path) -> tuple[list[int], int]:
+    """The storage the Hub counted after each sync pass, and how many checkpoints the sidecar pruned."""
+    counted, pruned = [], 0
     for line in log.read_text().splitlines():
         fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        if fields.get("event") == "squashed" and fields["before_bytes"].isdigit():
-            found.append((int(fields["before_bytes"]), int(fields["after_bytes"])))
-    return found
+        pruned += fields.get("event") == "pruned"
+        if fields.get("event") == "pass_done" and fields.get("counted_bytes", "").isdigit():
+            counted.append(int(fields["counted_bytes"]))
+    return counted, pruned
 
 
 def _metrics(base: Path) -> list[dict]:
@@ -150,8 +151,7 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
         code, _ = _train(volume, env, steps, None)
         if code != 0:
             raise click.ClickException(f"the redeployed run failed (exit {code})")
-        squashes = _squashes(sidecar_log)
-        storage_now = hub.storage_used(CHECKPOINT_REPO)
+        counted, pruned = _counted(sidecar_log)
 
     metrics = _metrics(reference)
     same = _weights_sha(reference, steps) == _weights_sha(volume, steps)
@@ -161,10 +161,9 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
                f"(step {steps})")
     click.echo(f"  tok/s (median)  {statistics.median(m['tok_per_sec'] for m in metrics):,.0f} on CPU")
     click.echo(f"  reference run   {seconds:.1f} s including start-up")
-    if squashes:
-        before, after = max(b for b, _ in squashes), squashes[-1][1]
-        click.echo(f"  Hub storage     {before / 1e6:.1f} MB before pruning -> {after / 1e6:.1f} MB after "
-                   f"(HF_KEEP_LAST=2, {len(squashes)} squashes); now {storage_now / 1e6:.1f} MB")
+    if counted:
+        click.echo(f"  Hub storage     peak {max(counted) / 1e6:.1f} MB, {counted[-1] / 1e6:.1f} MB when the "
+                   f"instance was lost (HF_KEEP_LAST=2, {pruned} checkpoints pruned)")
     reference_losses = {m["step"]: m["loss"] for m in metrics}
     # The redeployed volume logs only the steps it ran itself (the old volume's logs were lost with it).
     same_losses = bool(resumed) and all(reference_losses.get(step) == loss for step, loss in resumed.items())

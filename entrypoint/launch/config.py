@@ -19,8 +19,8 @@ from entrypoint.hub.config import HubConfig
 # What a user may edit to fix a failed launch.
 FINGERPRINTED = ("MODEL_TAG", "PRESET", "DEVICE", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RUN_SFT",
                  "SAVE_EVERY", "KEEP_LAST", "DATASET_REPO", "FP8", "SFT_DATASET", "SFT_ARGS", "HF_REPO_ID",
-                 "HF_REPO_TYPE", "HF_ENDPOINT", "HF_TOKEN", "WANDB_RUN", "WANDB_MODE", "WANDB_PROJECT",
-                 "WANDB_API_KEY")
+                 "HF_REPO_TYPE", "HF_CHECKPOINT_STORE", "HF_BUCKET_ID", "HF_ENDPOINT", "HF_TOKEN",
+                 "WANDB_RUN", "WANDB_MODE", "WANDB_PROJECT", "WANDB_API_KEY")
 
 
 class PreflightError(Exception):
