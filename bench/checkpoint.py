@@ -33,12 +33,6 @@ from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
 
 
-def placeholder_meta(step: int) -> dict[str, Any]:
-    """A meta.json the checkpoint contract accepts (every key it asks for, blank), without a run behind it."""
-    blank = {key: kind() for key, kind in {**layout.META_KEYS, **layout.STAGE_META_KEYS["base"]}.items()}
-    return {**blank, "stage": "base", "step": step, "world_size": 1, "rng": [{}]}
-
-
 def measure_stall(depth: int, vocab_size: int, device: torch.device, root: Path, repeats: int = 3
                   ) -> dict[str, Any]:
     """Best of `repeats`: the sync save's time, the async stall, and the async background total."""
@@ -59,7 +53,7 @@ def measure_stall(depth: int, vocab_size: int, device: torch.device, root: Path,
 
         checkpointer = AsyncCheckpointer(root / "async", keep_last=1)
         start = time.perf_counter()
-        stalls.append(checkpointer.save(repeat + 1, files, placeholder_meta(repeat + 1)))
+        stalls.append(checkpointer.save(repeat + 1, files, layout.blank_meta(repeat + 1)))
         checkpointer.wait()
         totals.append(time.perf_counter() - start)
     shutil.rmtree(root / "async", ignore_errors=True)
@@ -89,7 +83,7 @@ def emergency_worker(depth: int, vocab_size: int, root: Path, repeats: int, resu
             dist.barrier()
         start = time.perf_counter()
         stalls.append(save_checkpoint(checkpointer, repeat + 1, False, model, optimizer, d,
-                                      lambda _ranks, step=repeat + 1: placeholder_meta(step)))
+                                      lambda _ranks, step=repeat + 1: layout.blank_meta(step)))
         checkpointer.wait()
         if d.world_size > 1:
             dist.barrier()  # every rank's part is in: the time a stopped run needs before it can exit

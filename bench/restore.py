@@ -41,12 +41,6 @@ SNAPSHOT = (
 )
 
 
-def meta_of(step: int) -> dict:
-    """A meta.json the checkpoint contract accepts (every key it asks for, blank), without a run behind it."""
-    blank = {key: kind() for key, kind in {**layout.META_KEYS, **layout.STAGE_META_KEYS["base"]}.items()}
-    return {**blank, "stage": "base", "step": step, "world_size": 1, "rng": [{}]}
-
-
 def build_volume(base: Path, mb: int, checkpoints: int) -> None:
     """Checkpoints of `mb` MB each: a third weights, two thirds optimizer state, like AdamW."""
     rng = np.random.default_rng(0)
@@ -56,7 +50,7 @@ def build_volume(base: Path, mb: int, checkpoints: int) -> None:
             data = np.frombuffer(rng.bytes(int(mb * MB * share)), dtype=np.uint8)
             save_file({"data": data}, str(tmp / name))
         save_file({"rank0.torch_cpu": np.full(16, i, dtype=np.uint8)}, str(tmp / "rng.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta_of(250 * i)))
+        (tmp / "meta.json").write_text(json.dumps(layout.blank_meta(250 * i)))
         layout.publish(tmp, 250 * i, stage="base", model_tag=TAG)
     (base / "tokenizer").mkdir(parents=True)
     (base / "tokenizer" / "tokenizer.json").write_text(json.dumps({"vocab": list(range(65536))}))

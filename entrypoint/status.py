@@ -4,18 +4,21 @@ then what the run's interruptions cost (trainer.recovery)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import Any
 
 import click
 
+from entrypoint.hub.budget import Budget, plan_peak
 from entrypoint.hub.config import HubConfig
 from entrypoint.hub.errors import HubError
+from entrypoint.hub.store import StoreView, counted_bytes
 from entrypoint.hub.stores import open_store
 from entrypoint.launch.volume import FailureLog
 from entrypoint.logs import is_number, is_step_record, read_json, read_records, redact
-from entrypoint.sidecar.sync import hub_keeps
+from entrypoint.sidecar.sync import due
 from trainer import checkpoint_layout as layout
 from trainer import recovery
 
@@ -32,44 +35,51 @@ def _heartbeat(cfg: HubConfig) -> dict[str, Any]:
 
 
 def _quota_error(cfg: HubConfig) -> str | None:
-    """The sidecar's last storage-limit error, unless a pass succeeded after it (from its log file)."""
+    """The sidecar's last storage problem (the Hub full or locked, a push waiting for storage credit),
+    unless a pass pushed everything after it (from its log file)."""
     try:
         lines = (cfg.base_dir / "logs" / "hf_sync.log").read_text(errors="replace").splitlines()[-500:]
     except FileNotFoundError:
         return None
     error = None
     for line in lines:
-        if "storage limit" in line.lower():
+        if any(sign in line.lower() for sign in ("storage limit", "locked this account", "push_deferred")):
             error = line.split(" phoenix.sync ", 1)[-1].strip()
-        elif "event=pass_done ok=True" in line:
+        elif "event=pass_done ok=True" in line and "deferred=0" in line:
             error = None
     return error
 
 
+def _storage(cfg: HubConfig, view: StoreView, budget: Budget) -> dict[str, Any]:
+    """What the Hub counts and will count once credits land, and the most it will count during the run at
+    these settings (a checkpoint's size from the volume, else from the Hub)."""
+    sizes = [c.total_bytes for stage in layout.STAGES
+             for c in layout.complete_checkpoints(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))[:1]]
+    sizes += [counted_bytes(c) for stage in layout.STAGES for c in view.checkpoints[stage][:1]]
+    run_sft = os.environ.get("RUN_SFT", "1").strip() != "0"
+    return budget.as_dict(plan_peak(cfg, max(sizes), run_sft) if sizes else None)
+
+
 def _not_synced(cfg: HubConfig, stage: str, local: list[int], hub_steps: list[int] | None) -> list[int]:
-    """Local checkpoints the sidecar still has to push: missing on the Hub and kept once pushed, newest
-    first, as the sidecar does (an older one is pruned from the Hub on purpose, not waiting)."""
+    """Local checkpoints the sidecar still has to push, as it chooses them (`sync.due`): the newest, or every
+    one with HF_KEEP_LAST=all (an older one is left out on purpose, not waiting)."""
     if hub_steps is None:
         return []
-    on_hub, waiting = set(hub_steps), []
-    for step in sorted((s for s in local if s not in on_hub), reverse=True):
-        if step in hub_keeps(cfg, stage, on_hub | {step}):
-            on_hub.add(step)
-            waiting.append(step)
-    return sorted(waiting)
+    waiting = due(cfg, stage, local, set(hub_steps))
+    return sorted(waiting if cfg.keep_last is None else waiting[:1])
 
 
 def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
     """Everything `phoenix status` shows, as plain data."""
     report: dict[str, Any] = {"model_tag": cfg.model_tag, "base_dir": str(cfg.base_dir),
-                              "repo_id": cfg.repo_id, "hub_error": None, "hub_storage_bytes": None,
+                              "repo_id": cfg.repo_id, "hub_error": None, "hub_storage": None,
                               "hub_quota_error": _quota_error(cfg), "stages": {}}
     view = None
     if with_hub and cfg.repo_id:
         try:
             store = open_store(cfg)
             view = store.view()
-            report["hub_storage_bytes"] = store.used_storage()  # as the Hub bills it (a repo: its history)
+            report["hub_storage"] = _storage(cfg, view, Budget.of(cfg, *store.storage(view)))
         except HubError as exc:
             report["hub_error"] = redact(str(exc))
     heartbeat = _heartbeat(cfg)
@@ -131,11 +141,15 @@ def status_command(as_json: bool, no_hub: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
-    storage = report["hub_storage_bytes"]
-    where = "bucket" if cfg.repo_type == "bucket" else "hub"  # a bucket's storage is its size, no history
-    click.echo(f"run {report['model_tag']} on {report['base_dir']}  {where} {report['repo_id'] or 'off'}"
-               + (f"  storage {storage / 1e9:.2f} GB" if storage is not None else "")
+    storage = report["hub_storage"]
+    where = "bucket" if cfg.in_bucket else "repo"
+    click.echo(f"run {report['model_tag']} on {report['base_dir']}  hub {report['repo_id'] or 'off'} "
+               f"(checkpoints in the {where})"
                + (f"  (hub unreachable: {report['hub_error']})" if report["hub_error"] else ""))
+    if storage is not None:
+        gb = {k: "-" if v is None else f"{v / 1e9:.2f} GB" for k, v in storage.items()}
+        click.echo(f"hub storage: counted {gb['counted']}, settled {gb['settled']} once credited, projected "
+                   f"peak {gb['projected_peak']}, limit {gb['limit']}")
     if report["hub_quota_error"]:
         click.echo(f"hub storage limit hit: {report['hub_quota_error']}")
     click.echo(f"{'stage':6} {'local':>8} {'hub':>8} {'unsynced':>9} {'ckpt age':>9} {'step':>8} "

@@ -51,8 +51,7 @@ def tiny_job(hub, tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
 
 def checkpoint_meta(step: int, stage: str = "base", **extra: Any) -> dict[str, Any]:
     """A meta.json the checkpoint contract accepts (each key it asks for, blank): synthetic checkpoints."""
-    blank = {key: kind() for key, kind in {**layout.META_KEYS, **layout.STAGE_META_KEYS[stage]}.items()}
-    return {**blank, "stage": stage, "step": step, "world_size": 1, "rng": [{}], **extra}
+    return {**layout.blank_meta(step, stage), **extra}
 
 
 # What a synthetic checkpoint holds: the required files and the optimizer state in one gathered file.

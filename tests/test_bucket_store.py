@@ -1,4 +1,4 @@
-"""Checkpoints in a Storage Bucket (HF_REPO_TYPE=bucket): bounded storage, kills, partial uploads, fencing."""
+"""Checkpoints in a Storage Bucket (the default): bounded storage, kills, partial uploads, fencing."""
 
 from __future__ import annotations
 
@@ -15,16 +15,31 @@ from entrypoint.hub.stores import claim_generation, open_store
 from entrypoint.sidecar.sync import Syncer
 from entrypoint.status import collect
 from tests.helpers import SYNTHETIC_FILES
-from tests.test_hub_storage import PHOENIX, TAG, cfg_of, kill_sync_while_held, make_checkpoint, same_files
+from tests.test_hub_storage import (
+    PHOENIX,
+    TAG,
+    cfg_of,
+    kill_sync_while_held,
+    make_checkpoint,
+    same_files,
+    with_quota,
+)
 from tests.test_sync import sidecar_env
 from trainer import checkpoint_layout as layout
 
 FILES = len(SYNTHETIC_FILES) + 1  # per checkpoint in the bucket, MANIFEST.json included
 
 
+def bucket_env(hub, tmp_path: Path) -> dict[str, str]:
+    """A sidecar's environment with the defaults: checkpoints in a bucket of the repo's id."""
+    env = sidecar_env(hub, tmp_path) | {"HF_KEEP_LAST": "2"}
+    del env["HF_CHECKPOINT_STORE"]
+    return env
+
+
 @pytest.fixture
 def env(hub, tmp_path: Path) -> dict[str, str]:
-    return sidecar_env(hub, tmp_path) | {"HF_REPO_TYPE": "bucket", "HF_KEEP_LAST": "2"}
+    return bucket_env(hub, tmp_path)
 
 
 def volume(env: dict[str, str]) -> Path:
@@ -68,20 +83,22 @@ def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, e
     base = volume(env)
     make_checkpoint(base, 10)
     quota = 3 * folder_bytes(base, 10) + 64  # HF_KEEP_LAST + 1; manifests of later steps differ by bytes
-    hub.server.set_quota(hub.user, quota)
-    syncer = Syncer(cfg_of(env))
+    env = with_quota(hub, env, quota)
+    syncer, pushed = Syncer(cfg_of(env)), []
     for step in range(10, 40):  # 30 checkpoints
         if step > 10:
             make_checkpoint(base, step)
         layout.prune(layout.stage_dir(base, "base", TAG), keep_last=3)  # the trainer's own retention
         if step % 6 not in (0, 1, 3):
-            continue  # the sidecar fell behind (a slow upload): the next pass catches up on 2 or 3 new ones
+            continue  # the sidecar fell behind (a slow upload): the next pass finds 2 or 3 new ones
         result = syncer.sync_once()
         assert result.ok, result.errors  # no 403: each push is pruned at once, and deletes free storage
-        assert bucket_steps(env) == [step, step - 1]
+        assert result.pushed == [("base", step)] and not result.deferred  # the newest, every pass
+        pushed.append(step)
+        assert bucket_steps(env) == pushed[:-3:-1]
         assert hub.server.bucket_size(env["HF_REPO_ID"]) <= quota
     assert not [r for r in hub.server.request_log if r.status == 403]
-    assert collect(cfg_of(env))["hub_storage_bytes"] == hub.server.bucket_size(env["HF_REPO_ID"])  # status
+    assert collect(cfg_of(env))["hub_storage"]["counted"] == hub.server.bucket_size(env["HF_REPO_ID"])
     assert len(bucket_paths(hub, env)) == 2 * FILES  # two checkpoints: nothing left behind
     volume_after, step = restore_on_empty_volume(env, tmp_path, "redeployed", cli=True)
     assert step == 39 and same_files(base, volume_after, 39)
@@ -159,12 +176,13 @@ def test_partial_or_damaged_checkpoints_in_the_bucket_are_never_restored(hub, en
     upload(2, [*data, layout.MANIFEST_NAME], {"model.safetensors": flipped})
     volume_after, step = restore_on_empty_volume(env, tmp_path, "redeployed")
     assert step == 1 and same_files(base, volume_after, 1)
-    # The sidecar deletes the manifest-less files and the checkpoint that lacks a file it has, pushes both
-    # again, and prunes the rest.
+    # The sidecar deletes the checkpoint that lacks a file the volume's copy has, pushes the newest again
+    # over its manifest-less files, and prunes the oldest. Step 2 looks whole by its sizes: only a restore
+    # can tell its sha256 is wrong, and it falls back from it.
     layout.prune(stage_dir, keep_last=2)
     result = Syncer(cfg_of(env)).sync_once()
-    assert result.ok and result.pushed == [("base", 4), ("base", 3)], result.errors
-    assert bucket_steps(env) == [4, 3] and len(bucket_paths(hub, env)) == 2 * FILES
+    assert result.ok and result.pushed == [("base", 4)] and result.pruned == [("base", 1)], result.errors
+    assert bucket_steps(env) == [4, 2] and len(bucket_paths(hub, env)) == 2 * FILES
 
 
 def digests(base: Path, step: int) -> dict[str, str]:
@@ -176,12 +194,12 @@ def test_a_fenced_generation_cannot_become_the_restored_checkpoint(hub, env, tmp
     from tests.test_sync import make_checkpoint as make_other_checkpoint
 
     old_env = env
-    new_env = sidecar_env(hub, tmp_path / "new") | {k: env[k] for k in ("HF_REPO_TYPE", "HF_KEEP_LAST")}
+    new_env = bucket_env(hub, tmp_path / "new")
     old, new = cfg_of(old_env), cfg_of(new_env)
     assert claim_generation(old) == 1
     for step in (1, 2):
         make_checkpoint(volume(old_env), step)
-    assert Syncer(old).sync_once().ok
+        assert Syncer(old).sync_once().ok
     make_checkpoint(volume(old_env), 3)
     # The old instance's sidecar checks the claim and sends step 3's manifest; the VM is paused right then
     # (SIGSTOP, the request held). Meanwhile a redeploy elsewhere claims generation 2. It wakes up, and its
@@ -221,7 +239,8 @@ def test_a_full_account_is_one_clear_line_and_status_shows_it(hub, env) -> None:
     full = phoenix(env, "sync", "--once")
     assert full.returncode == 1 and "Traceback" not in full.stdout + full.stderr
     line = next(x for x in full.stdout.splitlines() if "event=sync_failed" in x)
-    assert "storage limit reached" in line and "HF_KEEP_LAST" in line and "bucket" in line
+    assert "storage limit reached" in line and "HF_KEEP_LAST" in line and "HF_STORAGE_LIMIT_GB" in line
     status = phoenix(env, "status").stdout
-    assert f"bucket {env['HF_REPO_ID']}  storage 0.00 GB" in status and "storage limit reached" in status
+    assert "(checkpoints in the bucket)" in status and "hub storage: counted 0.00 GB" in status
+    assert "storage limit reached" in status
     assert bucket_steps(env) == []

@@ -57,6 +57,10 @@ USER_DEFAULTS = {
     "HF_PRIVATE": "true",
     "HF_SYNC_INTERVAL": "1200",
     "HF_KEEP_LAST": "2",
+    "HF_CHECKPOINT_STORE": "bucket",
+    "HF_BUCKET_ID": "",
+    "HF_STORAGE_LIMIT_GB": "100",
+    "HF_SQUASH_CREDIT_HOURS": "36",
     "WANDB_RUN": "",
     "WANDB_API_KEY": "",
 }
@@ -186,6 +190,14 @@ def test_stop_grace_periods_leave_time_for_the_emergency_checkpoint_and_the_fina
     config = merged("compose.yaml")
     assert seconds(service(config, "trainer")["stop_grace_period"]) >= 5 * 60
     assert seconds(service(config, "sidecar")["stop_grace_period"]) >= 5 * 60
+
+
+def test_xet_runs_fast_on_the_sidecar_and_caches_on_the_volume() -> None:
+    config = merged("compose.yaml")
+    sidecar, trainer = environment(service(config, "sidecar")), environment(service(config, "trainer"))
+    assert sidecar["HF_XET_HIGH_PERFORMANCE"] == "1"  # the final push races the stop grace period
+    for env in (sidecar, trainer):  # both move checkpoints through Xet: its cache survives the container
+        assert env["HF_XET_CACHE"].startswith(BASE_DIR + "/")
 
 
 def test_restart_policies_resume_a_crash_but_not_a_finished_run() -> None:

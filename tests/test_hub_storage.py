@@ -27,9 +27,6 @@ from trainer import checkpoint_layout as layout
 TAG = "d26-hyperbolic"
 PHOENIX = [sys.executable, "-c", "from entrypoint.cli import main; main()"]
 CKPT_BYTES = 64 * 1024
-# Why a test must fail while the Hub credits a squash late (`credit_delayed`); issue 18 item 2 changes it.
-PRUNED_STILL_COUNTS = ("the repo store prunes by squashing and pushes on at once, into a quota that counts "
-                       "the pruned checkpoints until the credit lands: 403")
 
 
 def make_checkpoint(base: Path, step: int, stage: str = "base", done: bool = False) -> layout.Checkpoint:
@@ -65,12 +62,13 @@ def restore_on_empty_volume(env: dict[str, str], tmp_path: Path, name: str) -> t
     return volume, latest.step if latest else None
 
 
-def same_files(a: Path, b: Path, step: int) -> bool:
-    def digests(base: Path) -> dict[str, str]:
-        folder = layout.stage_dir(base, "base", TAG) / layout.step_dir_name(step)
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+def digests(base: Path, step: int) -> dict[str, str]:
+    folder = layout.stage_dir(base, "base", TAG) / layout.step_dir_name(step)
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
-    return digests(a) == digests(b)
+
+def same_files(a: Path, b: Path, step: int) -> bool:
+    return digests(a, step) == digests(b, step)
 
 
 def head_lfs_bytes(env: dict[str, str]) -> int:
@@ -82,57 +80,79 @@ def hub_steps(env: dict[str, str], stage: str) -> list[int]:
     return Hub(cfg_of(env)).snapshot().complete_steps(cfg_of(env), stage)
 
 
-@pytest.mark.credit_delayed(fails=PRUNED_STILL_COUNTS)
-def test_thirty_checkpoints_with_keep_last_2_fit_a_three_checkpoint_quota(hub, env, tmp_path) -> None:
+def with_quota(hub, env: dict[str, str], nbytes: int) -> dict[str, str]:
+    """The account's storage capped at `nbytes` on the Hub, and the sidecar told so (HF_STORAGE_LIMIT_GB)."""
+    hub.server.set_quota(hub.user, nbytes)
+    return env | {"HF_STORAGE_LIMIT_GB": str(nbytes / 1e9)}
+
+
+def refusals(hub) -> list[int]:
+    return [r.status for r in hub.server.request_log if r.status in (403, 429)]
+
+
+@pytest.mark.credit_delayed
+def test_thirty_checkpoints_with_keep_last_2_never_pass_a_three_checkpoint_quota(hub, env, tmp_path,
+                                                                                 credit_delay) -> None:
     base = Path(env["NANOCHAT_BASE_DIR"])
     make_checkpoint(base, 1)
-    quota = 3 * checkpoint_bytes(base, 1)  # HF_KEEP_LAST + 1: the small files are not LFS, they cost nothing
-    hub.server.set_quota(hub.user, quota)
-    syncer = Syncer(cfg_of(env))
+    # HF_KEEP_LAST + 1: the small files are not LFS, they cost nothing.
+    env = with_quota(hub, env, quota := 3 * checkpoint_bytes(base, 1))
+    syncer, pushed, made = Syncer(cfg_of(env)), [], {1: digests(base, 1)}
     for step in range(1, 31):
         if step > 1:
             make_checkpoint(base, step)
+            made[step] = digests(base, step)
         layout.prune(layout.stage_dir(base, "base", TAG), keep_last=3)  # the trainer's own retention
         if step % 6 not in (0, 1, 3):
-            continue  # the sidecar fell behind (a slow upload): the next pass catches up on 2 or 3 new ones
+            continue  # the sidecar fell behind (a slow upload): the next pass finds 2 or 3 new ones
         result = syncer.sync_once()
-        assert result.ok, result.errors  # a pass pushing two prunes and squashes after each: no 403
-        assert hub_steps(env, "base") == ([step, step - 1] if step > 1 else [1])
-        assert hub.server.storage_used(env["HF_REPO_ID"]) <= quota
-    assert not [r for r in hub.server.request_log if r.status == 403]
-    assert collect(cfg_of(env))["hub_storage_bytes"] == head_lfs_bytes(env) <= quota  # `phoenix status`
+        assert result.ok, result.errors
+        assert result.pushed + result.deferred == [("base", step)]  # the newest, now or once it fits
+        pushed += [s for _, s in result.pushed]
+        assert hub_steps(env, "base") == sorted(pushed[-2:], reverse=True)
+        assert hub.server.storage_used(env["HF_REPO_ID"]) <= quota  # what the Hub counts, credited or not
+    assert refusals(hub) == []  # the budget waits for the credit instead of being refused
+    # Credited at once, every pass pushes; credited an hour later, the third push fills the quota until then.
+    assert pushed == ([1, 3, 6] if credit_delay else [s for s in range(1, 31) if s % 6 in (0, 1, 3)])
+    storage = collect(cfg_of(env))["hub_storage"]  # `phoenix status`
+    assert storage["counted"] == hub.server.storage_used(env["HF_REPO_ID"]) <= quota
+    assert storage["settled"] == head_lfs_bytes(env) == 2 * quota // 3
     volume, step = restore_on_empty_volume(env, tmp_path, "redeployed")
-    assert step == 30 and same_files(base, volume, 30)
+    assert step == pushed[-1] and digests(volume, step) == made[step]  # bitwise, though long pruned here
 
 
-@pytest.mark.credit_delayed(fails=PRUNED_STILL_COUNTS)
-def test_a_finished_base_stage_keeps_only_its_final_checkpoint_while_sft_runs(hub, env, tmp_path) -> None:
+@pytest.mark.credit_delayed
+def test_a_finished_base_stage_keeps_only_its_final_checkpoint_while_sft_runs(hub, env, tmp_path,
+                                                                              credit_delay) -> None:
     base = Path(env["NANOCHAT_BASE_DIR"])
     for step in (1, 2, 3):
         make_checkpoint(base, step)
-    hub.server.set_quota(hub.user, 4 * checkpoint_bytes(base, 1))  # 1 base + HF_KEEP_LAST + 1 SFT
+    env = with_quota(hub, env, 4 * checkpoint_bytes(base, 1))  # 1 base + HF_KEEP_LAST + 1 SFT
     syncer = Syncer(cfg_of(env))
-    assert syncer.sync_once().pushed == [("base", 3), ("base", 2)]
+    assert syncer.sync_once().pushed == [("base", 3)]  # the newest only: 2 would cost an upload for nothing
     make_checkpoint(base, 4, done=True)  # the final one: restore and SFT need nothing older
     result = syncer.sync_once()
-    assert result.ok and result.pushed == [("base", 4)]
-    assert sorted(result.pruned) == [("base", 2), ("base", 3)]
+    assert result.ok and result.pushed == [("base", 4)] and result.pruned == [("base", 3)]
     assert hub_steps(env, "base") == [4]
     assert hub.server.storage_settled(env["HF_REPO_ID"]) == checkpoint_bytes(base, 4)  # squashed at once
     assert collect(cfg_of(env))["stages"]["base"]["not_synced"] == []  # `phoenix status`: 1-3 are not due
-    for new in ([1, 2], [3], [4, 5]):  # SFT checkpoints, one pass catching up on two
+    for new in ([1, 2], [3], [4, 5]):  # SFT checkpoints, one pass finding two
         for step in new:
             make_checkpoint(base, step, stage="sft")
         result = syncer.sync_once()
         assert result.ok, result.errors
-        assert result.pushed == [("sft", step) for step in reversed(new)]  # older base ones never return
-        assert hub_steps(env, "base") == [4] and hub_steps(env, "sft") == [new[-1], new[-1] - 1]
-    assert not [r for r in hub.server.request_log if r.status == 403]
-    assert restore(cfg_of(env, NANOCHAT_BASE_DIR=str(tmp_path / "redeployed"))) == {"base": 4, "sft": 5}
+        assert result.pushed + result.deferred == [("sft", new[-1])]  # older base ones never return
+        assert hub_steps(env, "base") == [4]
+    # Credited at once: SFT keeps its last 2. Credited later: base 3 still counts, so 4 checkpoints are
+    # counted once SFT 2 and 3 are up, and SFT 5 waits for the credit.
+    assert hub_steps(env, "sft") == ([3, 2] if credit_delay else [5, 3])
+    assert refusals(hub) == []
+    expected = {"base": 4, "sft": 3 if credit_delay else 5}
+    assert restore(cfg_of(env, NANOCHAT_BASE_DIR=str(tmp_path / "redeployed"))) == expected
 
 
-@pytest.mark.credit_delayed(fails=PRUNED_STILL_COUNTS)
-def test_a_prune_left_unsquashed_is_squashed_before_the_next_push(hub, env) -> None:
+@pytest.mark.credit_delayed
+def test_a_prune_left_unsquashed_is_squashed_before_the_next_push(hub, env, credit_delay) -> None:
     base = Path(env["NANOCHAT_BASE_DIR"])
     for step in (1, 2, 3):
         make_checkpoint(base, step)
@@ -140,16 +160,22 @@ def test_a_prune_left_unsquashed_is_squashed_before_the_next_push(hub, env) -> N
     make_checkpoint(base, 4)
     hub.server.fail_next(status=400, path_contains="/super-squash/")  # the squash after the prune fails
     failed = Syncer(cfg_of(env)).sync_once()
-    assert not failed.ok and sorted(failed.pruned) == [("base", 1), ("base", 2)]
+    assert not failed.ok and failed.pushed == [("base", 4)]
+    assert sorted(failed.pruned) == [("base", 1), ("base", 2)]  # in the push's own commit
     assert hub.server.storage_used(env["HF_REPO_ID"]) == 4 * checkpoint_bytes(base, 1)  # history holds all
     # Pushing first would take the history to 5 checkpoints; squashing first needs room for 3.
-    hub.server.set_quota(hub.user, 4 * checkpoint_bytes(base, 1))
+    env = with_quota(hub, env, 4 * checkpoint_bytes(base, 1))
     make_checkpoint(base, 5)
     result = Syncer(cfg_of(env)).sync_once()
-    assert result.ok and result.pushed == [("base", 5)], result.errors
-    assert hub_steps(env, "base") == [5, 4]
+    assert result.ok, result.errors
     settled = hub.server.storage_settled(env["HF_REPO_ID"])
-    assert settled == head_lfs_bytes(env) == 2 * checkpoint_bytes(base, 1)
+    if credit_delay:  # the squash is credited an hour later: until then 5 waits, and the Hub keeps 4 and 3
+        assert result.deferred == [("base", 5)] and hub_steps(env, "base") == [4, 3]
+        assert settled == head_lfs_bytes(env) == 2 * checkpoint_bytes(base, 1)
+    else:
+        assert result.pushed == [("base", 5)] and hub_steps(env, "base") == [5, 4]
+        assert settled == head_lfs_bytes(env) == 2 * checkpoint_bytes(base, 1)
+    assert refusals(hub) == []
 
 
 def test_without_pruning_the_quota_answers_the_hubs_403(hub, env) -> None:

@@ -107,28 +107,40 @@ def test_failed_pass_keeps_the_loop_alive_and_the_retry_pushes(hub, env) -> None
     assert len(lines_with(out, "event=sync_failed")) == 1 and "Traceback" not in out
 
 
-@pytest.mark.parametrize("answers_429", [1, 2])
-def test_429_with_retry_after_3600_does_not_hold_a_stop(hub, env, answers_429: int) -> None:
+def commits(hub) -> list[int]:
+    """Statuses of every commit request so far."""
+    log = hub.server.request_log
+    return [r.status for r in log if r.method == "POST" and r.path.endswith("/commit/main")]
+
+
+def test_commit_quota_waits_between_passes_up_to_an_hour_and_never_holds_a_stop(hub, env) -> None:
     make_checkpoint(base_dir(env), 250)
-    hub.server.fail_next(answers_429, status=429, path_contains="/commit/", retry_after=3600)
-    proc = sidecar(env | {"HF_SYNC_INTERVAL": "3600"}, "--grace-seconds", "60")
+    make_checkpoint(base_dir(env), 500)
+    hub.server.set_commit_quota(1, window_s=5)  # a short window: its Retry-After is waited in the call
+    assert phoenix(env, "sync", "--once").returncode == 0 and hub_steps(hub, env) == [250, 500]
+    assert commits(hub) == [200, 429, 200]  # HF_KEEP_LAST=all: both in one pass
+
+    make_checkpoint(base_dir(env), 750)
+    hub.server.set_commit_quota(0, window_s=3600)  # the Hub's hourly quota, spent
+    proc = sidecar(env, "--grace-seconds", "60")  # HF_SYNC_INTERVAL=1
     try:
-        wait_for(lambda: "event=hub_retry" in sync_log(env), 30, "the 429")
-        assert "wait_s=300.0 retry_after=3600.0" in sync_log(env)  # capped
-        proc.send_signal(signal.SIGTERM)  # docker compose stop
-        out, _ = proc.communicate(timeout=30)  # not 300 s, not 3600 s
+        wait_for(lambda: "event=sync_failed" in sync_log(env), 30, "the 429")
+        time.sleep(3)  # three sync intervals: the Hub asked for an hour, so no pass tries again
+        assert commits(hub)[-1] == 429 and commits(hub).count(429) == 2
+        proc.send_signal(signal.SIGTERM)  # docker compose stop: the final push could not be made in time
+        out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    if answers_429 == 1:  # the final push goes through
-        assert proc.returncode == 0, out
-        assert hub_steps(hub, env) == [250]
-    else:  # a second 429 in the final push: 300 s would overrun the grace period, so it gives up
-        assert proc.returncode == 1, out
-        assert "no time left to retry" in lines_with(out, "event=sync_failed")[-1]
-        assert hub_steps(hub, env) == []
-        assert phoenix(env, "sync", "--once").returncode == 0  # nothing lost: the next sidecar pushes it
-        assert hub_steps(hub, env) == [250]
-    assert "Traceback" not in out
+    assert proc.returncode == 1, out
+    failed = lines_with(out, "event=sync_failed")
+    assert len(failed) == 1 and "error_type=RateLimited" in failed[0] and "retry_in_s=3600" in failed[0]
+    assert "hourly quotas for action: commit" in failed[0]
+    skipped = lines_with(out, "event=final_push_skipped")
+    assert len(skipped) == 1 and "hub_wait_s=35" in skipped[0] and "Traceback" not in out
+    assert hub_steps(hub, env) == [250, 500]
+    hub.server.set_commit_quota(None)
+    assert phoenix(env, "sync", "--once").returncode == 0  # nothing lost: the next sidecar pushes it
+    assert hub_steps(hub, env) == [250, 500, 750]
 
 
 def test_bad_token_idles_with_one_line_instead_of_a_restart_loop(hub, env) -> None:

@@ -41,7 +41,8 @@ def env(hub, tmp_path: Path) -> dict[str, str]:
 
 
 def sidecar_env(hub, tmp_path: Path) -> dict[str, str]:
-    """A sidecar's environment and a volume holding a tokenizer and the run's identity."""
+    """A sidecar's environment and a volume holding a tokenizer and the run's identity; checkpoints go into
+    the git repo (test_bucket_store.py covers the default, a bucket)."""
     base = tmp_path / "volume"
     (base / "tokenizer").mkdir(parents=True)
     (base / "tokenizer" / "tokenizer.json").write_text('{"model": "bpe"}')
@@ -52,6 +53,8 @@ def sidecar_env(hub, tmp_path: Path) -> dict[str, str]:
         "HF_REPO_ID": f"{hub.user}/phoenix-ckpt",
         "HF_SYNC_INTERVAL": "1",
         "HF_KEEP_LAST": "all",  # tests of pruning set their own
+        "HF_CHECKPOINT_STORE": "repo",
+        "HF_SQUASH_CREDIT_HOURS": str(hub.server.credit_delay_s / 3600),  # as late as this Hub credits
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -167,8 +170,10 @@ def test_hub_down_then_up_loop_keeps_running_and_catches_up(hub, env) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    try:
-        time.sleep(2.5)
+    log = base_dir(env) / "logs" / "hf_sync.log"
+    try:  # however long the process takes to start on a loaded machine, it meets the outage
+        wait_for(lambda: log.is_file() and "event=hub_retry" in log.read_text(), 60, "a retry in the outage")
+        time.sleep(1)
         assert proc.poll() is None, "the sidecar must survive a Hub outage"
         hub.server.down = False
         wait_for(lambda: 250 in hub_steps(hub, env), 30, "the sidecar to catch up")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from trainer.data import DataError
+from trainer.data import DataError, gated
 from trainer.packing import BestFitPacker, Position
 from trainer.tokenizer import Tokenizer
 
@@ -56,7 +56,9 @@ def load_chat_dataset(repo_id: str, split: str, cache_dir: Path, revision: str |
 
     try:
         ds = datasets.load_dataset(repo_id, split=split, cache_dir=str(cache_dir), revision=revision)
-    except DatasetNotFoundError:
+    except DatasetNotFoundError as exc:  # `datasets` words a gated one as not found, saying "gated"
+        if "gated" in str(exc).lower():
+            raise DataError(gated(repo_id, "SFT_DATASET")) from None
         raise DataError(f"SFT dataset {repo_id!r} not found on the Hub: set SFT_DATASET (or --sft-dataset) "
                         "to a dataset with a `messages` column") from None
     except ConnectionError as exc:

@@ -274,6 +274,13 @@ def optimizer_state_problem(names: Iterable[str]) -> str | None:
     return "optimizer state (one gathered file or every rank's share)"
 
 
+def blank_meta(step: int, stage: str = "base") -> dict[str, Any]:
+    """A meta.json this contract accepts, every key blank: for benches and tests that write checkpoints
+    without a run behind them."""
+    blank = {key: kind() for key, kind in {**META_KEYS, **STAGE_META_KEYS[stage]}.items()}
+    return {**blank, "stage": stage, "step": step, "world_size": 1, "rng": [{}]}
+
+
 def check_meta(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """meta.json, or CheckpointInvalid unless it holds every key a resume reads, typed as written, for the
     manifest's step and stage."""

@@ -40,6 +40,12 @@ class DataError(RuntimeError):
     """A data problem the user must fix (bad repo id, no shards reachable, data exhausted)."""
 
 
+def gated(repo_id: str, variable: str) -> str:
+    """A gated dataset is a read problem: someone has to accept its conditions, no retry can help."""
+    return (f"dataset repo {repo_id!r} is gated and HF_TOKEN may not read it yet: accept its conditions on "
+            f"its Hub page with the account of HF_TOKEN, or set {variable} to another dataset")
+
+
 class ShardStore:
     """The dataset's parquet shards on the volume, downloaded from the Hub on first use."""
 
@@ -92,7 +98,7 @@ class ShardStore:
     def _list_remote(self) -> list[str] | None:
         """The Hub's shard names, or None when the Hub cannot be asked (unreachable, HF_HUB_OFFLINE=1)."""
         from huggingface_hub import HfApi, constants
-        from huggingface_hub.errors import RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
         if constants.HF_HUB_OFFLINE:
             self._offline_reason = "HF_HUB_OFFLINE=1"
@@ -102,6 +108,8 @@ class ShardStore:
             try:
                 files = HfApi().list_repo_files(self.repo_id, repo_type="dataset")
                 break
+            except GatedRepoError:
+                raise DataError(gated(self.repo_id, "DATASET_REPO")) from None
             except RepositoryNotFoundError:
                 raise DataError(f"dataset repo {self.repo_id!r} not found on the Hub: set DATASET_REPO to a "
                                 "dataset with shard_NNNNN.parquet files") from None
@@ -144,6 +152,7 @@ class ShardStore:
 
     def _download(self, name: str) -> Path:
         from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import GatedRepoError
 
         if constants.HF_HUB_OFFLINE:
             raise DataError(f"{name} is not in {self.data_dir} and HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE or "
@@ -154,6 +163,8 @@ class ShardStore:
                 # local_dir downloads go to a .incomplete file first and are renamed when whole.
                 return Path(hf_hub_download(self.repo_id, name, repo_type="dataset",
                                             local_dir=self.data_dir))
+            except GatedRepoError:  # retrying cannot help: someone has to accept the dataset's conditions
+                raise DataError(gated(self.repo_id, "DATASET_REPO")) from None
             except Exception as exc:  # retried: 5xx, resets, timeouts
                 last_error = exc
                 log.warning("shard download failed name=%s attempt=%d error=%s", name, attempt + 1,

@@ -1,11 +1,11 @@
 """`phoenix demo`: the whole story on a CPU, offline: train, die, lose the volume, come back, same numbers.
 
 A local Hub serves FineWeb-like shards (generated, or your own parquet folder); the tiny preset trains
-once uninterrupted. Then again with a sidecar pushing checkpoints to the local Hub through Xet (keeping
-the last 2, squashing the history to free the rest): the trainer is killed with SIGKILL and relaunched
+once uninterrupted. Then again with a sidecar pushing checkpoints to the local Hub's Storage Bucket through
+Xet (keeping the last 2; a delete frees storage at once): the trainer is killed with SIGKILL and relaunched
 (it resumes from the volume), then the whole instance is lost (trainer and sidecar killed, volume wiped)
 and a redeploy restores from the Hub and trains to the end. The demo prints the loss going down, tok/s,
-where each run resumed, the Hub's storage before and after pruning, and whether the runs ended
+where each run resumed, the storage the Hub counted at its peak and at the end, and whether the runs ended
 bit-identical.
 """
 
@@ -73,14 +73,15 @@ def _wait_for_push(log: Path, step: int, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def _squashes(log: Path) -> list[tuple[int, int]]:
-    """(before, after) bytes of each history squash the sidecar logged."""
-    found = []
+def _counted(log: Path) -> tuple[list[int], int]:
+    """The storage the Hub counted after each sync pass, and how many checkpoints the sidecar pruned."""
+    counted, pruned = [], 0
     for line in log.read_text().splitlines():
         fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        if fields.get("event") == "squashed" and fields["before_bytes"].isdigit():
-            found.append((int(fields["before_bytes"]), int(fields["after_bytes"])))
-    return found
+        pruned += fields.get("event") == "pruned"
+        if fields.get("event") == "pass_done" and fields.get("counted_bytes", "").isdigit():
+            counted.append(int(fields["counted_bytes"]))
+    return counted, pruned
 
 
 def _metrics(base: Path) -> list[dict]:
@@ -154,8 +155,7 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
         with open(sidecar_log, "a") as out:
             subprocess.run([*PHOENIX, "sync", "--once"], env={**env, "NANOCHAT_BASE_DIR": str(volume),
                            "MODEL_TAG": MODEL_TAG, "HF_KEEP_LAST": "2"}, stdout=out, stderr=subprocess.STDOUT)
-        squashes = _squashes(sidecar_log)
-        storage_now = hub.storage_used(CHECKPOINT_REPO)
+        counted, pruned = _counted(sidecar_log)
 
     metrics = _metrics(reference)
     same = _weights_sha(reference, steps) == _weights_sha(volume, steps)
@@ -165,9 +165,9 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
                f"(step {steps})")
     click.echo(f"  tok/s (median)  {statistics.median(m['tok_per_sec'] for m in metrics):,.0f} on CPU")
     click.echo(f"  reference run   {seconds:.1f} s including start-up")
-    pruned = (f"{max(b for b, _ in squashes) / 1e6:.1f} MB before pruning -> {squashes[-1][1] / 1e6:.1f} MB "
-              f"after ({len(squashes)} squashes)" if squashes else "nothing pruned")
-    click.echo(f"  Hub storage     {pruned}, HF_KEEP_LAST=2; now {storage_now / 1e6:.1f} MB")
+    storage = (f"peak {max(counted) / 1e6:.1f} MB before pruning, now {counted[-1] / 1e6:.1f} MB" if counted
+               else "no sync pass finished")
+    click.echo(f"  Hub storage     {storage} (HF_KEEP_LAST=2, {pruned} checkpoints pruned)")
     reference_losses = {m["step"]: m["loss"] for m in metrics}
     # The redeployed volume logs only the steps it ran itself (the old volume's logs were lost with it).
     same_losses = bool(resumed) and all(reference_losses.get(step) == loss for step, loss in resumed.items())

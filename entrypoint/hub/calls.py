@@ -1,7 +1,9 @@
 """Calling the Hub: client errors turned into one-line HubErrors, retries with backoff, SIGTERM-aware waits.
 
 Every Hub call of phoenix (the git repo, a Storage Bucket, Xet transfers) goes through `call`, so a fault is
-either retried (5xx, 429 with Retry-After capped, network) or one line naming what to do (`errors`).
+either retried (5xx, 429, network, a refused Xet token) or one line naming what to do (`errors`). A wait the
+Hub asks for that is longer than a call should block (the hourly commit quota) is handed to the caller as
+`RateLimited`: the sidecar's loop waits it out between passes, so the pass after it pushes the newest.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ try:  # huggingface_hub 2.x's HTTP client; 1.x (a bare GPU image's) uses httpx, 
     import httpx2
 except ImportError:
     import httpx as httpx2
+import hf_xet
 from huggingface_hub.errors import (
     BucketBatchError,
     BucketNotFoundError,
+    GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     OfflineModeIsEnabled,
@@ -37,8 +41,10 @@ from entrypoint.hub.errors import (
     HubFatal,
     HubUnavailable,
     QuotaExceeded,
+    RateLimited,
     RepoMissing,
     RevisionGone,
+    StorageLocked,
     bad_repo_id,
 )
 from entrypoint.logs import kv
@@ -47,12 +53,25 @@ log = logging.getLogger("phoenix.hub")
 T = TypeVar("T")
 
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
-# The Hub's rate limits count over 5-minute windows, so no honest Retry-After is longer; a bigger one (an
-# hour was seen) would park the sidecar, and its final push, past any stop grace period.
-MAX_RETRY_AFTER_S = 300.0
+# The Hub's API limits count over 5-minute windows, but its commit quota is hourly ("You have exceeded our
+# hourly quotas for action: commit"), with Retry-After or `RateLimit: "api";r=0;t=N` up to an hour.
+MAX_RETRY_AFTER_S = 3600.0
+# Longer waits are not slept inside a call: `RateLimited` lets the caller wait (and a SIGTERM end it).
+MAX_INLINE_WAIT_S = 60.0
 # How the Hub words a full account (403): "Private repository storage limit reached, please upgrade your
-# plan...", "Your storage patterns tripped our internal systems! Please contact us...".
-_QUOTA_MESSAGE = re.compile(r"storage limit|storage patterns|quota", re.IGNORECASE)
+# plan..."; a locked one: "Your storage patterns tripped our internal systems! Please contact us at
+# website@huggingface.co" (huggingface_hub#3366), which only a person can lift.
+_QUOTA_MESSAGE = re.compile(r"storage limit|quota", re.IGNORECASE)
+_LOCKED_MESSAGE = re.compile(r"storage patterns", re.IGNORECASE)
+HUB_CONTACT = "website@huggingface.co"
+# hf_xet's faults: a refused token (XetAuthenticationError, a PermissionError) and a CAS object gone
+# (XetObjectNotFoundError, a FileNotFoundError). hf_xet 1.8 defines both, yet through huggingface_hub an
+# upload raises ConnectionError("... Auth error: Token refresh failed ...", then "... (401 Unauthorized),
+# domain: .../xet-write-token") and a download RuntimeError ("Task error: ... Auth error ..." / "... CAS
+# object not found ..."): both the classes and the words count.
+_XET_AUTH = (getattr(hf_xet, "XetAuthenticationError", None),
+             re.compile(r"Auth error|401 Unauthorized\).*/xet-(read|write)-token", re.I))
+_XET_GONE = (getattr(hf_xet, "XetObjectNotFoundError", None), re.compile(r"object not found", re.I))
 _URL_QUERY = re.compile(r"\?[^\s'\"]*")
 
 
@@ -94,6 +113,14 @@ def _response(exc: BaseException) -> httpx2.Response | None:
 def _status(exc: BaseException) -> int | None:
     response = _response(exc)
     return response.status_code if response is not None else None
+
+
+def _is_xet(exc: BaseException, kind: type[BaseException] | None, words: re.Pattern[str]) -> bool:
+    """Whether hf_xet raised this fault: its own exception class (hf_xet >= 1.8), or its words under a
+    generic one (the HTTP client's errors carry no such text)."""
+    return any((kind is not None and isinstance(err, kind))
+               or (isinstance(err, RuntimeError | ConnectionError) and bool(words.search(str(err))))
+               for err in _chain(exc))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -151,11 +178,13 @@ def _is_hub_api(exc: BaseException) -> bool:
 
 def short_error(exc: BaseException) -> str:
     """First line of the error (the server's, under a client wrapper), prefixed by its status if it has
-    one, without URL queries (upload URLs carry signatures): enough for a log line."""
-    status = _status(exc)
+    one, followed by the Hub's own message if that line lacks it (a 429's names the quota), without URL
+    queries (upload URLs carry signatures): enough for a log line."""
+    status, response = _status(exc), _response(exc)
     source = next((err for err in _chain(exc) if isinstance(err, HfHubHTTPError)), exc)
     line = (str(source).strip().splitlines() or [type(exc).__name__])[0]
-    line = _URL_QUERY.sub("", line)
+    server = response.headers.get("X-Error-Message", "").strip() if response is not None else ""
+    line = _URL_QUERY.sub("", line if server in line else f"{line.rstrip('.')}: {server}")
     return f"{status} {line}" if status is not None and str(status) not in line else line
 
 
@@ -163,12 +192,22 @@ def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
     """Translate a client exception into a one-line HubError, or None if it looks like a bug."""
     if isinstance(exc, HubError):
         return exc
-    repo = (f"bucket HF_REPO_ID={cfg.repo_id} (or its model repo, which holds the run's generation claim)"
-            if cfg.repo_type == "bucket" else f"{cfg.repo_type} repo HF_REPO_ID={cfg.repo_id}")
+    repo = f"{cfg.git_repo_type} repo HF_REPO_ID={cfg.repo_id}"
+    if cfg.in_bucket:
+        repo += f" (or the bucket {' or '.join(cfg.bucket_ids)}, which holds its checkpoints)"
     if any(isinstance(err, OfflineModeIsEnabled) for err in _chain(exc)):
         return HubFatal("HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to sync or restore")
     if any(isinstance(err, HFValidationError) for err in _chain(exc)):
         return HubFatal(bad_repo_id(cfg.repo_id or ""))
+    if _is_xet(exc, *_XET_GONE):
+        return RevisionGone(f"a Xet object of the file being read is gone from the Hub (pruned meanwhile): "
+                            f"{short_error(exc)}")
+    if _is_xet(exc, *_XET_AUTH):
+        return HubUnavailable(f"Xet storage refused its access token ({short_error(exc)}): retried; if it "
+                              "persists, check that HF_TOKEN may still read and write HF_REPO_ID")
+    if any(isinstance(err, GatedRepoError) for err in _chain(exc)):
+        return HubFatal(f"cannot read a gated repo ({short_error(exc)}): accept its conditions on its Hub "
+                        "page with the account of HF_TOKEN, or use a token whose account has")
     if is_transient(exc):
         return HubUnavailable(f"Hub unreachable or overloaded: {short_error(exc)}")
     status = _status(exc)
@@ -178,12 +217,18 @@ def to_hub_error(exc: BaseException, cfg: HubConfig) -> HubError | None:
         return HeadMoved("the repo moved on while we were committing (412)")
     if any(isinstance(err, RevisionNotFoundError) for err in _chain(exc)):
         return RevisionGone("the commit being read is gone from the Hub (history squashed)")
+    if (status == 403 or failures) and _LOCKED_MESSAGE.search(_server_message(exc)):
+        return StorageLocked(
+            f"the Hub locked this account's uploads ({short_error(exc)}): write to {HUB_CONTACT} to have it "
+            "lifted; nothing is uploaded until then (restart the sidecar once it is)"
+        )
     if (status == 403 or failures) and _QUOTA_MESSAGE.search(_server_message(exc)):
-        free = ("delete other files from the bucket" if cfg.repo_type == "bucket"
-                else "delete old checkpoints with their history, or use HF_REPO_TYPE=bucket")
+        free = ("delete other private files of the account" if cfg.in_bucket
+                else "unset HF_CHECKPOINT_STORE (a bucket frees a delete at once)")
         return QuotaExceeded(
             f"the Hub account's storage is full ({short_error(exc)}): nothing new is backed up until space "
-            f"is freed; lower HF_KEEP_LAST, {free}, or get a bigger plan (retried every pass)"
+            f"is freed; lower HF_KEEP_LAST or HF_STORAGE_LIMIT_GB, {free}, or get a bigger plan (retried in "
+            "an hour)"
         )
     if failures:
         first = failures[0]
@@ -223,8 +268,8 @@ def call(
     max_wait: float = 30.0,
     pause: Pause | None = None,
 ) -> T:
-    """Run `fn`, retrying transient Hub errors with exponential backoff; Retry-After is honoured up to
-    MAX_RETRY_AFTER_S, and `pause` ends the waits at SIGTERM.
+    """Run `fn`, retrying transient Hub errors with exponential backoff; a Retry-After up to
+    MAX_INLINE_WAIT_S is waited here (`pause` ends the wait at SIGTERM), a longer one raises RateLimited.
 
     Raises a HubError subclass (HubFatal, HubUnavailable, HeadMoved, ...) instead of library exceptions,
     and lets anything unrecognised through (a sync pass reports it as a failed pass).
@@ -240,11 +285,12 @@ def call(
             if not isinstance(err, HubUnavailable) or attempt == attempts:
                 raise err from exc
             asked = retry_after(exc)
-            wait = (
-                min(asked, MAX_RETRY_AFTER_S)
-                if asked is not None
-                else min(max_wait, 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-            )
+            if asked is not None and asked > MAX_INLINE_WAIT_S:
+                wait = min(asked, MAX_RETRY_AFTER_S)
+                raise RateLimited(f"the Hub asks to wait {wait:.0f}s before {what} ({short_error(exc)})",
+                                  wait) from exc
+            backoff = min(max_wait, 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            wait = asked if asked is not None else backoff
             log.warning(
                 kv(
                     event="hub_retry",

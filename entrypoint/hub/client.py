@@ -1,8 +1,8 @@
 """The Hub's git repo as phoenix uses it: a snapshot of its files at one commit, and the repo client.
 
 The repo mirrors the volume: `tokenizer/tokenizer.json`, `runs/<tag>/run.json`, `runs/<tag>/generation.json`
-(the fencing token, see `stores.claim_generation`) and, unless HF_REPO_TYPE=bucket puts them in a Storage
-Bucket, the checkpoints: `<stage>_checkpoints/<tag>/step_NNNNNN/<files>` (see `repo_store`). Calls go
+(the fencing token, see `stores.claim_generation`) and, with HF_CHECKPOINT_STORE=repo (else they are in a
+Storage Bucket), the checkpoints: `<stage>_checkpoints/<tag>/step_NNNNNN/<files>` (see `repo_store`). Calls go
 through `calls.call`: retried when transient, else one line.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, hf_hub_url
+from huggingface_hub.errors import EntryNotFoundError
 
 # `http_get` is the library's own resumable download loop (Range requests from `resume_size`); the
 # higher-level hf_hub_download restarts a killed download from byte 0 (see `restore`). `xet_get` is its
@@ -151,7 +152,7 @@ class Hub:
         )
 
     def fetch(
-        self, path_in_repo: str, dest: BinaryIO, *, revision: str, size: int, resume_size: int = 0
+        self, path_in_repo: str, dest: BinaryIO, *, revision: str, size: int | None, resume_size: int = 0
     ) -> None:
         """Stream one file into `dest` (positioned after `resume_size` bytes already there) via Range."""
         http_get(
@@ -209,6 +210,26 @@ class Hub:
 
     def generation(self, snapshot: HubSnapshot) -> int:
         return generation_of(self.claim_record(snapshot))
+
+    def generation_at(self, revision: str) -> int:
+        """The generation claimed at `revision` (a commit; "main": the newest), in one request, no listing:
+        the checks right before a squash or a bucket batch."""
+        path = self.cfg.run_path(GENERATION_FILE)
+
+        def download() -> bytes | None:
+            buf = io.BytesIO()
+            try:
+                self.fetch(path, buf, revision=revision, size=None)
+            except EntryNotFoundError:  # no claim yet
+                return None
+            return buf.getvalue()
+
+        data = self.call(f"download {path}", download)
+        try:
+            return generation_of(json.loads(data)) if data else 0
+        except ValueError:
+            log.warning(kv(event="bad_json", path=path))
+            return 0
 
     def commit(self, operations: list[Any], message: str, parent: str) -> str:
         """One commit on top of `parent` (412: HeadMoved); returns the new head; LFS uploads are parallel."""

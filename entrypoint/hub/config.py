@@ -20,10 +20,17 @@ from trainer import fencing
 
 DEFAULT_MODEL_TAG = "d26-hyperbolic"
 DEFAULT_SYNC_INTERVAL = 1200.0
-# Checkpoints per stage kept on the Hub: a pass may push this many before pruning, so a stage peaks at
-# twice it; with base's last ones kept while SFT runs, a d26 run (~9 GB each) peaks at 6 x 9 = 54 GB,
-# inside a free account's 100 GB of private storage (README, "Hub storage").
+# Checkpoints per stage kept on the Hub: a stage peaks at one more while the next one goes up; with base's
+# final one kept while SFT runs, a d26 run (16.7 GB each) peaks at 4 x 16.7 = 67 GB in a bucket, inside a
+# free account's 100 GB of private storage (README, "Hub storage").
 DEFAULT_HUB_KEEP_LAST = 2
+# A free account's private storage: what the sidecar's storage budget allows by default.
+DEFAULT_STORAGE_LIMIT_GB = 100.0
+# The Hub credits a squash (or a permanent deletion) "within 36 hours": freed files count until then.
+DEFAULT_CREDIT_HOURS = 36.0
+CHECKPOINT_STORES = ("bucket", "repo")
+# The bucket's name when the Hub refuses a bucket of the same id as the repo (HF_BUCKET_ID unset).
+SECOND_BUCKET_SUFFIX = "-checkpoints"
 TOKENIZER_PATH = "tokenizer/tokenizer.json"
 RUN_FILE = "run.json"
 EVAL_DIR = "eval"  # runs/<tag>/eval/<stage>_stepNNNNNN.json: `phoenix eval` results
@@ -56,6 +63,10 @@ class HubConfig:
     endpoint: str | None = None
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     keep_last: int | None = DEFAULT_HUB_KEEP_LAST  # None keeps every checkpoint (HF_KEEP_LAST=all)
+    checkpoint_store: str = "bucket"  # HF_CHECKPOINT_STORE: the Storage Bucket, or the git repo itself
+    bucket_id: str | None = None  # HF_BUCKET_ID; None: HF_REPO_ID, else its second name (`bucket_ids`)
+    storage_limit: float = DEFAULT_STORAGE_LIMIT_GB * 1e9  # bytes the run may hold on the Hub
+    credit_delay: float = DEFAULT_CREDIT_HOURS * 3600  # seconds until the Hub credits a squash
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HubConfig:
@@ -65,13 +76,9 @@ class HubConfig:
         if problem := model_tag_problem(model_tag):
             raise HubFatal(problem)
         repo_id = env.get("HF_REPO_ID", "").strip() or None
-        if repo_id is not None:
-            try:
-                validate_repo_id(repo_id)
-            except HFValidationError:
-                raise HubFatal(bad_repo_id(repo_id)) from None
-            if repo_id.count("/") != 1:  # the bare-name form only works for create_repo, not for reads
-                raise HubFatal(bad_repo_id(repo_id))
+        # The bare-name form only works for create_repo, not for reads.
+        if repo_id is not None and (not _valid_id(repo_id) or repo_id.count("/") != 1):
+            raise HubFatal(bad_repo_id(repo_id))
         repo_type = env.get("HF_REPO_TYPE", "").strip() or "model"
         if repo_type not in REPO_TYPES:
             raise HubFatal(f"HF_REPO_TYPE={repo_type!r} is not supported: set it to 'model', 'dataset' or "
@@ -98,6 +105,17 @@ class HubConfig:
                 f"HF_KEEP_LAST={keep_text!r} is not a positive integer: set it to e.g. 2, or to 'all' to "
                 "keep every checkpoint on the Hub"
             ) from None
+        store = env.get("HF_CHECKPOINT_STORE", "").strip() or "bucket"
+        if store not in CHECKPOINT_STORES or (repo_type == "bucket" and store == "repo"):
+            raise HubFatal(f"HF_CHECKPOINT_STORE={store!r} is not supported: set it to 'bucket' (the "
+                           "default) or 'repo' (checkpoints in the git repo HF_REPO_ID; not with "
+                           "HF_REPO_TYPE=bucket)")
+        bucket_id = env.get("HF_BUCKET_ID", "").strip() or None
+        if bucket_id is not None and (bucket_id.count("/") != 1 or not _valid_id(bucket_id)):
+            raise HubFatal(f"HF_BUCKET_ID={bucket_id!r} is not a valid bucket id: set it to "
+                           "'namespace/name', or unset it to use HF_REPO_ID's")
+        limit = _positive(env, "HF_STORAGE_LIMIT_GB", DEFAULT_STORAGE_LIMIT_GB, "100 (a free account)")
+        credit = _positive(env, "HF_SQUASH_CREDIT_HOURS", DEFAULT_CREDIT_HOURS, "36", zero_ok=True)
         return cls(
             base_dir=Path(env.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat"),
             model_tag=model_tag,
@@ -108,6 +126,10 @@ class HubConfig:
             endpoint=(env.get("HF_ENDPOINT") or "").rstrip("/") or None,
             sync_interval=interval,
             keep_last=keep_last,
+            checkpoint_store="bucket" if repo_type == "bucket" else store,
+            bucket_id=bucket_id,
+            storage_limit=limit * 1e9,
+            credit_delay=credit * 3600,
         )
 
     @classmethod
@@ -132,10 +154,44 @@ class HubConfig:
         return f"runs/{self.model_tag}/{name}"
 
     @property
+    def in_bucket(self) -> bool:
+        """Checkpoints go to a Storage Bucket (the default), not into the git repo's history."""
+        return self.checkpoint_store == "bucket"
+
+    @property
+    def bucket_ids(self) -> list[str]:
+        """Where the bucket may be, in order: HF_BUCKET_ID, else HF_REPO_ID's id, then its second name (for a
+        Hub that refuses a bucket and a repo of one id)."""
+        if self.bucket_id is not None:
+            return [self.bucket_id]
+        assert self.repo_id is not None
+        return [self.repo_id, self.repo_id + SECOND_BUCKET_SUFFIX]
+
+    @property
     def git_repo_type(self) -> str:
         """The type of the git repo that holds the claim and run files (and the checkpoints, unless they go
         to a bucket: then it is the model repo of the same id, see `bucket_store`)."""
         return "model" if self.repo_type == "bucket" else self.repo_type
+
+
+def _valid_id(repo_id: str) -> bool:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _positive(env: Mapping[str, str], name: str, default: float, example: str, zero_ok: bool = False
+              ) -> float:
+    text = env.get(name, "").strip() or str(default)
+    try:
+        value = float(text)
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ValueError
+    except ValueError:
+        raise HubFatal(f"{name}={text!r} is not a positive number: set it to e.g. {example}") from None
+    return value
 
 
 def local_generation(cfg: HubConfig) -> int:

@@ -22,6 +22,14 @@ class HubUnavailable(HubError):
     """The Hub kept failing with transient errors (down, 5xx, rate limited) after our retries."""
 
 
+class RateLimited(HubUnavailable):
+    """The Hub asked us to wait longer than a call waits (the hourly commit quota): `retry_in` seconds."""
+
+    def __init__(self, message: str, retry_in: float) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
+
+
 class HeadMoved(HubError):
     """Someone committed between our read of the head and our commit (HTTP 412 on parent_commit)."""
 
@@ -35,8 +43,13 @@ class Fenced(HubError):
 
 
 class QuotaExceeded(HubError):
-    """The account's storage is full (403): not the token's fault, and space may be freed, so retried."""
+    """The account's storage is full (403): not the token's fault, and space may be freed, so retried
+    (after an hour: the Hub credits freed storage late)."""
 
+
+class StorageLocked(HubFatal):
+    """The Hub locked the account's uploads ("Your storage patterns tripped our internal systems"): only a
+    person at Hugging Face can lift it, so nothing is uploaded until the sidecar is restarted."""
 
 
 def bad_repo_id(repo_id: str) -> str:

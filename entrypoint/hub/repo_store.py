@@ -1,10 +1,12 @@
-"""Checkpoints in the git repo HF_REPO_ID: one commit per checkpoint, pruned in one commit, history squashed.
+"""Checkpoints in the git repo HF_REPO_ID (HF_CHECKPOINT_STORE=repo): one commit each, history squashed.
 
 Each checkpoint goes up as ONE commit holding every file plus MANIFEST.json, so the repo never shows a
-partial checkpoint as complete, whatever dies when. Every commit carries `parent_commit`, so a claim by a
-newer launch landing mid-pass makes the next commit fail (412) and the pass re-reads and finds itself
-fenced. On the Hub a commit that deletes files frees nothing (the history keeps them), so a prune commit is
-followed by a squash of the history (`super_squash_history`), which frees them.
+partial checkpoint as complete, whatever dies when; the checkpoints it makes redundant are deleted in that
+same commit. Every commit carries `parent_commit`, so a claim by a newer launch landing mid-pass makes the
+next commit fail (412) and the pass re-reads and finds itself fenced. On the Hub a commit that deletes
+files frees nothing (the history keeps them), so it is followed by a squash of the history
+(`super_squash_history`): two history writes per checkpoint. The Hub credits a squash only hours later
+(`budget`), so the ledger records what each one freed.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from typing import Any
 
 from huggingface_hub import CommitOperationDelete
 
-from entrypoint.hub.client import Hub, add_operation
+from entrypoint.hub.budget import Ledger
+from entrypoint.hub.client import Hub, HubSnapshot, add_operation
 from entrypoint.hub.config import HubConfig, local_generation
 from entrypoint.hub.errors import Fenced
-from entrypoint.hub.store import RemoteFile, StoredCheckpoint, StoreView
+from entrypoint.hub.store import RemoteFile, StoredCheckpoint, StoreView, counted_bytes
 from entrypoint.logs import kv
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.sync")
 
-PRUNE_TITLE = "prune"  # the title of prune commits starts with it: the history holds pruned files
+PRUNE_TITLE = "prune"  # in the title of every commit that deletes checkpoints: the history holds them
 
 
 class RepoStore:
@@ -40,24 +43,17 @@ class RepoStore:
 
     def view(self) -> StoreView:
         snapshot = self.hub.snapshot()
-        checkpoints = {}
-        for stage in layout.STAGES:
-            checkpoints[stage] = [
-                StoredCheckpoint(stage, step, self.cfg.checkpoint_path(stage, step), {
-                    name: RemoteFile(f.size, f.lfs.sha256 if f.lfs is not None else None)
-                    for name, f in snapshot.checkpoint_files(self.cfg, stage, step).items()})
-                for step in snapshot.complete_steps(self.cfg, stage)
-            ]
+        checkpoints = repo_checkpoints(self.cfg, snapshot)
         return StoreView(snapshot, checkpoints, lambda: self.hub.claim_record(snapshot))
 
     def tidy(self, view: StoreView) -> None:
         """A history that still holds a prune commit is squashed before anything more is pushed: the squash
         that should have followed it was skipped, failed or killed."""
-        pruning = self.cfg.keep_last is not None
-        if pruning and any(c.title.startswith(PRUNE_TITLE) for c in self.hub.commits()):
+        if any(_prunes(c.title) for c in self.hub.commits()):
             view.head = self._squash(view.head)
 
-    def push(self, view: StoreView, stage: str, ckpt: layout.Checkpoint, side_files: list[Any]) -> None:
+    def push(self, view: StoreView, stage: str, ckpt: layout.Checkpoint, side_files: list[Any],
+             prune: list[StoredCheckpoint]) -> int:
         folder = self.cfg.checkpoint_path(stage, ckpt.step)
         ops = [
             add_operation(f"{folder}/{name}", ckpt.path / name, entry["sha256"])
@@ -67,13 +63,18 @@ class RepoStore:
         nbytes = sum(ckpt.files[op.path_in_repo.rsplit("/", 1)[1]]["size"] for op in ops)
         ops.append(add_operation(f"{folder}/{layout.MANIFEST_NAME}", ckpt.path / layout.MANIFEST_NAME))
         title = f"step {ckpt.step} of {self.cfg.model_tag} ({stage})"
+        title += f"; {PRUNE_TITLE} {_names(prune)}" if prune else ""
         record = stored(ckpt, stage, folder)  # before the commit: the trainer may prune it right after
         log.info(kv(event="push_start", stage=stage, step=ckpt.step, files=len(ops), bytes=nbytes))
         start = time.monotonic()
-        view.head = self.hub.commit(ops + side_files, title, parent=view.head)
+        view.head = self.hub.commit([*ops, *side_files, *_deletions(prune)], title, parent=view.head)
         log_push_done(stage, ckpt.step, nbytes, time.monotonic() - start, extras=len(side_files),
                       commit=view.head[:12])
         view.add(record)
+        if prune:
+            self._deleted(view, prune)
+            view.head = self._squash(view.head)
+        return nbytes
 
     def push_side_files(self, view: StoreView, side_files: list[Any]) -> None:
         paths = ", ".join(op.path_in_repo for op in side_files)
@@ -81,15 +82,18 @@ class RepoStore:
         log.info(kv(event="pushed_extras", paths=paths, commit=view.head[:12]))
 
     def prune(self, view: StoreView, doomed: list[StoredCheckpoint]) -> None:
-        """Delete them in one commit, then squash the history to free them."""
-        ops = [CommitOperationDelete(c.folder + "/", is_folder=True) for c in doomed]
-        view.head = self.hub.commit(
-            ops, f"{PRUNE_TITLE} {self.cfg.model_tag}: keep last {self.cfg.keep_last}", parent=view.head
-        )
+        """Delete them in one commit, then squash the history to free them (credited later)."""
+        title = f"{PRUNE_TITLE} {self.cfg.model_tag}: keep last {self.cfg.keep_last} ({_names(doomed)})"
+        view.head = self.hub.commit(_deletions(doomed), title, parent=view.head)
+        self._deleted(view, doomed)
+        view.head = self._squash(view.head)
+
+    def _deleted(self, view: StoreView, doomed: list[StoredCheckpoint]) -> None:
+        """They are out of the head: the Hub counts them until it credits the squash that follows."""
         for ckpt in doomed:
             view.remove(ckpt)
             log.info(kv(event="pruned", stage=ckpt.stage, step=ckpt.step, commit=view.head[:12]))
-        view.head = self._squash(view.head)
+        Ledger(self.cfg).deleted(sum(map(counted_bytes, doomed)), _names(doomed))
 
     def _squash(self, head: str) -> str:
         """Free what pruning deleted: on the Hub a delete commit frees nothing, the history keeps every file.
@@ -100,19 +104,18 @@ class RepoStore:
         landing in the remaining instant loses no file, and the generation is read again on the squashed
         head before anything is committed on it.
         """
-        snapshot = self.hub.snapshot()
         own = local_generation(self.cfg)
-        if snapshot.head != head or self.hub.generation(snapshot) > own:
+        if self.hub.head() != head or self.hub.generation_at(head) > own:
             log.info(kv(event="squash_skipped", reason="the repo moved on since we read it"))
             return head
-        used = self.hub.used_storage()
         self.hub.squash(f"squash the history of {self.cfg.model_tag} to free pruned checkpoints")
-        squashed = self.hub.snapshot()
-        log.info(kv(event="squashed", before_bytes=used if used is not None else "-",
-                    after_bytes=self.hub.used_storage() or "-", commit=squashed.head[:12]))
-        if (theirs := self.hub.generation(squashed)) > own:
+        Ledger(self.cfg).squashed()
+        squashed = self.hub.head()
+        log.info(kv(event="squashed", commit=squashed[:12],
+                    credited_in_h=round(self.cfg.credit_delay / 3600, 2)))
+        if (theirs := self.hub.generation_at(squashed)) > own:
             raise Fenced(f"fenced: generation {own} < {theirs}")
-        return squashed.head
+        return squashed
 
     def fetch(self, view: StoreView, path: str, partial: Path, size: int) -> None:
         # Xet: hf_xet rebuilds the whole file (a killed one restarts, finished files are kept); else Range.
@@ -123,9 +126,36 @@ class RepoStore:
             f.flush()
             os.fsync(f.fileno())
 
-    def used_storage(self) -> int | None:
-        """What the repo's history holds, as the Hub bills it."""
-        return self.hub.used_storage()
+    def storage(self, view: StoreView) -> tuple[int, int | None]:
+        """(what the head holds, what the Hub says the repo counts)."""
+        return head_bytes(view.snapshot), self.hub.used_storage()
+
+
+def repo_checkpoints(cfg: HubConfig, snapshot: HubSnapshot) -> dict[str, list[StoredCheckpoint]]:
+    """The complete checkpoints of the repo's tree, per stage, newest first."""
+    return {stage: [
+        StoredCheckpoint(stage, step, cfg.checkpoint_path(stage, step), {
+            name: RemoteFile(f.size, f.lfs.sha256 if f.lfs is not None else None)
+            for name, f in snapshot.checkpoint_files(cfg, stage, step).items()})
+        for step in snapshot.complete_steps(cfg, stage)] for stage in layout.STAGES}
+
+
+def head_bytes(snapshot: HubSnapshot) -> int:
+    """Large (LFS/Xet) files of the head, each content once: what the Hub counts once credits land."""
+    return sum({f.lfs.sha256: f.lfs.size for f in snapshot.files.values() if f.lfs is not None}.values())
+
+
+def _deletions(doomed: list[StoredCheckpoint]) -> list[CommitOperationDelete]:
+    return [CommitOperationDelete(c.folder + "/", is_folder=True) for c in doomed]
+
+
+def _names(doomed: list[StoredCheckpoint]) -> str:
+    return ", ".join(f"{c.stage} {c.step}" for c in doomed)
+
+
+def _prunes(title: str) -> bool:
+    """Whether a commit deleted checkpoints (`tidy` squashes a history holding one)."""
+    return title.startswith(PRUNE_TITLE) or f"; {PRUNE_TITLE} " in title
 
 
 def stored(ckpt: layout.Checkpoint, stage: str, folder: str, generation: int = 0) -> StoredCheckpoint:

@@ -1,10 +1,10 @@
 """Where checkpoints live on the Hub: the interface sync, restore and status use, and which ones count.
 
-Two stores (HF_REPO_TYPE, opened by `stores.open_store`): `repo_store.RepoStore` keeps checkpoints in the
-git repo HF_REPO_ID, one commit each; `bucket_store.BucketStore` keeps them in the Storage Bucket HF_REPO_ID
-(`bucket`): mutable, not versioned, deletes free storage at once. Both keep the generation claim, the
-tokenizer and the run files in the git repo, because only a git commit offers a compare-and-swap
-(`parent_commit`), which fencing needs.
+Two stores (HF_CHECKPOINT_STORE, opened by `stores.open_store`): `bucket_store.BucketStore` (the default)
+keeps them in a Storage Bucket: mutable, not versioned, deletes free storage at once; `repo_store.RepoStore`
+keeps checkpoints in the git repo HF_REPO_ID, one commit each, freed by a squash the Hub credits hours later.
+Both keep the generation claim, the tokenizer and the run files in the git repo, because only a git commit
+offers a compare-and-swap (`parent_commit`), which fencing needs.
 
 A bucket write cannot be fenced: an old instance paused between its claim check and its upload writes
 anyway when it wakes. So bucket paths carry the generation that pushed them (no two launches ever write the
@@ -44,6 +44,17 @@ class StoredCheckpoint:
     folder: str  # where its files are in the store
     files: dict[str, RemoteFile]  # by name, MANIFEST.json included
     generation: int = 0  # the launch that pushed it (bucket paths record it; a repo needs no such thing)
+    in_bucket: bool = False  # in a bucket (a delete frees it at once), else in the git repo's history
+
+
+def counted_size(sizes: dict[str, int], in_bucket: bool) -> int:
+    """What the Hub counts for a checkpoint's files: every one in a bucket; in a repo the large ones, which
+    go through LFS/Xet (safetensors), not the JSON ones, which travel inside the commit."""
+    return sum(size for name, size in sizes.items() if in_bucket or name.endswith(".safetensors"))
+
+
+def counted_bytes(ckpt: StoredCheckpoint) -> int:
+    return counted_size({name: f.size for name, f in ckpt.files.items()}, ckpt.in_bucket)
 
 
 @dataclass
@@ -93,9 +104,11 @@ class CheckpointStore(Protocol):
     def tidy(self, view: StoreView) -> None:
         """Before pushing, finish what a killed or failed pass left: free the storage it still holds."""
 
-    def push(self, view: StoreView, stage: str, ckpt: layout.Checkpoint, side_files: list[Any]) -> None:
-        """Upload one verified local checkpoint so that it is complete in the store only once it is whole;
-        `side_files` (tokenizer, run files) go to the git repo with it."""
+    def push(self, view: StoreView, stage: str, ckpt: layout.Checkpoint, side_files: list[Any],
+             prune: list[StoredCheckpoint]) -> int:
+        """Upload one verified local checkpoint so that it is complete in the store only once it is whole,
+        then delete `prune` (made redundant by it), as `prune` does; `side_files` (tokenizer, run files) go to
+        the git repo with it. Returns the bytes uploaded."""
 
     def push_side_files(self, view: StoreView, side_files: list[Any]) -> None: ...
 
@@ -106,8 +119,8 @@ class CheckpointStore(Protocol):
         """One attempt at downloading `path` into `partial` (continued from what is there, where the store
         allows); retried by the caller."""
 
-    def used_storage(self) -> int | None:
-        """Bytes the store counts against the account's storage (None if not reported)."""
+    def storage(self, view: StoreView) -> tuple[int, int | None]:
+        """(bytes the store holds now, bytes the Hub says it counts or None): see `budget`."""
 
 
 # ---------------------------------------------------------------------------------------------- lineage
@@ -127,12 +140,13 @@ def lineage_for_claim(old_claim: dict[str, Any], view: StoreView) -> dict[str, d
     """The lineage a new claim records: the old claim's, plus each generation this claim fences that has no
     entry yet (the claim it replaces, and any with checkpoints here), frozen at its newest counted step."""
     lineage = dict(old_claim.get("lineage") or {})
-    pushed_by = {c.generation for stage in layout.STAGES for c in view.checkpoints[stage]}
-    for generation in sorted(pushed_by | {generation_of(old_claim)}):
+    pushed = {stage: [c for c in view.checkpoints[stage] if c.in_bucket] for stage in layout.STAGES}
+    for generation in sorted({c.generation for ckpts in pushed.values() for c in ckpts} | {
+            generation_of(old_claim)}):
         if str(generation) not in lineage:
             lineage[str(generation)] = {
-                stage: max(c.step for c in view.checkpoints[stage] if c.generation == generation)
-                for stage in layout.STAGES
-                if any(c.generation == generation for c in view.checkpoints[stage])
+                stage: max(c.step for c in ckpts if c.generation == generation)
+                for stage, ckpts in pushed.items()
+                if any(c.generation == generation for c in ckpts)
             }
     return lineage

@@ -1,4 +1,4 @@
-"""Opening the store HF_REPO_TYPE selects, and claiming a launch generation in it (fencing older launches).
+"""Opening the store HF_CHECKPOINT_STORE selects, and claiming a launch generation (fencing older launches).
 
 Kept apart from `store` (the types both stores import), so that no store imports a module that imports it.
 """
@@ -26,9 +26,9 @@ log = logging.getLogger("phoenix.hub")
 
 
 def open_store(cfg: HubConfig, hub: Hub | None = None) -> CheckpointStore:
-    """The store HF_REPO_TYPE selects, over `hub` (the git repo) if given."""
+    """The store HF_CHECKPOINT_STORE selects (a bucket unless `repo`), over `hub` (the git repo) if given."""
     hub = hub or Hub(cfg)
-    return BucketStore(cfg, hub) if cfg.repo_type == "bucket" else RepoStore(cfg, hub)
+    return BucketStore(cfg, hub) if cfg.in_bucket else RepoStore(cfg, hub)
 
 
 def claim_generation(cfg: HubConfig, hub: Hub | None = None, *, attempts: int = 5) -> int:
@@ -48,7 +48,7 @@ def claim_generation(cfg: HubConfig, hub: Hub | None = None, *, attempts: int = 
         # When and where, for the one line a fenced instance prints (trainer.fencing).
         claim: dict[str, Any] = {"generation": generation, "host": socket.gethostname(),
                                  "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if cfg.repo_type == "bucket":
+        if cfg.in_bucket:
             claim["lineage"] = lineage_for_claim(view.claim, view)
         body = json.dumps(claim, indent=1, sort_keys=True).encode() + b"\n"
         try:

@@ -21,9 +21,9 @@ from entrypoint.hub.errors import HubFatal
 # What a user may edit to fix a failed launch.
 FINGERPRINTED = ("MODEL_TAG", "PRESET", "DEVICE", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RUN_SFT",
                  "SAVE_EVERY", "KEEP_LAST", "DATASET_REPO", "FP8", "SFT_DATASET", "SFT_ARGS", "HF_REPO_ID",
-                 "HF_REPO_TYPE", "HF_ENDPOINT", "HF_TOKEN", "WANDB_RUN", "WANDB_MODE", "WANDB_PROJECT",
-                 "WANDB_API_KEY", "HF_PRIVATE", "HF_SYNC_INTERVAL", "HF_KEEP_LAST", "PHOENIX_MAX_FAILURES",
-                 "MASTER_PORT")
+                 "HF_REPO_TYPE", "HF_CHECKPOINT_STORE", "HF_BUCKET_ID", "HF_ENDPOINT", "HF_TOKEN",
+                 "WANDB_RUN", "WANDB_MODE", "WANDB_PROJECT", "WANDB_API_KEY", "HF_PRIVATE",
+                 "HF_SYNC_INTERVAL", "HF_KEEP_LAST", "PHOENIX_MAX_FAILURES", "MASTER_PORT")
 
 
 class PreflightError(Exception):

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from entrypoint.hub.budget import plan_problem
 from entrypoint.hub.calls import retry_after
 from entrypoint.hub.config import HubConfig
 from entrypoint.hub.errors import HubFatal
@@ -144,17 +145,22 @@ def hub_problems(hub: HubConfig, volume_has_checkpoint: bool) -> list[str]:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             return ["the Hub rejected HF_TOKEN (401): create a write token at huggingface.co/settings/tokens"]
+        if status == 429:  # whoami is rate-limited hard; the Hub itself answers, and restore and sync retry
+            log.warning("warning: the Hub rate-limited whoami (429): HF_TOKEN not checked; going on")
+            return []
         if volume_has_checkpoint:
             log.warning("cannot reach the Hub (%s): training from the volume; the sidecar pushes later",
                         redact(exc.__class__.__name__))
             return []
         return [f"cannot reach the Hub ({redact(exc.__class__.__name__)}) and the volume has no checkpoint "
                 "to resume from: check the network or HF_ENDPOINT (or unset HF_REPO_ID to start without it)"]
-    namespace = hub.repo_id.split("/")[0]
-    orgs = {org.get("name"): org for org in me.get("orgs", [])}
-    if namespace != me.get("name") and namespace not in orgs:
+    owned = {me.get("name"), *(org.get("name") for org in me.get("orgs", []))}
+    if hub.repo_id.split("/")[0] not in owned:
         return [f"HF_TOKEN belongs to {me.get('name')!r}, which cannot write to {hub.repo_id}: use that "
                 "namespace or a token of its owner"]
+    if hub.in_bucket and hub.bucket_id is not None and hub.bucket_id.split("/")[0] not in owned:
+        return [f"HF_TOKEN belongs to {me.get('name')!r}, which cannot write the bucket HF_BUCKET_ID="
+                f"{hub.bucket_id}: use a namespace of that account, or unset HF_BUCKET_ID"]
     role = me.get("auth", {}).get("accessToken", {}).get("role")
     if role == "read":
         return ["HF_TOKEN is read-only: create a token with write access"]
@@ -175,6 +181,16 @@ def whoami(api: Any, attempts: int = 5, max_wait: float = 60.0) -> dict[str, Any
             log.warning("whoami answered %s: retry %d/%d in %.0fs", status, attempt, attempts - 1, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def storage_problems(cfg: RunConfig) -> list[str]:
+    """Whether the preset's checkpoints at HF_KEEP_LAST and HF_SYNC_INTERVAL fit HF_STORAGE_LIMIT_GB as the
+    Hub counts them (`budget`): not a launch problem (the sidecar waits rather than being refused), but a
+    backup that falls behind, which `phoenix doctor` says in one line."""
+    if not cfg.hub.repo_id:
+        return []
+    problem = plan_problem(cfg.hub, cfg.preset, checkpoint_bytes_estimate(cfg), cfg.run_sft)
+    return [problem] if problem else []
 
 
 def unwritable_folders(cfg: RunConfig) -> list[Path]:
@@ -211,7 +227,7 @@ def doctor_command() -> None:
 
     try:
         cfg = RunConfig.from_env([])
-        problems = preflight(cfg) + docker_problems(cfg.base_dir)
+        problems = preflight(cfg) + docker_problems(cfg.base_dir) + storage_problems(cfg)
     except (PreflightError, HubFatal) as exc:
         problems = str(exc).splitlines()
     for line in problems:

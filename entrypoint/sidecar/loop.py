@@ -2,9 +2,11 @@
 stops or a preemption notice comes (then each new checkpoint as it appears), and a final one on SIGTERM
 within the stop grace period; it outlives every fault.
 
-The pass itself (what is pushed and pruned, how) is `sync.Syncer`. A failed pass is retried sooner; a
-setting only the user can fix is logged once per interval, never an exit, since `restart: unless-stopped`
-would relaunch the sidecar in a loop.
+The pass itself (what is pushed and pruned, how) is `sync.Syncer`. A failed pass is retried sooner, except
+when the Hub asked for a wait (its hourly commit quota: up to an hour) or the account is full (an hour:
+freed storage is credited late). A setting only the user can fix is logged once per interval, never an
+exit, since `restart: unless-stopped` would relaunch the sidecar in a loop; an account the Hub locked is
+too, and nothing more is uploaded.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import click
 
 from entrypoint.hub.calls import Pause
 from entrypoint.hub.config import TRAINER_STATUS_FILE, HubConfig, local_generation
-from entrypoint.hub.errors import HubFatal
+from entrypoint.hub.errors import HubFatal, StorageLocked
 from entrypoint.launch.clouds import PREEMPTION, Notice
 from entrypoint.launch.preemption import describe, read_notice
 from entrypoint.logs import kv, redact, setup_hub_logging
-from entrypoint.sidecar.sync import Syncer
+from entrypoint.sidecar.sync import PassResult, Syncer
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.sync")
@@ -34,7 +36,7 @@ log = logging.getLogger("phoenix.sync")
 _FIRST_FAILURE_DELAY = 5.0
 # compose.yaml gives the sidecar a 15 min stop_grace_period; a minute less leaves time to exit cleanly.
 DEFAULT_GRACE_SECONDS = 840.0
-_FINAL_PUSH_THREAD = "final-push"
+_PASS_THREAD = "sync-pass"
 STALE_S = 120  # a "running" status older than this was left by a killed entrypoint
 
 
@@ -58,6 +60,35 @@ def read_trainer_status(cfg: HubConfig) -> dict[str, Any] | None:
     return status
 
 
+class _Pass:
+    """One sync pass in a thread the process may leave behind: an upload cannot be interrupted from outside,
+    and a SIGTERM must not wait for one (the Hub shows a checkpoint whole or not at all either way)."""
+
+    def __init__(self, syncer: Syncer) -> None:
+        self.syncer = syncer
+        self.thread: threading.Thread | None = None
+        self.outcome: PassResult | HubFatal | None = None
+
+    def start(self) -> None:
+        self.outcome = None
+        self.thread = threading.Thread(target=self._run, name=_PASS_THREAD, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.outcome = self.syncer.sync_once()
+        except HubFatal as exc:
+            self.outcome = exc
+
+    def wait(self, until: float | None = None, stop: threading.Event | None = None) -> bool:
+        """True once no pass is running; False at `until` (time.monotonic()) or once `stop` is set."""
+        while self.thread is not None and self.thread.is_alive():
+            if (stop is not None and stop.is_set()) or (until is not None and time.monotonic() >= until):
+                return False
+            self.thread.join(0.05)
+        return True
+
+
 def run_loop(
     cfg: HubConfig,
     *,
@@ -70,12 +101,13 @@ def run_loop(
 ) -> int:
     """Sync every HF_SYNC_INTERVAL seconds and as soon as the trainer stops; returns an exit code.
 
-    A failed pass is retried sooner (5 s, doubling, capped at the interval). A setting only the user can
-    fix (HubFatal) is logged once per interval and checked again, never an exit: `restart: unless-stopped`
-    would relaunch the sidecar in a loop. With `exit_when_stopped`, returns after the final pass once the
-    trainer has stopped. When `stop` is set (SIGTERM), every wait ends at once; it then waits up to
-    `stop_wait_seconds` for a running trainer to stop (its emergency checkpoint) and pushes once more, all
-    within `grace_seconds` of the stop.
+    A failed pass is retried sooner (5 s, doubling, capped at the interval), but never before the wait a
+    pass was asked for (`PassResult.backoff_s`). A setting only the user can fix (HubFatal) is logged once
+    per interval and checked again (a locked account is not: each check would upload), never an exit:
+    `restart: unless-stopped` would relaunch the sidecar in a loop. With `exit_when_stopped`, returns after
+    the final pass once the trainer has stopped. When `stop` is set (SIGTERM), every wait ends at once; it
+    then waits up to `stop_wait_seconds` for a running trainer to stop (its emergency checkpoint) and pushes
+    once more, all within `grace_seconds` of the stop.
     """
     stop = stop or threading.Event()
     syncer = syncer or Syncer(cfg, pause=Pause(stop))
@@ -84,6 +116,7 @@ def run_loop(
             event="start",
             repo=cfg.repo_id,
             repo_type=cfg.repo_type,
+            checkpoints=cfg.checkpoint_store,
             model_tag=cfg.model_tag,
             interval_s=cfg.sync_interval,
             keep_last=cfg.keep_last if cfg.keep_last is not None else "all",
@@ -91,8 +124,9 @@ def run_loop(
         )
     )
     failures = 0
-    fatal = False  # the last pass hit a setting only the user can fix
-    next_pass = time.monotonic()
+    fatal: HubFatal | None = None  # the last pass hit a setting only the user can fix
+    next_pass = not_before = time.monotonic()  # not_before: no pass sooner, whatever happens (the Hub asked)
+    running = _Pass(syncer)
     seen, generation = read_trainer_status(cfg), local_generation(cfg)
     notices = NoticeFollower(cfg)
     while not stop.is_set():
@@ -105,28 +139,39 @@ def run_loop(
         # A launch on this volume just claimed a generation: what was fenced may be pushed now.
         current = local_generation(cfg)
         claimed, generation = current != generation, current
-        if notices.push_now() or just_stopped or claimed or time.monotonic() >= next_pass:
+        now, noticed = time.monotonic(), notices.push_now()
+        if isinstance(fatal, StorageLocked):  # nothing is tried again: every try would upload a checkpoint
+            if now >= next_pass:
+                _log_fatal(fatal, "uploading nothing until the sidecar is restarted")
+                next_pass = now + cfg.sync_interval
+        elif (noticed or just_stopped or claimed or now >= next_pass) and now >= not_before:
+            started = now  # passes start every interval, however long one takes: a push never waits longer
             notices.passed()
-            try:
-                result = syncer.sync_once()
-            except HubFatal as exc:
-                _log_fatal(exc, f"pushing nothing; checking again in {cfg.sync_interval:.0f}s")
-                fatal = True
+            running.start()
+            if not running.wait(stop=stop):
+                break  # stopped mid-pass: the final push waits for it, within the grace period
+            result = running.outcome
+            if isinstance(result, HubFatal):
+                fatal = result
+                _log_fatal(fatal, "uploading nothing until the sidecar is restarted" if isinstance(
+                    fatal, StorageLocked) else f"pushing nothing; checking again in {cfg.sync_interval:.0f}s")
                 if exit_when_stopped and trainer_stopped:
                     return 2
                 next_pass = time.monotonic() + cfg.sync_interval
                 continue
-            fatal = False
+            assert result is not None
+            fatal = None
             failures = 0 if result.ok or result.fenced else failures + 1
             delay = cfg.sync_interval if failures == 0 else _FIRST_FAILURE_DELAY * 2 ** (failures - 1)
-            next_pass = time.monotonic() + min(delay, cfg.sync_interval)
+            not_before = time.monotonic() + result.backoff_s
+            next_pass = max(started + min(delay, cfg.sync_interval), not_before)
             if exit_when_stopped and trainer_stopped and (result.ok or result.fenced):
                 log.info(kv(event="exit", reason="the trainer stopped and the final sync is done"))
                 return 0 if result.ok else 1
         stop.wait(max(0.0, min(notices.poll_seconds(poll_seconds), next_pass - time.monotonic())))
-    if fatal:  # already said; a final push would only fail the same way
+    if fatal is not None:  # already said; a final push would only fail the same way
         return 2
-    return _final_push(cfg, syncer, poll_seconds, stop_wait_seconds, grace_seconds)
+    return _final_push(cfg, running, poll_seconds, stop_wait_seconds, grace_seconds, not_before)
 
 
 class NoticeFollower:
@@ -179,12 +224,14 @@ def _log_fatal(exc: HubFatal, action: str) -> None:
     log.error(kv(event="fatal", error=redact(str(exc)), action=action))
 
 
-def _final_push(
-    cfg: HubConfig, syncer: Syncer, poll_seconds: float, stop_wait_seconds: float, grace_seconds: float
-) -> int:
-    """On SIGTERM: let a running trainer finish its emergency checkpoint (both may be stopped at once),
-    then push once more; all of it bounded by `grace_seconds`, after which Docker would SIGKILL us."""
+def _final_push(cfg: HubConfig, running: _Pass, poll_seconds: float, stop_wait_seconds: float,
+                grace_seconds: float, not_before: float) -> int:
+    """On SIGTERM: let a running trainer finish its emergency checkpoint (both may be stopped at once), say
+    in one line whether the newest checkpoint can go up in the time left (at the last push's speed), let a
+    pass under way finish, and push once more; all of it within `grace_seconds`, after which Docker would
+    SIGKILL us."""
     deadline = time.monotonic() + grace_seconds
+    syncer = running.syncer
     syncer.pause.deadline = deadline  # retry waits that would overrun it are not started
     trainer_deadline = min(time.monotonic() + stop_wait_seconds, deadline)
     while (status := read_trainer_status(cfg)) is not None and status["status"] == "running":
@@ -194,38 +241,60 @@ def _final_push(
             )
             break
         time.sleep(poll_seconds)
-    log.info(kv(event="stopping", action="final sync", seconds_left=round(deadline - time.monotonic(), 1)))
-    outcome: dict[str, Any] = {}
-
-    def push() -> None:
-        try:
-            outcome["result"] = syncer.sync_once()
-        except HubFatal as exc:
-            outcome["fatal"] = exc
-
-    # An upload cannot be interrupted from outside: the pass runs in a thread we may leave behind (the
-    # Hub shows a commit whole or not at all, so nothing half-pushed is left either way).
-    pusher = threading.Thread(target=push, name=_FINAL_PUSH_THREAD, daemon=True)
-    pusher.start()
-    pusher.join(max(0.0, deadline - time.monotonic()))
-    if pusher.is_alive():
-        log.error(
-            kv(
-                event="final_push_timeout",
-                grace_s=grace_seconds,
-                action="exiting within the stop grace period; the next sidecar pushes what is left",
-            )
-        )
-        return 1
-    if "fatal" in outcome:
-        _log_fatal(outcome["fatal"], "exiting")
+    left = deadline - time.monotonic()
+    if not_before >= deadline:  # the Hub asked for a longer wait (commit quota), or the account is full
+        return _skipped(left, not_before)
+    estimate = _estimate(cfg, syncer, left)
+    log.info(kv(event="stopping", action="final sync", seconds_left=round(left, 1), **estimate))
+    if not running.wait(until=deadline):  # the pass under way at the stop
+        return _timed_out(grace_seconds)
+    if not syncer.pause.sleep(max(0.0, not_before - time.monotonic())):  # what is left of the Hub's wait
+        return _skipped(deadline - time.monotonic(), not_before)
+    running.start()
+    if not running.wait(until=deadline):
+        return _timed_out(grace_seconds)
+    if isinstance(running.outcome, HubFatal):
+        _log_fatal(running.outcome, "exiting")
         return 2
-    return 0 if outcome["result"].ok else 1
+    assert running.outcome is not None
+    return 0 if running.outcome.ok else 1
+
+
+def _skipped(seconds_left: float, not_before: float) -> int:
+    log.error(kv(event="final_push_skipped", seconds_left=round(seconds_left, 1),
+                 hub_wait_s=round(not_before - time.monotonic()),
+                 action="exiting; the next sidecar pushes what is left"))
+    return 1
+
+
+def _timed_out(grace_seconds: float) -> int:
+    log.error(kv(event="final_push_timeout", grace_s=grace_seconds,
+                 action="exiting within the stop grace period; the next sidecar pushes what is left"))
+    return 1
+
+
+def _estimate(cfg: HubConfig, syncer: Syncer, seconds_left: float) -> dict[str, Any]:
+    """Whether the newest local checkpoint can go up in `seconds_left` at the last push's speed (a fresh
+    sidecar has none: unknown); a checkpoint is complete on the Hub only once whole, so a push that runs
+    out of time leaves the one before it the newest there."""
+    for stage in reversed(layout.STAGES):
+        if (newest := layout.latest(layout.stage_dir(cfg.base_dir, stage, cfg.model_tag))) is not None:
+            break
+    else:
+        return {"newest": "-"}
+    fields: dict[str, Any] = {"newest": f"{stage}:{newest.step}", "bytes": newest.total_bytes}
+    if newest.step in syncer.on_hub.get(stage, set()):
+        return fields | {"fits": "on_hub"}
+    if syncer.speed is None:
+        return fields | {"mb_s": "-", "fits": "unknown"}
+    needs = newest.total_bytes / syncer.speed
+    return fields | {"mb_s": round(syncer.speed / 1e6, 1), "needs_s": round(needs, 1),
+                     "fits": "yes" if needs < seconds_left else "no"}
 
 
 def _exit(code: int) -> None:
     """sys.exit, unless a final push was left running: then leave at once rather than wait for it."""
-    if any(t.name == _FINAL_PUSH_THREAD and t.is_alive() for t in threading.enumerate()):
+    if any(t.name == _PASS_THREAD and t.is_alive() for t in threading.enumerate()):
         logging.shutdown()
         os._exit(code)
     sys.exit(code)

@@ -44,6 +44,8 @@ The real Hub's terms (terms.py), each off by default; a test switches on what it
 - `refuse_shared_names = True` [--refuse-shared-names]: creating a bucket whose id a model or dataset repo
   has, or a repo whose id a bucket has, answers 409 with the `url` of what holds the id, the shape of the
   Hub's "already created" answer, which `create_bucket`/`create_repo(exist_ok=True)` take for success.
+- `gate(repo_id, repo_type)`: a gated repo; anyone may see it and list its files, only its owner download
+  them (403 `GatedRepo`, the Hub's "Access to model X is restricted and you are not in the authorized list")
 
 State lives in a data directory, so a server can be restarted over the same data:
 

@@ -60,6 +60,7 @@ class FileRoutes(HubRequest):
         """The `xet-auth` link of a resolve answer names the pack; a token for a whole revision is only
         possible when its Xet files share one pack (the tree gives no xetHash: clients ask per file)."""
         commit = self.hub._rev_commit(repo, self._readable(repo), rev)
+        self.hub._check_gate(repo, self._user())
         packs = {e["xet"]["pack"] for e in commit["files"].values() if "xet" in e}
         wanted = self._query.get("pack", [""])[0] or (next(iter(packs)) if len(packs) == 1 else "")
         if wanted not in packs:
@@ -71,6 +72,7 @@ class FileRoutes(HubRequest):
     def _download(self, repo: Repo, rev: str, path: str) -> None:
         hub = self.hub
         commit = hub._rev_commit(repo, self._readable(repo), rev)
+        hub._check_gate(repo, self._user())
         entry = commit["files"].get(path)
         if entry is None:  # the client caches the miss under X-Repo-Commit
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit["id"]})

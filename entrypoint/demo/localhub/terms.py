@@ -1,6 +1,6 @@
 """The real Hub's terms, each off by default so tests choose: storage credited late after a squash or an LFS
-purge, an hourly commit quota, the storage-patterns lock, Xet token and object faults, and one id shared by a
-bucket and a repo. The routes ask here; the figures are in repos.py and buckets.py."""
+purge, an hourly commit quota, the storage-patterns lock, Xet token and object faults, one id shared by a
+bucket and a repo, and gated repos. The routes ask here; the figures are in repos.py and buckets.py."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ class HubTerms:
         self.commit_quota: CommitQuota | None = None
         self.storage_locked: set[str] = set()  # namespaces whose storage patterns tripped the Hub
         self.refuse_shared_names = False  # 409 for a bucket with a repo's id, and for a repo with a bucket's
+        self.gated: set[Repo] = set()  # repos whose files only their owner may download (`gate`)
         self._credits_file = self.data_dir / "credits.json"
         self._credits: list[dict[str, Any]] = (
             json.loads(self._credits_file.read_text()) if self._credits_file.exists() else []
@@ -99,6 +100,11 @@ class HubTerms:
 
     def unlock_storage(self, namespace: str) -> None:
         self.storage_locked.discard(namespace)
+
+    def gate(self, repo_id: str, repo_type: str = "model") -> None:
+        """Gate a repo as the Hub does for one whose conditions a user must accept: anyone may see it and
+        list its files, but only its owner (no one has accepted) may download them: 403 `GatedRepo`."""
+        self.gated.add((repo_type, repo_id))
 
     def fail_xet_next(self, error: str = "auth", transfer: str = "upload", n: int = 1) -> None:
         """Make the next `n` Xet uploads or downloads (repos and buckets) fail inside hf_xet:
@@ -156,6 +162,13 @@ class HubTerms:
                            "RateLimit-Policy": policy}
                 raise HubError(429, COMMIT_QUOTA_MESSAGE, headers=headers)
             self._commit_windows[user] = (start, used + 1)
+
+    def _check_gate(self, repo: Repo, user: str | None) -> None:
+        if repo in self.gated and user != repo[1].split("/")[0]:
+            kind = "dataset" if repo[0] == "dataset" else "model"
+            raise HubError(403 if user else 401, f"Access to {kind} {repo[1]} is restricted and you are not "
+                           "in the authorized list. Visit https://huggingface.co/" + repo[1] + " to ask for "
+                           "access.", "GatedRepo")
 
     def _check_storage_lock(self, namespace: str) -> None:
         if namespace in self.storage_locked:
