@@ -17,7 +17,7 @@ from entrypoint.hub.errors import HubError
 from entrypoint.hub.store import StoreView, counted_bytes
 from entrypoint.hub.stores import open_store
 from entrypoint.launch.volume import FailureLog
-from entrypoint.logs import redact
+from entrypoint.logs import is_number, is_step_record, read_json, read_records, redact
 from entrypoint.sidecar.sync import due
 from trainer import checkpoint_layout as layout
 from trainer import recovery
@@ -26,18 +26,12 @@ SHOWN_INTERRUPTIONS = 5  # the newest ones in the text view (--json has all)
 
 
 def _recent_steps(cfg: HubConfig, stage: str, window: int = 50) -> list[dict[str, Any]]:
-    path = cfg.base_dir / "logs" / f"train_{stage}_{cfg.model_tag}.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()[-4 * window:]
-    return [r for r in map(json.loads, lines) if "loss" in r][-window:]
+    records = read_records(cfg.base_dir / "logs" / f"train_{stage}_{cfg.model_tag}.jsonl")
+    return [r for r in records[-4 * window:] if is_step_record(r)][-window:]
 
 
 def _heartbeat(cfg: HubConfig) -> dict[str, Any]:
-    try:
-        return json.loads((cfg.base_dir / "logs" / f"heartbeat_{cfg.model_tag}.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
+    return read_json(cfg.base_dir / "logs" / f"heartbeat_{cfg.model_tag}.json") or {}
 
 
 def _quota_error(cfg: HubConfig) -> str | None:
@@ -105,8 +99,9 @@ def collect(cfg: HubConfig, with_hub: bool = True) -> dict[str, Any]:
             "tok_per_sec": round(statistics.median(r["tok_per_sec"] for r in recent)) if recent else None,
             "eta_seconds": None,
         }
-        if recent and heartbeat.get("stage") == stage and not entry["done"]:
-            remaining = heartbeat.get("num_iterations", 0) - recent[-1]["step"]
+        total = heartbeat.get("num_iterations")
+        if recent and heartbeat.get("stage") == stage and not entry["done"] and is_number(total):
+            remaining = total - recent[-1]["step"]
             entry["eta_seconds"] = round(max(0, remaining) * statistics.median(r["dt"] for r in recent))
         report["stages"][stage] = entry
     report["failures"] = FailureLog(cfg.base_dir, cfg.model_tag, limit=0).read()

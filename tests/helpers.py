@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,26 @@ def plant_edited_checkpoint(source: layout.Checkpoint, into: Path, edit: Callabl
 def weights_sha256(base: Path, step: int, stage: str = "base") -> str:
     path = checkpoint_dir(base, stage) / layout.step_dir_name(step) / "model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real small disk at `path` (root mounts a tmpfs), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this test needs root to mount a small tmpfs: {mounted.stderr}"
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path) -> None:
+    """Take every free byte of `disk` (a file named filler)."""
+    with open(disk / "filler", "wb", buffering=0) as f, suppress(OSError):
+        while f.write(bytes(65536)):
+            pass
 
 
 def seed_volume(template: Path, base: Path) -> None:

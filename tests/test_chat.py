@@ -131,15 +131,26 @@ def test_a_base_checkpoint_completes_text(trained, tmp_path):
 
 def test_nothing_to_load_is_one_error_line(tmp_path):
     done = chat(tmp_path / "empty", "-p", "hi")
-    assert done.returncode == 1
+    assert done.returncode == 2  # a user error, as everywhere (1 is a crash)
     assert done.stderr.startswith("error: no checkpoint of MODEL_TAG=") and done.stderr.count("\n") == 1
+
+
+def test_user_errors_are_one_line_exit_2(hub, tmp_path):
+    done = chat(tmp_path / "empty", "-p", "hi", "--max-tokens", "-5")
+    assert done.returncode == 2
+    assert done.stderr == "error: --max-tokens -5 is below 1: give --max-tokens 1 or more\n"
+    # Reading an export asks for no write token: a private (or missing) one needs a token that can read it.
+    done = chat(tmp_path / "empty", "-p", "hi", "--from", f"{hub.user}/private-export", HF_TOKEN="")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "HF_TOKEN is not set" in done.stderr and "a read token will do" in done.stderr
+    assert "write" not in done.stderr
 
 
 def test_chat_fetches_only_the_weights_from_the_hub_when_the_volume_has_none(trained, hub, tmp_path):
     repo = f"{hub.user}/checkpoints"
     empty = tmp_path / "empty"
     done = chat(empty, "-p", QUESTION, **hub.env, HF_REPO_ID=repo)
-    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert done.stderr.startswith(f"error: no checkpoint of MODEL_TAG={MODEL_TAG}") and repo in done.stderr
 
     pushed = tmp_path / "pushed"

@@ -18,7 +18,7 @@ import torch
 
 from bench.gpu_probes import COMPILE_RTOL, bf16_check, compile_check
 from trainer.model import GPT, config_for_depth
-from trainer.runtime import compiles, compiles_update
+from trainer.runtime import ConfigError, compiles, compiles_update
 from trainer.sft import parse_sft_config
 from trainer.train import parse_config
 
@@ -79,7 +79,7 @@ def test_compile_flag_is_honest_on_every_device():
     assert compiles_update("auto", cuda) and compiles_update("auto", cpu, depth4)
     assert not compiles_update("on", cpu, tiny) and not compiles_update("off", cpu, depth4)
     assert compiles("on", cpu) and not compiles("off", cuda)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="not allowed with"):  # one line, exit 2
         parse_config(["--preset", "tiny", "--compile", "--no-compile"])
 
 

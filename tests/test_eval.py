@@ -27,7 +27,7 @@ from entrypoint.tools.eval import (
     resolve_bundle,
     results_path,
 )
-from tests.helpers import MODEL_TAG, chat_conversations, fill_checkpoint, run_phoenix
+from tests.helpers import MODEL_TAG, chat_conversations, fill, fill_checkpoint, run_phoenix, small_tmpfs
 from trainer import checkpoint_layout as layout
 from trainer.chat_eval import (
     TASKS,
@@ -39,9 +39,12 @@ from trainer.chat_eval import (
     is_right,
 )
 from trainer.core_eval import (
+    BundleError,
     CoreTask,
     centered,
     evaluate_task,
+    load_bundle,
+    load_examples,
     prepare,
     render_language_modeling,
     render_multiple_choice,
@@ -328,6 +331,62 @@ def test_eval_base_bundle_from_a_zip_url_is_unpacked_once(hub, tmp_path):
     folder = resolve_bundle(url, tmp_path)
     assert (folder / "eval_data" / "recite.jsonl").is_file() and folder.parent == tmp_path / "eval_bundle"
     assert resolve_bundle(url, tmp_path) == folder
+
+
+def test_a_bad_eval_bundle_is_one_line_and_never_fills_the_volume(hub, tmp_path, tokenizer_dir):
+    base = tmp_path / "volume"
+    write_model(base, "base", 10, tokenizer_dir)
+    env = {**hub.env, "NANOCHAT_BASE_DIR": str(base), "MODEL_TAG": MODEL_TAG, "WANDB_MODE": "offline"}
+
+    def refused(bundle: str, *flags: str, volume: Path = base) -> str:
+        code, out = run_phoenix({**env, "NANOCHAT_BASE_DIR": str(volume)}, "eval", "base", "--bundle", bundle,
+                                "--device", "cpu", *flags)
+        lines = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert code == 2 and "Traceback" not in out and len(lines) == 1, out
+        return lines[0]
+
+    def zipped(files: dict[str, bytes]) -> str:
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in files.items():
+                zf.writestr(f"eval_bundle/{name}", data)
+        name = f"b{len(list(tmp_path.glob('*.zip')))}.zip"
+        (tmp_path / name).write_bytes(archive.getvalue())
+        hub.server.publish_dataset(f"phoenix-test/{name[:-4]}", {name: archive.getvalue()})
+        return f"{hub.url}/datasets/phoenix-test/{name[:-4]}/resolve/main/{name}"
+
+    # Bigger than allowed, packed (random bytes) or only once unpacked (zeros): nothing lands.
+    noise = zipped({**core_bundle(), "noise.bin": np.random.default_rng(0).bytes(1_500_000)})
+    assert "more than the 1.0 MB allowed" in refused(noise, "--max-bundle-mb", "1")
+    zeros = zipped({**core_bundle(), "zeros.bin": bytes(3_000_000)})
+    assert "3.0 MB, more than the 1.0 MB allowed" in refused(zeros, "--max-bundle-mb", "1")
+    assert not [p for p in (base / "eval_bundle").rglob("*") if p.is_file()]
+
+    # A full volume is the volume's fault, not the network's.
+    with small_tmpfs(tmp_path / "small_volume", "1m") as small:
+        write_model(small, "base", 10, tokenizer_dir)
+        fill(small)
+        line = refused(zeros, volume=small)
+    assert "No space left on device" in line and "free space on the volume" in line and "network" not in line
+
+    # Folders: malformed YAML (through the command), a dataset_uri outside the bundle, a malformed example.
+    def folder(name: str, change: dict[str, bytes]) -> Path:
+        for path, data in {**core_bundle(), **change}.items():
+            (tmp_path / name / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / path).write_bytes(data)
+        return tmp_path / name
+
+    malformed = folder("yaml", {"core.yaml": b"icl_tasks: ["})
+    assert "core.yaml or eval_meta_data.csv is malformed" in refused(str(malformed))
+    outside = core_bundle()["core.yaml"].replace(b"recite.jsonl", b"../../secret.jsonl")
+    with pytest.raises(BundleError, match=r"dataset_uri '../../secret.jsonl' is not a path inside eval_da"):
+        load_bundle(folder("outside", {"core.yaml": outside}))
+    torn = folder("torn", {"eval_data/pick_first.jsonl": jsonl([MC_ITEM]) + b'{"query": "Q:", "choi\n'})
+    with pytest.raises(BundleError, match="line 2 of .* is malformed"):
+        load_examples(torn, load_bundle(torn)[0])
+    wrong = folder("wrong", {"eval_data/pick_first.jsonl": jsonl([MC_ITEM, {**MC_ITEM, "gold": 7}])})
+    with pytest.raises(BundleError, match="gold 7 is not an index into 'choices'"):
+        load_examples(wrong, load_bundle(wrong)[0])
 
 
 def parquet(rows: list[dict]) -> bytes:

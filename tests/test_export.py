@@ -90,11 +90,11 @@ def test_export_then_chat_from_round_trips_on_the_local_hub(volume, hub, tmp_pat
 def test_export_refuses_the_checkpoint_store_a_bad_repo_and_an_empty_volume(hub, tmp_path):
     env = {**hub.env, "HF_REPO_ID": f"{hub.user}/checkpoints"}
     done = phoenix(env, tmp_path / "empty", "export", "--repo", f"{hub.user}/checkpoints")
-    assert done.returncode == 1 and "is the checkpoint store HF_REPO_ID" in done.stderr
+    assert done.returncode == 2 and "is the checkpoint store HF_REPO_ID" in done.stderr
     done = phoenix(env, tmp_path / "empty", "export", "--repo", "no-namespace")
-    assert done.returncode == 1 and done.stderr.startswith("error: --repo 'no-namespace' is not a repo id")
+    assert done.returncode == 2 and done.stderr.startswith("error: --repo 'no-namespace' is not a repo id")
     done = phoenix(env, tmp_path / "empty", "export", "--repo", f"{hub.user}/tiny-chat")
-    assert done.returncode == 1
+    assert done.returncode == 2  # user errors exit 2, as everywhere (1 is a crash)
     assert done.stderr.startswith(f"error: no complete checkpoint of MODEL_TAG={MODEL_TAG}")
     assert done.stderr.count("\n") == 1
     assert not HfApi(endpoint=hub.url, token=hub.token).repo_exists(f"{hub.user}/tiny-chat")  # nothing made

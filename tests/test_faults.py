@@ -22,9 +22,12 @@ from huggingface_hub import HfApi
 
 from tests.helpers import (
     MODEL_TAG,
+    fill,
     kill_tree,
     publish_chat_dataset,
     run_phoenix,
+    run_process,
+    small_tmpfs,
     tiny_job,
     weights_sha256,
 )
@@ -342,3 +345,63 @@ def test_secrets_stay_out_of_outputs_files_status_and_command_lines(job, hub):
         if path.is_file():
             data = path.read_bytes()
             assert all(s.encode() not in data for s in (hf_token, wandb_key, bad)), path
+
+
+def test_a_full_log_disk_never_stops_training_or_a_stop(job, tmp_path):
+    """logs/phoenix_run.log cannot grow: on a full disk (ENOSPC), then past the file size limit (EFBIG).
+    The workers' output must keep flowing to stdout, a stop must still end in an emergency checkpoint."""
+    env, volume = job
+    logs = volume / "logs"
+    logs.mkdir()
+    with small_tmpfs(tmp_path / "full_disk", "64k") as full:
+        fill(full)
+        (logs / "phoenix_run.log").symlink_to(full / "filler")  # only the log is on the full disk
+        code, out = run_phoenix(env, "run", *TRAIN, kill_when=lambda line: "step 00012/" in line,
+                                sig=signal.SIGTERM, timeout=120)
+    assert code == 0, out
+    assert "Traceback" not in out and "Logging error" not in out, out
+    assert out.count("event=log_file_failed") == 1 and "No space left on device" in out
+    stopped = layout.latest(ckpt_dir(volume))
+    assert stopped.meta()["stopped"] and not stopped.done and stopped.step >= 12
+    assert status(volume)["status"] == "stopped"
+
+    # Past RLIMIT_FSIZE (a sparse 64 MiB log, the limit at its end): every write fails with EFBIG, and
+    # the processes ignore SIGXFSZ as Python does. The relaunch resumes and finishes.
+    (logs / "phoenix_run.log").unlink()
+    limit = 64 * 2**20
+    with open(logs / "phoenix_run.log", "wb") as f:
+        f.truncate(limit)
+    command = ["prlimit", f"--fsize={limit}", sys.executable, "-m", "entrypoint", "run", *TRAIN]
+    code, out = run_process(command, env, timeout=120)
+    assert code == 0, out
+    assert "Traceback" not in out and out.count("event=log_file_failed") == 1 and "File too large" in out
+    assert f"resuming from step={stopped.step}" in out and f"step {STEPS:05d}/" in out
+    assert layout.latest(ckpt_dir(volume)).done and (logs / "phoenix_run.log").stat().st_size == limit
+
+
+def test_a_sigterm_storm_during_prepare_ends_as_a_stop(job, hub):
+    """docker stop (and a supervisor that repeats it) while the data is still downloading."""
+    env, volume = job
+    hub.server.throttle_bps = 20_000  # the shards take a while
+    proc = subprocess.Popen([sys.executable, "-m", "entrypoint", "run", *TRAIN],
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "entrypoint.launch.prepare base" in line:
+            break
+
+    def storm() -> None:
+        while proc.poll() is None:
+            with suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            time.sleep(0.001)
+
+    stormer = threading.Thread(target=storm)
+    stormer.start()
+    out += proc.stdout.readlines()
+    proc.wait(timeout=60)
+    stormer.join()
+    assert proc.returncode == 0, "".join(out)
+    assert "Traceback" not in "".join(out) and status(volume)["status"] == "stopped"

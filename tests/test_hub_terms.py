@@ -172,6 +172,7 @@ def test_a_bucket_refused_the_repos_id_takes_its_second_name(hub, env, tmp_path)
     volume, step = restore_on_empty_volume(env, tmp_path, "redeployed")  # restore looks there too
     assert step == 1 and digests(volume, 1) == digests(base, 1)
     # A bucket named by HF_BUCKET_ID has no second name: the refusal is one line saying what to set.
+    (tmp_path / "other").mkdir()  # a mounted volume: sync never creates one
     named = env | {"HF_BUCKET_ID": env["HF_REPO_ID"], "NANOCHAT_BASE_DIR": str(tmp_path / "other")}
     refused = subprocess.run(PHOENIX + ["sync", "--once"], env=named, capture_output=True, text=True,
                              timeout=60)

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from entrypoint.hub.client import Hub
 from entrypoint.hub.config import TRAINER_STATUS_FILE, HubConfig
 from entrypoint.hub.errors import RepoMissing
-from entrypoint.hub.stores import claim_generation
+from entrypoint.hub.stores import claim_generation, open_store
 from entrypoint.sidecar.sync import Syncer
 from tests.helpers import fill_checkpoint
 from trainer import checkpoint_layout as layout
@@ -68,9 +68,9 @@ def api(hub) -> HfApi:
 
 
 def hub_steps(hub, env: dict[str, str], stage: str = "base") -> list[int]:
-    cfg = HubConfig.from_env(env)
+    """The complete checkpoints of `stage` in the run's store (the bucket or the git repo), oldest first."""
     try:
-        return sorted(Hub(cfg).snapshot().complete_steps(cfg, stage))
+        return sorted(open_store(HubConfig.from_env(env)).view().steps(stage))
     except RepoMissing:
         return []
 

@@ -17,7 +17,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -64,20 +64,57 @@ def load_bundle(bundle_dir: Path) -> list[CoreTask]:
         if not path.is_file():
             raise BundleError(f"eval bundle {bundle_dir} has no {path.name}: point EVAL_BUNDLE at a folder "
                               "with core.yaml, eval_meta_data.csv and eval_data/")
-    with open(meta_path, encoding="utf-8") as f:
-        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-    tasks = []
-    for entry in yaml.safe_load(config_path.read_text(encoding="utf-8"))["icl_tasks"]:
-        label = entry["label"]
-        if entry["icl_task_type"] not in TASK_TYPES:
-            raise BundleError(f"task {label}: unknown icl_task_type {entry['icl_task_type']!r}")
-        if label not in baselines:
-            raise BundleError(f"task {label} has no random baseline in {meta_path}")
-        tasks.append(CoreTask(label=label, task_type=entry["icl_task_type"], dataset_uri=entry["dataset_uri"],
-                              num_fewshot=entry["num_fewshot"][0],
-                              continuation_delimiter=entry.get("continuation_delimiter", " "),
-                              random_baseline=baselines[label]))
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+        entries = yaml.safe_load(config_path.read_text(encoding="utf-8"))["icl_tasks"]
+        tasks = [_task(entry, baselines, meta_path) for entry in entries]
+    except BundleError:
+        raise
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise BundleError(f"eval bundle {bundle_dir}: core.yaml or eval_meta_data.csv is malformed "
+                          f"({type(exc).__name__}: {exc}): use nanochat's eval_bundle or a copy of its "
+                          "layout") from None
     return tasks
+
+
+def _task(entry: dict[str, Any], baselines: dict[str, float], meta_path: Path) -> CoreTask:
+    label, uri = entry["label"], entry["dataset_uri"]
+    if entry["icl_task_type"] not in TASK_TYPES:
+        raise BundleError(f"task {label}: unknown icl_task_type {entry['icl_task_type']!r}")
+    if label not in baselines:
+        raise BundleError(f"task {label} has no random baseline in {meta_path}")
+    # A path inside eval_data/, never beside or above it (the bundle may come from anyone).
+    if not isinstance(uri, str) or PurePosixPath(uri).is_absolute() or ".." in PurePosixPath(uri).parts:
+        raise BundleError(f"task {label}: dataset_uri {uri!r} is not a path inside eval_data/")
+    shots = entry["num_fewshot"][0]
+    if type(shots) is not int or shots < 0:
+        raise BundleError(f"task {label}: num_fewshot {shots!r} is not a count")
+    return CoreTask(label=label, task_type=entry["icl_task_type"], dataset_uri=uri, num_fewshot=shots,
+                    continuation_delimiter=str(entry.get("continuation_delimiter", " ")),
+                    random_baseline=baselines[label])
+
+
+# What each task type reads from an example: text fields, lists of texts, and `gold` (an index into them).
+_EXAMPLE_FIELDS = {"multiple_choice": (("query",), "choices"),
+                   "schema": (("continuation",), "context_options"),
+                   "language_modeling": (("context", "continuation"), None)}
+
+
+def _example_problem(task_type: str, example: Any) -> str | None:
+    if not isinstance(example, dict):
+        return "not a JSON object"
+    texts, options = _EXAMPLE_FIELDS[task_type]
+    for name in texts:
+        if not isinstance(example.get(name), str):
+            return f"no text {name!r}"
+    if options is not None:
+        choices, gold = example.get(options), example.get("gold")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            return f"{options!r} is not a list of texts"
+        if type(gold) is not int or not 0 <= gold < len(choices):
+            return f"gold {gold!r} is not an index into {options!r}"
+    return None
 
 
 def load_examples(bundle_dir: Path, task: CoreTask, max_per_task: int = -1) -> list[dict[str, Any]]:
@@ -85,8 +122,22 @@ def load_examples(bundle_dir: Path, task: CoreTask, max_per_task: int = -1) -> l
     path = bundle_dir / "eval_data" / task.dataset_uri
     if not path.is_file():
         raise BundleError(f"task {task.label}: {path} is missing from the eval bundle")
-    with open(path, encoding="utf-8") as f:
-        data = [json.loads(line) for line in f if line.strip()]
+    data = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except ValueError:
+                example = None
+            if problem := _example_problem(task.task_type, example):
+                raise BundleError(f"task {task.label}: line {number} of {path} is malformed ({problem}): "
+                                  "fix or replace the eval bundle")
+            data.append(example)
+    if len(data) <= task.num_fewshot:
+        raise BundleError(f"task {task.label}: {len(data)} examples in {path}, too few for "
+                          f"{task.num_fewshot}-shot prompts")
     random.Random(SHUFFLE_SEED).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
 

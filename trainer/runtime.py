@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -45,13 +45,21 @@ class ConfigError(ValueError):
     """Bad input the user can fix: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse refuses a flag with a usage block and `prog: error: ...`: one ConfigError line instead, which
+    the stage (or `phoenix run`'s prepare step) prints as its `error:` line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}: see python -m {self.prog} --help")
+
+
 def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
                       presets: dict[str, dict[str, Any]], env_names: dict[str, str]) -> Any:
     """Defaults < preset < environment (the seed script's names) < flags, for a stage's config dataclass.
 
     Every field but preset/compile/allow_fresh_start becomes a `--field-name` flag of its own type.
     """
-    parser = argparse.ArgumentParser(prog=prog)
+    parser = _Parser(prog=prog)
     parser.add_argument("--preset", default=os.environ.get("PRESET", "d26"))
     for field in fields(config_class):
         if field.name not in ("preset", "compile", "allow_fresh_start"):
@@ -71,7 +79,11 @@ def config_from_flags(config_class: type, argv: list[str] | None, prog: str,
     cfg = config_class(preset=args.preset, **presets[args.preset])
     for name, var in env_names.items():
         if os.environ.get(var):
-            setattr(cfg, name, type(getattr(cfg, name))(os.environ[var]))
+            kind = type(getattr(cfg, name))
+            try:
+                setattr(cfg, name, kind(os.environ[var]))
+            except ValueError:
+                raise ConfigError(f"{var}={os.environ[var]!r} is not a {kind.__name__}: fix it") from None
     for field in fields(config_class):
         value = getattr(args, field.name, None)
         if value is not None and field.name != "preset":

@@ -151,6 +151,10 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
         code, _ = _train(volume, env, steps, None)
         if code != 0:
             raise click.ClickException(f"the redeployed run failed (exit {code})")
+        # The new instance's sidecar pushes the final checkpoint, and prunes (and squashes) the older ones.
+        with open(sidecar_log, "a") as out:
+            subprocess.run([*PHOENIX, "sync", "--once"], env={**env, "NANOCHAT_BASE_DIR": str(volume),
+                           "MODEL_TAG": MODEL_TAG, "HF_KEEP_LAST": "2"}, stdout=out, stderr=subprocess.STDOUT)
         counted, pruned = _counted(sidecar_log)
 
     metrics = _metrics(reference)
@@ -161,9 +165,9 @@ def demo_command(workdir: Path | None, shards: Path | None, steps: int, kill_at:
                f"(step {steps})")
     click.echo(f"  tok/s (median)  {statistics.median(m['tok_per_sec'] for m in metrics):,.0f} on CPU")
     click.echo(f"  reference run   {seconds:.1f} s including start-up")
-    if counted:
-        click.echo(f"  Hub storage     peak {max(counted) / 1e6:.1f} MB, {counted[-1] / 1e6:.1f} MB when the "
-                   f"instance was lost (HF_KEEP_LAST=2, {pruned} checkpoints pruned)")
+    storage = (f"peak {max(counted) / 1e6:.1f} MB before pruning, now {counted[-1] / 1e6:.1f} MB" if counted
+               else "no sync pass finished")
+    click.echo(f"  Hub storage     {storage} (HF_KEEP_LAST=2, {pruned} checkpoints pruned)")
     reference_losses = {m["step"]: m["loss"] for m in metrics}
     # The redeployed volume logs only the steps it ran itself (the old volume's logs were lost with it).
     same_losses = bool(resumed) and all(reference_losses.get(step) == loss for step, loss in resumed.items())

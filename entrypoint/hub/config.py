@@ -5,7 +5,7 @@ the Hub repo and the volume share (the repo mirrors the volume: one relative pat
 from __future__ import annotations
 
 import os
-import sys
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from entrypoint.hub.errors import HubFatal, bad_repo_id
-from entrypoint.logs import redact
+from entrypoint.logs import fail
 from trainer import checkpoint_layout as layout
 from trainer import fencing
 
@@ -37,7 +37,17 @@ EVAL_DIR = "eval"  # runs/<tag>/eval/<stage>_stepNNNNNN.json: `phoenix eval` res
 GENERATION_FILE = fencing.GENERATION_FILE
 TRAINER_STATUS_FILE = "trainer_status.json"
 REPO_TYPES = ("model", "dataset", "bucket")
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+# MODEL_TAG names folders on the volume and paths in the Hub repo: one plain name, never a path.
+_MODEL_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def model_tag_problem(tag: str) -> str | None:
+    """One line when `tag` could name anything but one folder of its own ('../x', 'a/b', ' '), else None."""
+    if _MODEL_TAG.fullmatch(tag) and ".." not in tag:
+        return None
+    return (f"MODEL_TAG={tag!r} is not a safe name: use 1-64 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (no '/', no '..')")
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,9 @@ class HubConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HubConfig:
         """Raise HubFatal (one line: which variable, what to set) on a malformed value."""
         env = os.environ if environ is None else environ
+        model_tag = env.get("MODEL_TAG", "").strip() or DEFAULT_MODEL_TAG
+        if problem := model_tag_problem(model_tag):
+            raise HubFatal(problem)
         repo_id = env.get("HF_REPO_ID", "").strip() or None
         # The bare-name form only works for create_repo, not for reads.
         if repo_id is not None and (not _valid_id(repo_id) or repo_id.count("/") != 1):
@@ -71,7 +84,7 @@ class HubConfig:
             raise HubFatal(f"HF_REPO_TYPE={repo_type!r} is not supported: set it to 'model', 'dataset' or "
                            "'bucket' (checkpoints in a Storage Bucket)")
         private_text = env.get("HF_PRIVATE", "").strip().lower() or "true"
-        if private_text not in _TRUE | _FALSE:
+        if private_text not in TRUE_WORDS | FALSE_WORDS:
             raise HubFatal(f"HF_PRIVATE={private_text!r} is not a boolean: set it to 'true' or 'false'")
         interval_text = env.get("HF_SYNC_INTERVAL", "").strip() or str(DEFAULT_SYNC_INTERVAL)
         try:
@@ -105,10 +118,10 @@ class HubConfig:
         credit = _positive(env, "HF_SQUASH_CREDIT_HOURS", DEFAULT_CREDIT_HOURS, "36", zero_ok=True)
         return cls(
             base_dir=Path(env.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat"),
-            model_tag=env.get("MODEL_TAG", "").strip() or DEFAULT_MODEL_TAG,
+            model_tag=model_tag,
             repo_id=repo_id,
             repo_type=repo_type,
-            private=private_text in _TRUE,
+            private=private_text in TRUE_WORDS,
             token=env.get("HF_TOKEN") or None,
             endpoint=(env.get("HF_ENDPOINT") or "").rstrip("/") or None,
             sync_interval=interval,
@@ -125,8 +138,7 @@ class HubConfig:
         try:
             return cls.from_env()
         except HubFatal as exc:
-            print(f"error: {redact(str(exc))}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(exc))
 
     # The repo mirrors the volume, so one relative path names a file in both places.
     def local(self, path_in_repo: str) -> Path:

@@ -31,6 +31,7 @@ log = logging.getLogger("phoenix.run")
 # Presets' model geometry, for the disk-space estimate without importing torch.
 _PRESET_GEOMETRY = {"tiny": (2, 32, 2048), "d20": (20, 64, 32768), "d24": (24, 64, 32768),
                     "d26": (26, 64, 32768)}
+DEVICES = ("auto", "cuda", "cpu")
 
 
 def visible_gpus() -> int:
@@ -74,7 +75,7 @@ def checkpoint_bytes_estimate(cfg: RunConfig) -> int:
 
 def preflight(cfg: RunConfig, check_hub: bool = True) -> list[str]:
     """Every set-up problem, one line each saying what to do; empty when the run can start."""
-    problems = []
+    problems = list(cfg.problems)  # malformed settings
     base = cfg.base_dir
     if not base.is_dir():
         problems.append(f"NANOCHAT_BASE_DIR={base} does not exist: mount the persistent volume there "
@@ -94,6 +95,8 @@ def preflight(cfg: RunConfig, check_hub: bool = True) -> list[str]:
                             f"{need / 2**30:.1f} GiB: free space, lower KEEP_LAST or grow the volume")
     if cfg.preset not in _PRESET_GEOMETRY:
         problems.append(f"PRESET={cfg.preset} is unknown: use one of {', '.join(_PRESET_GEOMETRY)}")
+    if cfg.device not in DEVICES:
+        problems.append(f"DEVICE={cfg.device!r} is unknown: use one of {', '.join(DEVICES)}")
     gpus = visible_gpus()
     if cfg.device == "cuda" and not gpus:
         problems.append("DEVICE=cuda but no GPU is visible: check the NVIDIA runtime / GPU reservation")

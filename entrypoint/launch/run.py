@@ -94,9 +94,9 @@ def volume_progress(cfg: RunConfig) -> str:
 # The story
 
 
-def run(cfg: RunConfig, max_failures: int = 3) -> int:
+def run(cfg: RunConfig) -> int:
     """One launch, with the crash-loop guard around it; returns the exit code."""
-    failures = FailureLog(cfg.base_dir, cfg.model_tag, max_failures, cfg.node_rank)
+    failures = FailureLog(cfg.base_dir, cfg.model_tag, cfg.max_failures, cfg.node_rank)
     held = failures.read()
     if (held and held.get("held") and held.get("kind") in _REFUSED_KINDS
             and held.get("fingerprint") == cfg.fingerprint and held.get("progress") == volume_progress(cfg)):
@@ -140,7 +140,7 @@ def _launch(cfg: RunConfig) -> int:
     except LockHeld as exc:
         raise PreflightError(f"another {exc.command} is training this MODEL_TAG on this volume "
                              f"({exc.description}): stop it first, or use another MODEL_TAG") from None
-    launcher = Launcher(_log_file())
+    launcher = Launcher(_log_file(cfg.base_dir))
     signal.signal(signal.SIGTERM, launcher.on_signal)
     signal.signal(signal.SIGINT, launcher.on_signal)
     # A cloud's preemption notice stops the launch as SIGTERM does, whatever phase it is in.
@@ -338,31 +338,36 @@ def _evaluate_if_asked(cfg: RunConfig, stage: str, status: StatusFile) -> None:
 
 
 @click.command("run", context_settings={"ignore_unknown_options": True})
-@click.option("--model-tag", envvar="MODEL_TAG", default="d26-hyperbolic", show_default=True)
-@click.option("--preset", envvar="PRESET", default="d26", show_default=True)
-@click.option("--nproc-per-node", envvar="NPROC_PER_NODE", type=int, default=None,
-              help="Processes per node [default: all visible GPUs]")
-@click.option("--run-sft/--no-sft", envvar="RUN_SFT", default=True, show_default=True)
-@click.option("--device", envvar="DEVICE", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
+@click.option("--model-tag", help="[env MODEL_TAG; default: d26-hyperbolic]")
+@click.option("--preset", help="[env PRESET; default: d26]")
+@click.option("--nproc-per-node", help="Processes per node [env NPROC_PER_NODE; default: all visible GPUs]")
+@click.option("--run-sft/--no-sft", default=None, help="[env RUN_SFT; default: --run-sft]")
+@click.option("--device", help="auto, cuda or cpu [env DEVICE; default: auto]")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
-def run_command(model_tag: str, preset: str, nproc_per_node: int | None, run_sft: bool, device: str,
-                train_args: tuple[str, ...]) -> None:
+def run_command(model_tag: str | None, preset: str | None, nproc_per_node: str | None, run_sft: bool | None,
+                device: str | None, train_args: tuple[str, ...]) -> None:
     """Preflight, lock, restore, then base pretraining and SFT under torchrun.
 
     Base trainer flags go after --; SFT flags in the SFT_ARGS variable."""
-    setup_logging(_log_file())
-    # Flags override the environment (click already read it as their default): fold them back in.
-    environ = {**os.environ, "MODEL_TAG": model_tag, "PRESET": preset, "RUN_SFT": str(int(run_sft)),
-               "DEVICE": device, "NPROC_PER_NODE": "" if nproc_per_node is None else str(nproc_per_node)}
+    # Flags override the environment. Values are checked by RunConfig and preflight, not by click, so a
+    # malformed one is one `error:` line the crash-loop guard counts.
+    flags = {"MODEL_TAG": model_tag, "PRESET": preset, "NPROC_PER_NODE": nproc_per_node, "DEVICE": device,
+             "RUN_SFT": None if run_sft is None else str(int(run_sft))}
+    environ = {**os.environ, **{name: value for name, value in flags.items() if value is not None}}
     try:
         cfg = RunConfig.from_env(list(train_args), environ)
-    except PreflightError as exc:
+    except PreflightError as exc:  # an unsafe MODEL_TAG: said before anything is written anywhere
         click.echo(f"error: {redact(str(exc))}", err=True)
         sys.exit(EXIT_ERROR)
-    sys.exit(run(cfg, max_failures=int(os.environ.get("PHOENIX_MAX_FAILURES", "3"))))
+    setup_logging(_log_file(cfg.base_dir))
+    code = run(cfg)
+    # The launch is over: a late stop has nothing left to stop, and Python's own handlers are gone while
+    # it exits, so a SIGTERM then would end this process with 143 instead of `code`.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
 
 
-def _log_file() -> Path | None:
-    base = Path(os.environ.get("NANOCHAT_BASE_DIR", "~/.cache/nanochat")).expanduser()
+def _log_file(base: Path) -> Path | None:
     # A missing or read-only volume is for preflight to report, not for the log set-up to crash on.
     return base / "logs" / "phoenix_run.log" if base.is_dir() and os.access(base, os.W_OK) else None

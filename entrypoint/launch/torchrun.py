@@ -15,13 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
 
 from entrypoint.launch.config import RunConfig
 from entrypoint.launch.procs import descendants, signal_pids
 from entrypoint.launch.volume import VolumeLock
-from entrypoint.logs import redact
+from entrypoint.logs import log_file, redact
 from trainer.out_of_memory import OutOfMemory, parse_report
 
 log = logging.getLogger("phoenix.run")
@@ -61,12 +62,18 @@ class Launcher:
         self.last_exception: str | None = None  # the last line of a child's traceback
         self._to_workers = True
         self._signaled: set[int] = set()
+        self._signal_seen = False
 
     @property
     def stop_requested(self) -> bool:
         return self.stopping.is_set()
 
     def on_signal(self, signum: int, _frame: Any) -> None:
+        # A storm of signals re-enters this handler mid-way (Event.set's lock is not reentrant, and the
+        # recursion would end in RecursionError): only the first one acts; run() forwards the stop.
+        if self._signal_seen:
+            return
+        self._signal_seen = True
         self.stop(f"received {signal.Signals(signum).name}: asking the workers for an emergency checkpoint")
 
     def stop(self, announcement: str | None = None) -> None:
@@ -110,24 +117,21 @@ class Launcher:
 
     def _relay(self, stream: IO[bytes]) -> None:
         """Every line, redacted, to our stdout and log file; after a child's first `error:` line only to
-        the file (the other ranks' copies and torchrun's failure report would bury the one line)."""
-        sink = open(self.log_file, "a") if self.log_file else None  # noqa: SIM115 - closed below
-        try:
-            for raw in stream:
-                line = redact(raw.decode(errors="replace"))
-                quiet = self.error is not None
-                if line.startswith("error: ") and self.error is None:
-                    self.error, quiet = line[len("error: "):].strip(), False
-                elif _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
-                    self.last_exception = line.strip()
-                elif self.out_of_memory is None:
-                    self.out_of_memory = parse_report(line)
-                if sink is not None:
-                    sink.write(line)
-                    sink.flush()
-                if not quiet:
+        the file (the other ranks' copies and torchrun's failure report would bury the one line). Nothing
+        stops the draining: a worker blocked on a full pipe would stop training and never see a stop."""
+        sink = log_file(self.log_file) if self.log_file else None  # never raises (logs.LogFile)
+        for raw in stream:
+            line = redact(raw.decode(errors="replace"))
+            quiet = self.error is not None
+            if line.startswith("error: ") and self.error is None:
+                self.error, quiet = line[len("error: "):].strip(), False
+            elif _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
+                self.last_exception = line.strip()
+            elif self.out_of_memory is None:
+                self.out_of_memory = parse_report(line)
+            if sink is not None:
+                sink.write(line)
+            if not quiet:
+                with suppress(OSError, ValueError):  # a broken or closed stdout: the file still has it
                     sys.stdout.write(line)
                     sys.stdout.flush()
-        finally:
-            if sink is not None:
-                sink.close()

@@ -9,7 +9,6 @@ device batch record (runs/<tag>/device_batch.json) is what out-of-memory halving
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -22,9 +21,9 @@ from typing import Any
 
 import click
 
-from entrypoint.hub.config import TRAINER_STATUS_FILE
+from entrypoint.hub.config import DEFAULT_MODEL_TAG, TRAINER_STATUS_FILE, model_tag_problem
 from entrypoint.launch.config import RunConfig
-from entrypoint.logs import kv
+from entrypoint.logs import is_number, kv, read_json
 from trainer import checkpoint_layout as layout
 from trainer.out_of_memory import OutOfMemory
 
@@ -109,11 +108,9 @@ def status_path(base_dir: Path, model_tag: str, node_rank: int = 0) -> Path:
 def node0_is_live(base_dir: Path, model_tag: str, max_age_s: float = 120.0) -> bool:
     """Node 0's status file is fresh on this volume: node 0 refreshes it every 30 s while it runs, so
     another node seeing it knows the folder is shared (clocks may differ by a minute)."""
-    try:
-        status = json.loads(status_path(base_dir, model_tag, 0).read_text())
-    except (OSError, ValueError):
-        return False
-    return status.get("status") == "running" and time.time() - status.get("updated", 0) < max_age_s
+    status = read_json(status_path(base_dir, model_tag, 0)) or {}
+    age = abs(time.time() - _timestamp(status.get("updated")))
+    return status.get("status") == "running" and age < max_age_s
 
 
 class FailureLog:
@@ -131,11 +128,11 @@ class FailureLog:
         self.limit = limit
 
     def read(self) -> dict[str, Any] | None:
-        try:
-            record = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        """The record, or None: absent, torn or malformed (a torn record starts the count again)."""
+        record = read_json(self.path)
+        if record is None or not isinstance(record.get("error"), str) or type(record.get("count")) is not int:
             return None
-        return record if isinstance(record, dict) else None
+        return record
 
     def record(self, error: str, kind: str, fingerprint: str, progress: str) -> dict[str, Any]:
         """Count this failure; returns the record (with `held`: the guard stops relaunching now)."""
@@ -169,11 +166,7 @@ class DeviceBatchRecord:
         self.path = base_dir / "runs" / model_tag / DEVICE_BATCH_FILE
 
     def _read(self) -> dict[str, Any]:
-        try:
-            record = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return record if isinstance(record, dict) else {}
+        return read_json(self.path) or {}
 
     def get(self, stage: str, key: dict[str, Any]) -> int | None:
         entry = self._read().get(stage)
@@ -228,31 +221,39 @@ class StatusFile:
         self.set(status=status)
 
 
+def _timestamp(value: Any) -> float:
+    """A file's time field as seconds since the epoch; anything else counts as news from long ago."""
+    return float(value) if is_number(value) else 0.0
+
+
 @click.command("health")
 @click.option("--max-age", default=900, show_default=True, help="Seconds without news before unhealthy.")
 def health_command(max_age: int) -> None:
     """Container HEALTHCHECK: the entrypoint is alive and, while training, steps keep coming."""
-    base = Path(os.environ.get("NANOCHAT_BASE_DIR", "~/.cache/nanochat")).expanduser()
-    tag = os.environ.get("MODEL_TAG", "d26-hyperbolic")
-    node_rank = int(os.environ.get("NODE_RANK", "0") or 0)
-    failure = FailureLog(base, tag, limit=0, node_rank=node_rank).read()
+    base = Path(os.environ.get("NANOCHAT_BASE_DIR") or "~/.cache/nanochat").expanduser()
+    tag = os.environ.get("MODEL_TAG", "").strip() or DEFAULT_MODEL_TAG
+    node_rank = os.environ.get("NODE_RANK", "").strip() or "0"
+    if (problem := model_tag_problem(tag)) or not node_rank.isdigit():
+        click.echo(f"unhealthy: {problem or f'NODE_RANK={node_rank!r} is not a node number'}")
+        sys.exit(1)
+    failure = FailureLog(base, tag, limit=0, node_rank=int(node_rank)).read()
     if failure and failure.get("held"):
         click.echo(f"unhealthy: not relaunching after {failure['count']} identical failures: "
                    f"{failure['error']}")
         sys.exit(1)
-    try:
-        status = json.loads(status_path(base, tag, node_rank).read_text())
-    except (FileNotFoundError, ValueError):
-        click.echo("unhealthy: no trainer status yet")
+    status = read_json(status_path(base, tag, int(node_rank)))
+    if status is None:
+        click.echo("unhealthy: no (readable) trainer status yet")
         sys.exit(1)
     now = time.time()
-    news = status.get("updated", 0)
+    news = _timestamp(status.get("updated"))
     if status.get("phase") in ("base", "sft"):
         # A stage's first step can take a while (compile, shards): count from the phase start.
-        heartbeat = base / "logs" / f"heartbeat_{tag}.json"
-        beat = json.loads(heartbeat.read_text()).get("time", 0) if heartbeat.exists() else 0
-        news = max(beat, status.get("phase_started", 0))
-    if status.get("status") == "running" and now - news > max_age:
-        click.echo(f"unhealthy: phase {status.get('phase')} silent for {now - news:.0f}s")
+        beat = _timestamp((read_json(base / "logs" / f"heartbeat_{tag}.json") or {}).get("time"))
+        news = max(beat, _timestamp(status.get("phase_started")))
+    # News from the future is no news: a clock set back (or a bad file) must not keep it healthy for ever.
+    if status.get("status") == "running" and abs(now - news) > max_age:
+        silence = f"silent for {now - news:.0f}s" if news <= now else f"dated {news - now:.0f}s in the future"
+        click.echo(f"unhealthy: phase {status.get('phase')} {silence}")
         sys.exit(1)
     click.echo(f"healthy: {status.get('status')} phase={status.get('phase')}")

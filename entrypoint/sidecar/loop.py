@@ -52,7 +52,8 @@ def read_trainer_status(cfg: HubConfig) -> dict[str, Any] | None:
     if isinstance(generation, int) and generation < local_generation(cfg):
         return None
     updated = status.get("updated")
-    stale = isinstance(updated, (int, float)) and time.time() - updated > STALE_S
+    # A time in the future (a clock set back, a bad file) is no sign of life either.
+    stale = not isinstance(updated, int | float) or abs(time.time() - updated) > STALE_S
     if status["status"] == "running" and stale:
         # The entrypoint refreshes the file every 30 s while alive: silence means it was killed outright.
         return {**status, "status": "lost"}
@@ -323,10 +324,26 @@ def sync_command(
     once: bool, exit_when_stopped: bool, poll_seconds: float, stop_wait_seconds: float, grace_seconds: float
 ) -> None:
     """Push every complete checkpoint to HF_REPO_ID (a Hub repo or bucket) as it appears (the sidecar)."""
-    cfg = HubConfig.from_env_or_exit()
-    setup_hub_logging(cfg.base_dir / "logs" / "hf_sync.log")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # What the user must fix is one line; the sidecar then idles (or waits for the volume) rather than
+    # exit, since `restart: unless-stopped` would relaunch it in a loop. --once exits 2.
+    idle = not (once or exit_when_stopped)
+    try:
+        cfg = HubConfig.from_env()
+    except HubFatal as exc:
+        click.echo(f"error: {redact(str(exc))}" + (" (idle until stopped)" if idle else ""), err=True)
+        if idle:
+            stop.wait()
+        sys.exit(2)
+    if not cfg.base_dir.is_dir():
+        # Never created here: a folder made on an unmounted path would pass the trainer's preflight.
+        click.echo(f"error: NANOCHAT_BASE_DIR={cfg.base_dir} does not exist: mount the volume there"
+                   + (" (waiting for it)" if idle else ""), err=True)
+        while not cfg.base_dir.is_dir():
+            if not idle or stop.wait(poll_seconds):
+                sys.exit(2)
+    setup_hub_logging(cfg.base_dir / "logs" / "hf_sync.log")
     if cfg.repo_id is None:
         log.info("HF_REPO_ID not set: Hub sync and restore are off")
         if not (once or exit_when_stopped):

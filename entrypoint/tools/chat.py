@@ -21,7 +21,7 @@ import click
 from entrypoint.hub.config import HubConfig
 from entrypoint.hub.errors import HubError
 from entrypoint.hub.restore import fetch_weights
-from entrypoint.logs import RedactingFormatter, redact
+from entrypoint.logs import RedactingFormatter, fail
 from entrypoint.tools.export import ExportError, download_export, load_export
 from trainer import checkpoint_layout as layout
 
@@ -155,6 +155,10 @@ def converse(loaded: Loaded, first: str | None, inp: TextIO, out: TextIO, **samp
 def chat_command(prompt: str | None, from_repo: str | None, temperature: float, top_k: int,
                  max_tokens: int, seed: int, device: str) -> None:
     """Talk to the model of MODEL_TAG (newest SFT checkpoint, else base; volume, else Hub) or an export."""
+    for flag, value, least in (("--max-tokens", max_tokens, 1), ("--temperature", temperature, 0),
+                               ("--top-k", top_k, 0)):
+        if value < least:
+            fail(f"{flag} {value} is below {least}: give {flag} {least} or more")
     cfg = HubConfig.from_env_or_exit()
     handler = logging.StreamHandler(sys.stderr)  # stdout is the conversation
     handler.setFormatter(RedactingFormatter("%(message)s"))
@@ -169,13 +173,13 @@ def chat_command(prompt: str | None, from_repo: str | None, temperature: float, 
     try:
         loaded = load(cfg, from_repo, device)
     except (NothingToLoad, ExportError, HubError) as exc:
-        sys.exit(f"error: {redact(str(exc))}")
+        fail(str(exc))
     print(f"model: {loaded.origin} ({'chat' if loaded.chat else 'base model: completes text'})",
           file=sys.stderr)
     try:
         converse(loaded, prompt, sys.stdin, sys.stdout, max_tokens=max_tokens, temperature=temperature,
                  top_k=top_k or None, seed=seed)
-    except ValueError as exc:
-        sys.exit(f"error: {exc}")
+    except ValueError as exc:  # a message longer than the model's context
+        fail(str(exc))
     except KeyboardInterrupt:
         print(file=sys.stderr)

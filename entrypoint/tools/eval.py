@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -22,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from entrypoint.hub.config import EVAL_DIR
-from entrypoint.logs import kv, redact, setup_logging
+from entrypoint.hub.config import EVAL_DIR, model_tag_problem
+from entrypoint.launch.prepare import volume_error
+from entrypoint.logs import fail, kv, redact, setup_logging
 from trainer import checkpoint_layout as layout
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ log = logging.getLogger("phoenix.eval")
 # nanochat's copy of the DCLM CORE tasks (core.yaml, eval_data/, eval_meta_data.csv), zipped.
 DEFAULT_EVAL_BUNDLE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 DEFAULT_CHAT_TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K"
+MAX_BUNDLE_BYTES = 2 * 10**9  # packed or unpacked; far above nanochat's eval_bundle.zip
 
 
 class EvalError(Exception):
@@ -53,51 +54,93 @@ def results_path(base_dir: Path, model_tag: str, stage: str, step: int) -> Path:
 # The eval bundle
 
 
-def resolve_bundle(source: str, base_dir: Path) -> Path:
+def resolve_bundle(source: str, base_dir: Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Path:
     """A local folder with core.yaml for `source`: the folder itself, a downloaded and unpacked .zip URL,
     or a Hub dataset repo ("owner/name") downloaded with huggingface_hub; downloads land on the volume
-    under eval_bundle/ and are reused."""
+    under eval_bundle/ and are reused. A download of more than `max_bytes` (packed or unpacked) is refused
+    before it lands: the volume holds the checkpoints."""
     folder = Path(source).expanduser()
     if folder.is_dir():
         return folder
     if source.startswith(("http://", "https://")):
         target = base_dir / "eval_bundle" / hashlib.sha256(source.encode()).hexdigest()[:12]
         if not (target / "core.yaml").is_file():
-            _download_zip(source, target)
+            _download_zip(source, target, max_bytes)
         return target
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        try:
-            return Path(snapshot_download(source, repo_type="dataset",
-                                          local_dir=base_dir / "eval_bundle" / source.replace("/", "--")))
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-            raise EvalError(f"eval bundle: cannot download the Hub dataset {source!r} ({redact(str(exc))}): "
-                            "check EVAL_BUNDLE, HF_TOKEN and the network") from None
+        return _download_dataset(source, base_dir / "eval_bundle" / source.replace("/", "--"), max_bytes)
     raise EvalError(f"eval bundle {source!r} is neither a folder, an http(s) .zip URL nor a Hub dataset "
                     "repo id: set EVAL_BUNDLE (or --bundle)")
 
 
-def _download_zip(url: str, target: Path) -> None:
+def _too_big(source: str, size: int, max_bytes: int) -> EvalError:
+    return EvalError(f"eval bundle: {source} holds {size / 1e6:.1f} MB, more than the "
+                     f"{max_bytes / 1e6:.1f} MB allowed: point EVAL_BUNDLE at nanochat's eval_bundle.zip, or "
+                     "raise --max-bundle-mb")
+
+
+def _stored(source: str, exc: OSError) -> EvalError | None:
+    """The volume's own fault (full, read-only) while storing the bundle, as one line; None otherwise."""
+    line = volume_error(exc)
+    return None if line is None else EvalError(f"eval bundle: cannot store {source} on the volume: {line}")
+
+
+def _download_dataset(repo: str, target: Path, max_bytes: int) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        info = HfApi().dataset_info(repo, files_metadata=True)
+        size = sum(sibling.size or 0 for sibling in info.siblings or [])
+        if size > max_bytes:
+            raise _too_big(repo, size, max_bytes)
+        return Path(snapshot_download(repo, repo_type="dataset", revision=info.sha, local_dir=target))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        if isinstance(exc, OSError) and (stored := _stored(repo, exc)):
+            raise stored from None
+        raise EvalError(f"eval bundle: cannot download the Hub dataset {repo!r} ({redact(str(exc))}): "
+                        "check EVAL_BUNDLE, HF_TOKEN and the network") from None
+
+
+def _download_zip(url: str, target: Path, max_bytes: int) -> None:
     """Download and unpack next to `target`, then rename into place: a kill leaves no half bundle."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
-        archive = Path(tmp) / "bundle.zip"
-        log.info(kv(event="bundle_download", url=url))
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(Path(tmp) / "unpacked")  # zipfile drops absolute and ".." parts of names
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise EvalError(f"eval bundle: cannot fetch {url} ({exc}): check EVAL_BUNDLE and the network, "
-                            "or point it at a local folder") from None
-        found = sorted(p.parent for p in (Path(tmp) / "unpacked").rglob("core.yaml"))
-        if not found:
-            raise EvalError(f"eval bundle: {url} holds no core.yaml: point EVAL_BUNDLE at nanochat's "
-                            "eval_bundle.zip or a folder laid out like it")
-        found[0].rename(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
+            archive = Path(tmp) / "bundle.zip"
+            _fetch(url, archive, max_bytes)
+            try:
+                with zipfile.ZipFile(archive) as zf:
+                    # The sizes the archive declares bound what extraction writes (zipfile reads no further).
+                    if (size := sum(info.file_size for info in zf.infolist())) > max_bytes:
+                        raise _too_big(url, size, max_bytes)
+                    zf.extractall(Path(tmp) / "unpacked")  # zipfile drops absolute and ".." parts of names
+            except zipfile.BadZipFile as exc:
+                raise EvalError(f"eval bundle: {url} is not a readable zip ({exc}): point EVAL_BUNDLE at "
+                                "nanochat's eval_bundle.zip or a folder laid out like it") from None
+            found = sorted(p.parent for p in (Path(tmp) / "unpacked").rglob("core.yaml"))
+            if not found:
+                raise EvalError(f"eval bundle: {url} holds no core.yaml: point EVAL_BUNDLE at nanochat's "
+                                "eval_bundle.zip or a folder laid out like it")
+            found[0].rename(target)
+    except OSError as exc:
+        if (stored := _stored(url, exc)) is None:
+            raise
+        raise stored from None
+
+
+def _fetch(url: str, archive: Path, max_bytes: int) -> None:
+    log.info(kv(event="bundle_download", url=url))
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                if f.tell() > max_bytes:
+                    raise _too_big(url, f.tell(), max_bytes)
+    except OSError as exc:
+        raise _stored(url, exc) or EvalError(
+            f"eval bundle: cannot fetch {url} ({exc}): check EVAL_BUNDLE and the network, or point it at a "
+            "local folder") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,11 +208,11 @@ def flatten(prefix: str, value: Any) -> dict[str, float]:
 
 
 def evaluate_base(base_dir: Path, model_tag: str, bundle: str, device: str, max_per_task: int,
-                  batch_rows: int) -> dict[str, Any]:
+                  batch_rows: int, max_bundle_bytes: int = MAX_BUNDLE_BYTES) -> dict[str, Any]:
     from trainer.core_eval import centered, evaluate_task, load_bundle, load_examples
 
     engine, ckpt = load_latest_engine(base_dir, "base", model_tag, device)  # before a bundle download
-    bundle_dir = resolve_bundle(bundle, base_dir)
+    bundle_dir = resolve_bundle(bundle, base_dir, max_bundle_bytes)
     tasks = load_bundle(bundle_dir)
     accuracy, centered_accuracy = {}, {}
     for task in tasks:
@@ -244,16 +287,17 @@ def evaluate_finished_stage(base_dir: Path, model_tag: str, stage: str, device: 
                        action=f"run phoenix eval {'base' if stage == 'base' else 'chat'} once fixed"))
 
 
-def _run(job: Any) -> None:
+def _run(job: Any, model_tag: str) -> None:
     from trainer.data import DataError
 
+    if problem := model_tag_problem(model_tag):  # results go under runs/<tag>/
+        fail(problem)
     base_dir = base_dir_from_env()
     setup_logging(base_dir / "logs" / "phoenix_eval.log" if base_dir.is_dir() else None)
     try:
         job(base_dir)
     except EvalError as exc:
-        click.echo(f"error: {redact(str(exc))}", err=True)
-        sys.exit(2)
+        fail(str(exc))
     except DataError as exc:
         click.echo(f"error: {redact(str(exc))}", err=True)
         sys.exit(1)
@@ -277,17 +321,21 @@ DEVICE_OPTION = click.option("--device", envvar="DEVICE", type=click.Choice(["au
               help="The CORE eval bundle: a folder, an http(s) .zip URL, or a Hub dataset repo id.")
 @click.option("--max-per-task", type=int, default=-1, show_default=True, help="Examples per task (-1: all).")
 @click.option("--batch-rows", type=int, default=32, show_default=True, help="Sequences per forward pass.")
-def eval_base_command(model_tag: str, device: str, bundle: str, max_per_task: int, batch_rows: int) -> None:
+@click.option("--max-bundle-mb", type=float, default=MAX_BUNDLE_BYTES / 1e6, show_default=True,
+              help="Refuse a bundle download larger than this, packed or unpacked.")
+def eval_base_command(model_tag: str, device: str, bundle: str, max_per_task: int, batch_rows: int,
+                      max_bundle_mb: float) -> None:
     """CORE metric of the newest base checkpoint (nanochat's base_eval)."""
     from trainer.core_eval import BundleError
 
     def job(base_dir: Path) -> None:
         try:
-            evaluate_base(base_dir, model_tag, bundle, device, max_per_task, batch_rows)
+            evaluate_base(base_dir, model_tag, bundle, device, max_per_task, batch_rows,
+                          max_bundle_bytes=int(max_bundle_mb * 1e6))
         except BundleError as exc:
             raise EvalError(str(exc)) from None
 
-    _run(job)
+    _run(job, model_tag)
 
 
 @eval_command.command("chat")
@@ -302,4 +350,4 @@ def eval_chat_command(model_tag: str, device: str, tasks: str, max_problems: int
     """ARC-Easy/Challenge, MMLU and GSM8K on the newest SFT checkpoint (nanochat's chat_eval)."""
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     _run(lambda base_dir: evaluate_chat(base_dir, model_tag, names, device, max_problems, batch_size,
-                                        max_new_tokens))
+                                        max_new_tokens), model_tag)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from huggingface_hub.utils import validate_repo_id
 
 from entrypoint.hub.client import Hub, add_operation
 from entrypoint.hub.config import HubConfig
-from entrypoint.hub.errors import HubError
-from entrypoint.logs import kv, redact, setup_logging
+from entrypoint.hub.errors import HubError, HubFatal
+from entrypoint.logs import fail, kv, setup_logging
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.export")
@@ -175,7 +174,14 @@ def download_export(cfg: HubConfig, repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
     hub = Hub(replace(cfg, repo_id=repo, repo_type="model"))
-    snapshot = hub.snapshot()
+    try:
+        snapshot = hub.snapshot()
+    except HubFatal:
+        if cfg.token:
+            raise
+        # Reading an export needs no write token: a public one needs none, a private one a read token.
+        raise ExportError(f"{repo} is private or does not exist, and HF_TOKEN is not set: set HF_TOKEN to a "
+                          "token that can read it (a read token will do), or check the name") from None
     missing = [name for name in EXPORT_FILES if name not in snapshot.files]
     if missing:
         raise ExportError(f"{repo} is not a phoenix export (no {', '.join(missing)}): pass a repo written "
@@ -216,10 +222,10 @@ def export_command(repo: str, public: bool) -> None:
     except HFValidationError:
         valid = False
     if not valid:
-        sys.exit(f"error: --repo {repo!r} is not a repo id: give it as owner/name")
+        fail(f"--repo {repo!r} is not a repo id: give it as owner/name")
     if repo == cfg.repo_id:
-        sys.exit(f"error: --repo {repo} is the checkpoint store HF_REPO_ID: export to a repo of its own")
+        fail(f"--repo {repo} is the checkpoint store HF_REPO_ID: export to a repo of its own")
     try:
         export(cfg, repo, private=not public)
     except (ExportError, HubError) as exc:
-        sys.exit(f"error: {redact(str(exc))}")
+        fail(str(exc))

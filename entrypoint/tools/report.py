@@ -9,7 +9,6 @@ W&B, no GPU and no torch (matplotlib, Agg backend).
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import time
@@ -19,6 +18,8 @@ from typing import Any
 
 import click
 
+from entrypoint.hub.config import model_tag_problem
+from entrypoint.logs import fail, is_number, is_step_record, read_json, read_records
 from trainer import checkpoint_layout as layout
 from trainer import recovery
 
@@ -40,27 +41,23 @@ class StageSeries:
 
 def read_stage(logs: Path, stage: str, model_tag: str) -> StageSeries:
     series = StageSeries(stage)
-    path = logs / f"train_{stage}_{model_tag}.jsonl"
-    if not path.is_file():
-        return series
     last = 0
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a kill
+    # Torn lines (a kill, a full disk) and records of the wrong shape are skipped.
+    for record in read_records(logs / f"train_{stage}_{model_tag}.jsonl"):
+        step = record.get("step")
+        if type(step) is not int:
             continue
-        step = record.get("step", 0)
         if record.get("event") == "resume":
             if step not in series.resumes:
                 series.resumes.append(step)
-        elif "loss" in record:
+        elif is_step_record(record):
             if step <= last and step - 1 not in series.resumes:  # a log written before resume records
                 series.resumes.append(step - 1)
             series.train[step] = record
             last = step
         else:
             for name in ("val_bpb", "val_loss"):
-                if name in record:
+                if is_number(record.get(name)):
                     series.val[step] = (name, record[name])
     return series
 
@@ -94,13 +91,8 @@ def add_hub_events(series: StageSeries, logs: Path) -> None:
 
 
 def read_evals(run_dir: Path) -> list[dict[str, Any]]:
-    results = []
-    for path in sorted((run_dir / "eval").glob("*.json")):
-        try:
-            results.append(json.loads(path.read_text()))
-        except ValueError:
-            continue
-    return results
+    """Each readable eval result (a JSON object); torn or foreign files are skipped."""
+    return [result for path in sorted((run_dir / "eval").glob("*.json")) if (result := read_json(path))]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,12 +148,12 @@ def stage_section(series: StageSeries, pngs: list[Path]) -> list[str]:
         return [*lines, "No steps logged.", ""]
     last = train[-1]
     tok = statistics.median(r["tok_per_sec"] for r in train)
-    mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+    mfus = [r["mfu"] for r in train if is_number(r.get("mfu"))]
     rows = [("steps logged", f"{len(train)} (last step {last['step']})"),
             ("final train loss", f"{last['loss']:.4f}"),
             ("median tok/s", f"{tok:,.0f}"),
             ("median MFU", f"{statistics.median(mfus):.1f}%" if mfus else "- (CPU or unknown GPU)"),
-            ("training time", f"{last.get('elapsed', 0) / 60:.1f} min")]
+            ("training time", f"{last['elapsed'] / 60:.1f} min" if is_number(last.get("elapsed")) else "-")]
     if series.val:
         name = next(iter(series.val.values()))[0]
         best = min(value for _, value in series.val.values())
@@ -209,10 +201,12 @@ def eval_section(results: list[dict[str, Any]]) -> list[str]:
         where = f"{result.get('stage')} step {result.get('step')}"
         headline = {"core": ("CORE", result.get("core_metric")), "chat": ("ChatCORE", result.get("chatcore"))}
         name, value = headline.get(result.get("eval"), ("?", None))
-        if value is not None:
+        if is_number(value):
             lines.append(f"| {where} | {name} | {value:.4f} |")
-        for task, accuracy in result.get("accuracy", {}).items():
-            lines.append(f"| {where} | {task} accuracy | {accuracy:.4f} |")
+        accuracies = result.get("accuracy")
+        for task, accuracy in (accuracies.items() if isinstance(accuracies, dict) else ()):
+            if is_number(accuracy):
+                lines.append(f"| {where} | {task} accuracy | {accuracy:.4f} |")
     return [*lines, ""]
 
 
@@ -253,10 +247,11 @@ def report_command(model_tag: str, out: Path | None) -> None:
     """A markdown report with plots (loss, val, tok/s, MFU, Hub sync lag) from the run's files."""
     import os
 
-    base_dir = Path(os.environ.get("NANOCHAT_BASE_DIR", "~/.cache/nanochat")).expanduser()
+    base_dir = Path(os.environ.get("NANOCHAT_BASE_DIR") or "~/.cache/nanochat").expanduser()
+    if problem := model_tag_problem(model_tag):  # the report is written under runs/<tag>/
+        fail(problem)
     if not (base_dir / "logs").is_dir():
-        click.echo(f"error: no logs in {base_dir}: set NANOCHAT_BASE_DIR to the run's volume", err=True)
-        raise SystemExit(2)
+        fail(f"no logs in {base_dir}: set NANOCHAT_BASE_DIR to the run's volume")
     page, stages = write_report(base_dir, model_tag, out)
     steps = " ".join(f"{s}={max(v.train)}" for s, v in stages.items())
     click.echo(f"report={page} {steps}".strip())

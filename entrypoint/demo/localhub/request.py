@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,12 @@ class HubServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[HubRequest], hub: HubState):
         self.hub = hub
         super().__init__(address, handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-request (a killed sidecar, a lost instance) is not the server's error:
+        no traceback for it on the demo's terminal."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class HubRequest(BaseHTTPRequestHandler):
