@@ -30,6 +30,9 @@ os.environ["PREEMPTION_WATCH"] = "off"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
+        "markers", "long: a check that repeats what faster tests cover, left out of the default run to keep "
+        "it near 12 min; scripts/long_tests.sh runs them")
+    config.addinivalue_line(
         "markers", "credit_delayed(fails=None): run with squashed storage credited at once, then after "
         f"{CREDIT_DELAY_S:.0f} s; `fails` names why the delayed run must fail (a strict xfail)")
 

@@ -74,7 +74,7 @@ def test_kill9_at_random_instants_then_resume_is_bitwise_exact(corpus, tmp_path)
     base = corpus.volume(tmp_path / "volume")
     rng = random.Random(2026)
     kills = mid_save_kills = attempt = 0
-    while kills < 20:
+    while kills < 12:  # four of each kind
         latest = layout.latest(checkpoint_dir(base))
         done_step = latest.step if latest else 0
         mode = ("save", "step", "time")[attempt % 3]
@@ -102,7 +102,7 @@ def test_kill9_of_a_two_process_run_resumes_bitwise(corpus, tmp_path):
     assert run_trainer(reference, corpus.env, *ARGS, nproc=2)[0] == 0
     base = corpus.volume(tmp_path / "volume")
     kills = 0
-    for target in (4, 23, 41, 70, 88):
+    for target in (4, 41, 88):
         code, out = run_trainer(base, corpus.env, *ARGS, nproc=2,
                                 kill_when=lambda line, t=f"step {target:05d}/": t in line)
         assert code is None, out
@@ -110,7 +110,7 @@ def test_kill9_of_a_two_process_run_resumes_bitwise(corpus, tmp_path):
     code, out = run_trainer(base, corpus.env, *ARGS, nproc=2)
     assert code == 0, out
     assert "world_size=2" in out and " | tok/sec " in out
-    assert kills == 5
+    assert kills == 3
     assert weights_sha256(base, STEPS) == weights_sha256(reference, STEPS)
     assert step_losses(base) == step_losses(reference)
 
