@@ -37,7 +37,7 @@ from entrypoint.hub.client import Hub, xet_os_error
 from entrypoint.hub.config import HubConfig, local_generation
 from entrypoint.hub.errors import HeadMoved, HubError, HubFatal, HubUnavailable, RepoMissing, RevisionGone
 from entrypoint.hub.repo_store import RepoStore, head_bytes, log_push_done, repo_checkpoints, stored
-from entrypoint.hub.store import RemoteFile, StoredCheckpoint, StoreView, counts
+from entrypoint.hub.store import RemoteFile, StoredCheckpoint, StoreView, commit_side_files, counts
 from entrypoint.logs import kv
 from trainer import checkpoint_layout as layout
 
@@ -202,9 +202,7 @@ class BucketStore:
         return nbytes
 
     def push_side_files(self, view: StoreView, side_files: list[Any]) -> None:
-        paths = ", ".join(op.path_in_repo for op in side_files)
-        view.head = self.hub.commit(side_files, f"update {paths} of {self.cfg.model_tag}", parent=view.head)
-        log.info(kv(event="pushed_extras", paths=paths, commit=view.head[:12]))
+        commit_side_files(self.hub, view, side_files, self.cfg.model_tag)
 
     def prune(self, view: StoreView, doomed: list[StoredCheckpoint]) -> None:
         """Manifests first, in their own batch: from then on none of them counts; then their files. Those in

@@ -23,7 +23,7 @@ from entrypoint.hub.budget import Ledger
 from entrypoint.hub.client import Hub, HubSnapshot, add_operation
 from entrypoint.hub.config import HubConfig, local_generation
 from entrypoint.hub.errors import Fenced
-from entrypoint.hub.store import RemoteFile, StoredCheckpoint, StoreView, counted_bytes
+from entrypoint.hub.store import RemoteFile, StoredCheckpoint, StoreView, commit_side_files, counted_bytes
 from entrypoint.logs import kv
 from trainer import checkpoint_layout as layout
 
@@ -77,9 +77,7 @@ class RepoStore:
         return nbytes
 
     def push_side_files(self, view: StoreView, side_files: list[Any]) -> None:
-        paths = ", ".join(op.path_in_repo for op in side_files)
-        view.head = self.hub.commit(side_files, f"update {paths} of {self.cfg.model_tag}", parent=view.head)
-        log.info(kv(event="pushed_extras", paths=paths, commit=view.head[:12]))
+        commit_side_files(self.hub, view, side_files, self.cfg.model_tag)
 
     def prune(self, view: StoreView, doomed: list[StoredCheckpoint]) -> None:
         """Delete them in one commit, then squash the history to free them (credited later)."""

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from entrypoint.hub.client import Hub, HubSnapshot, generation_of
 from entrypoint.hub.config import HubConfig
+from entrypoint.logs import kv
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.hub")
@@ -124,6 +125,13 @@ class CheckpointStore(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- lineage
+
+
+def commit_side_files(hub: Hub, view: StoreView, side_files: list[Any], model_tag: str) -> None:
+    """The tokenizer and run files, in one commit to the git repo, whichever store holds the checkpoints."""
+    paths = ", ".join(op.path_in_repo for op in side_files)
+    view.head = hub.commit(side_files, f"update {paths} of {model_tag}", parent=view.head)
+    log.info(kv(event="pushed_extras", paths=paths, commit=view.head[:12]))
 
 
 def counts(claim: dict[str, Any], generation: int, stage: str, step: int) -> bool:
