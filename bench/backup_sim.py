@@ -43,6 +43,7 @@ from entrypoint.hub.restore import restore  # noqa: E402
 from entrypoint.hub.stores import claim_generation  # noqa: E402
 from entrypoint.sidecar import sync  # noqa: E402
 from entrypoint.sidecar.loop import run_loop  # noqa: E402
+from trainer import checkpoint_content as content  # noqa: E402
 from trainer import checkpoint_layout as layout  # noqa: E402
 
 TOKEN, USER, TAG = "hf_simLocalToken0123456", "sim", "d26-hyperbolic"
@@ -105,10 +106,10 @@ def save_checkpoint(base: Path, stage: str, step: int, nbytes: int, done: bool =
     """A published checkpoint of about `nbytes`: weights a third, optimizer state two thirds, random."""
     tmp = layout.new_tmp_dir(layout.stage_dir(base, stage, TAG), step)
     rng = np.random.default_rng([step, layout.STAGES.index(stage)])
-    for name, share in (("model.safetensors", 1 / 3), (layout.GATHERED_OPTIMIZER, 2 / 3)):
+    for name, share in (("model.safetensors", 1 / 3), (content.GATHERED_OPTIMIZER, 2 / 3)):
         save_file({"w": rng.random(max(1, int(nbytes * share) // 4), dtype=np.float32)}, str(tmp / name))
     save_file({"rank0.torch_cpu": np.zeros(8, dtype=np.uint8)}, str(tmp / "rng.safetensors"))
-    layout.write_json_atomic(tmp / layout.META_NAME, layout.blank_meta(step, stage))
+    layout.write_json_atomic(tmp / layout.META_NAME, content.blank_meta(step, stage))
     layout.publish(tmp, step, stage=stage, model_tag=TAG, done=done)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint_layout as layout
+from trainer import checkpoint_content as content
 from trainer.checkpoint import AsyncCheckpointer
 from trainer.model import build_model, config_for_depth
 from trainer.optim import HybridOptimizer
@@ -53,7 +53,7 @@ def measure_stall(depth: int, vocab_size: int, device: torch.device, root: Path,
 
         checkpointer = AsyncCheckpointer(root / "async", keep_last=1)
         start = time.perf_counter()
-        stalls.append(checkpointer.save(repeat + 1, files, layout.blank_meta(repeat + 1)))
+        stalls.append(checkpointer.save(repeat + 1, files, content.blank_meta(repeat + 1)))
         checkpointer.wait()
         totals.append(time.perf_counter() - start)
     shutil.rmtree(root / "async", ignore_errors=True)
@@ -83,7 +83,7 @@ def emergency_worker(depth: int, vocab_size: int, root: Path, repeats: int, resu
             dist.barrier()
         start = time.perf_counter()
         stalls.append(save_checkpoint(checkpointer, repeat + 1, False, model, optimizer, d,
-                                      lambda _ranks, step=repeat + 1: layout.blank_meta(step)))
+                                      lambda _ranks, step=repeat + 1: content.blank_meta(step)))
         checkpointer.wait()
         if d.world_size > 1:
             dist.barrier()  # every rank's part is in: the time a stopped run needs before it can exit

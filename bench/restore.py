@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from a checkout: bench/ is not a package
 
 from entrypoint.demo.localhub import LocalHub  # noqa: E402
+from trainer import checkpoint_content as content  # noqa: E402
 from trainer import checkpoint_layout as layout  # noqa: E402
 
 TOKEN, USER, TAG = "hf_benchLocalToken0123", "bench", "d26-hyperbolic"
@@ -50,7 +51,7 @@ def build_volume(base: Path, mb: int, checkpoints: int) -> None:
             data = np.frombuffer(rng.bytes(int(mb * MB * share)), dtype=np.uint8)
             save_file({"data": data}, str(tmp / name))
         save_file({"rank0.torch_cpu": np.full(16, i, dtype=np.uint8)}, str(tmp / "rng.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(layout.blank_meta(250 * i)))
+        (tmp / "meta.json").write_text(json.dumps(content.blank_meta(250 * i)))
         layout.publish(tmp, 250 * i, stage="base", model_tag=TAG)
     (base / "tokenizer").mkdir(parents=True)
     (base / "tokenizer" / "tokenizer.json").write_text(json.dumps({"vocab": list(range(65536))}))

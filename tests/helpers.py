@@ -18,6 +18,7 @@ from typing import Any
 
 from entrypoint.demo.synthetic import write_shards
 from entrypoint.launch.procs import descendants, signal_pids
+from trainer import checkpoint_content as content
 from trainer import checkpoint_layout as layout
 
 DATASET_REPO = "karpathy/fineweb-edu-100b-shuffle"
@@ -51,11 +52,11 @@ def tiny_job(hub, tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
 
 def checkpoint_meta(step: int, stage: str = "base", **extra: Any) -> dict[str, Any]:
     """A meta.json the checkpoint contract accepts (each key it asks for, blank): synthetic checkpoints."""
-    return {**layout.blank_meta(step, stage), **extra}
+    return {**content.blank_meta(step, stage), **extra}
 
 
 # What a synthetic checkpoint holds: the required files and the optimizer state in one gathered file.
-SYNTHETIC_FILES = (*layout.REQUIRED_FILES, layout.GATHERED_OPTIMIZER)
+SYNTHETIC_FILES = (*content.REQUIRED_FILES, content.GATHERED_OPTIMIZER)
 
 
 def fill_checkpoint(tmp: Path, step: int, stage: str = "base", **meta: Any) -> None:

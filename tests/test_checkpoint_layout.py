@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from tests.helpers import SYNTHETIC_FILES, fill_checkpoint
+from trainer import checkpoint_content as content
 from trainer import checkpoint_layout as layout
 
 
@@ -204,9 +205,9 @@ def test_damaged_steps_above_the_latest_good_one_go_to_quarantine(tmp_path):
 
 
 def test_optimizer_state_is_one_gathered_file_or_every_share() -> None:
-    share = layout.optimizer_share_name
-    assert layout.optimizer_state_problem([layout.GATHERED_OPTIMIZER]) is None
-    assert layout.optimizer_state_problem([share(0, 2), share(1, 2), "model.safetensors"]) is None
-    assert share(1, 3) in layout.optimizer_state_problem([share(0, 3), share(2, 3)])
-    for names in ([], [share(0, 2), share(0, 1)], [layout.GATHERED_OPTIMIZER, share(0, 1)]):
-        assert layout.optimizer_state_problem(names) is not None
+    share = content.optimizer_share_name
+    assert content.optimizer_state_problem([content.GATHERED_OPTIMIZER]) is None
+    assert content.optimizer_state_problem([share(0, 2), share(1, 2), "model.safetensors"]) is None
+    assert share(1, 3) in content.optimizer_state_problem([share(0, 3), share(2, 3)])
+    for names in ([], [share(0, 2), share(0, 1)], [content.GATHERED_OPTIMIZER, share(0, 1)]):
+        assert content.optimizer_state_problem(names) is not None

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import checkpoint_meta, fill_checkpoint
+from trainer import checkpoint_content as content
 from trainer import checkpoint_layout as layout
 from trainer.checkpoint import AsyncCheckpointer, CheckpointWriteError, write_safetensors
 from trainer.distributed import Dist
@@ -68,7 +69,7 @@ def two_rank_saves(rank: int, root: str, port: int) -> None:
     share = {f"rank{rank}.state": torch.full((1000,), float(rank))}
     broken = {"rank1.state": torch.zeros(3, dtype=torch.complex64)}  # no safetensors dtype: the write fails
     for step, files in ((1, broken if rank == 1 else share), (2, share)):
-        mine = {layout.optimizer_share_name(rank, 2): files}
+        mine = {content.optimizer_share_name(rank, 2): files}
         if rank == 0:  # the rest of a complete checkpoint
             mine |= {"model.safetensors": {"w": torch.ones(2)}, "rng.safetensors": {"r": torch.ones(2)}}
         meta = checkpoint_meta(step, world_size=2, rng=[{}, {}]) if rank == 0 else None
@@ -90,6 +91,7 @@ def test_a_rank_whose_write_fails_stops_the_publish_and_says_so(tmp_path):
     assert "complex" in outcomes[1]["1"].lower() and "failed on rank 1" in outcomes[0]["1"]
     assert outcomes[0]["2"] == outcomes[1]["2"] == "ok"
     assert [c.step for c in layout.complete_checkpoints(root)] == [2]
+    shares = [content.optimizer_share_name(r, 2) for r in (0, 1)]
     assert sorted(layout.latest(root).files) == sorted(["meta.json", "model.safetensors", "rng.safetensors",
-                                                        *(layout.optimizer_share_name(r, 2) for r in (0, 1))])
+                                                        *shares])
     assert not [p for p in root.iterdir() if p.name.startswith(layout.TMP_PREFIX)]

@@ -1,4 +1,5 @@
 """phoenix trainer: the payload run under torchrun. Imports nothing heavy, so the sidecar can import
-the torch-free checkpoint contract (trainer.checkpoint_layout) without torch installed."""
+the torch-free checkpoint contract (trainer.checkpoint_layout, trainer.checkpoint_content) without
+torch installed."""
 
 __version__ = "0.1.0"

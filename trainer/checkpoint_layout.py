@@ -4,17 +4,16 @@ Torch-free on purpose: the trainer publishes with it, `phoenix restore` verifies
 with it, and the sidecar decides what to push with it. It is the one place that answers "is this
 checkpoint complete?", so the three can never disagree.
 
-Layout: $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/step_NNNNNN/ holding tensors as
-*.safetensors, everything else as *.json, and MANIFEST.json (size + sha256 of every other file),
-written last. Complete means: the manifest lists every file a resume reads (REQUIRED_FILES, and the
-optimizer state: one gathered file or every rank's share), each is there as listed, and meta.json holds
-what a resume reads, with the right types (META_KEYS): matching hashes cannot vouch for content that was
-wrong when it was hashed. A directory is published by renaming a fully written, fsynced temporary sibling
-into place, so a crash leaves either the old set of checkpoints or the new one. Several processes may
-write into one temporary directory: each fsyncs and hashes its own files and reports their entries
-(size, sha256) to the one that publishes, which does so only once every report is in. A damaged step
-directory newer than the latest good one is moved to $NANOCHAT_BASE_DIR/quarantine/ (kept for
-inspection), so the run can save that step again instead of failing on the name forever.
+Layout: $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/step_NNNNNN/ holding tensors as *.safetensors,
+everything else as *.json, and MANIFEST.json (size + sha256 of every other file), written last. Complete
+means: each file is there as the manifest lists it, and what it holds meets `trainer.checkpoint_content`
+(every file a resume reads, meta.json's schema: matching hashes cannot vouch for content that was wrong
+when it was hashed). A directory is published by renaming a fully written, fsynced temporary sibling into
+place, so a crash leaves either the old set of checkpoints or the new one. Several processes may write
+into one temporary directory: each fsyncs and hashes its own files and reports their entries (size,
+sha256) to the one that publishes, which does so only once every report is in. A damaged step directory
+newer than the latest good one is moved to $NANOCHAT_BASE_DIR/quarantine/ (kept for inspection), so the
+run can save that step again instead of failing on the name forever.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 import time
 import uuid
 from collections.abc import Iterable
@@ -33,33 +31,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint_content import (
+    META_NAME,
+    REQUIRED_FILES,
+    RUN_KEYS,
+    STAGES,
+    CheckpointInvalid,
+    check_format,
+    check_meta,
+    optimizer_state_problem,
+)
+
 log = logging.getLogger("phoenix.checkpoint")
 
 FORMAT = "phoenix-checkpoint/1"
 MANIFEST_NAME = "MANIFEST.json"
-META_NAME = "meta.json"
-STAGES = ("base", "sft")
 TMP_PREFIX = ".tmp-"
 QUARANTINE_DIR = "quarantine"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
-# Only these suffixes may hold checkpoint data: neither format can execute code when loaded.
-_SAFE_SUFFIXES = (".safetensors", ".json")
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-# What a resume reads (trainer.resume, trainer.train, trainer.sft): without any of them it could only crash.
-REQUIRED_FILES = ("model.safetensors", "rng.safetensors", META_NAME)
-# The optimizer state: one gathered file (checkpoints before per-rank writes), or each rank's share.
-GATHERED_OPTIMIZER = "optimizer.safetensors"
-_OPTIMIZER_SHARE = re.compile(r"^optimizer-(\d{5})-of-(\d{5})\.safetensors$")
-META_KEYS: dict[str, type] = {
-    "stage": str, "step": int, "world_size": int, "rng": list, "num_iterations": int, "model_config": dict,
-    "config": dict, "loop_state": dict, "loader": dict, "run_id": str, "wandb_run_id": str}
-STAGE_META_KEYS: dict[str, dict[str, type]] = {"base": {"total_batch_size": int, "max_seq_len": int},
-                                               "sft": {"base": dict, "data": dict}}
-RUN_KEYS = ("run_id", "wandb_run_id")  # what runs/<tag>/run.json must hold
-
-
-class CheckpointInvalid(Exception):
-    """A checkpoint directory that must not be loaded; the message names the offending file."""
 
 
 def stage_dir(base_dir: str | os.PathLike, stage: str, model_tag: str) -> Path:
@@ -130,32 +119,6 @@ class Checkpoint:
         return json.loads((self.path / META_NAME).read_text())
 
 
-def _check_format(path: Path) -> None:
-    """Refuse anything but a well-formed safetensors header or JSON: a pickle never gets near a loader."""
-    name = path.name
-    if not name.endswith(_SAFE_SUFFIXES):
-        raise CheckpointInvalid(f"{path}: only .safetensors and .json files are allowed in a checkpoint")
-    with open(path, "rb") as f:
-        if name.endswith(".json"):
-            try:
-                json.loads(f.read())
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CheckpointInvalid(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
-            return
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointInvalid(f"{path}: too short to be safetensors")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > _MAX_SAFETENSORS_HEADER:
-            raise CheckpointInvalid(f"{path}: not a safetensors file (pickle payloads are refused)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointInvalid(f"{path}: not a safetensors file (pickle payloads are refused)") from None
-        if not isinstance(header, dict):
-            raise CheckpointInvalid(f"{path}: safetensors header is not a JSON object")
-
-
 def write_manifest(ckpt_dir: Path, step: int, finished: dict[str, dict[str, Any]] | None = None,
                    **fields: Any) -> dict[str, Any]:
     """Hash every file in `ckpt_dir` and write MANIFEST.json last: from then on the directory is complete.
@@ -172,7 +135,7 @@ def write_manifest(ckpt_dir: Path, step: int, finished: dict[str, dict[str, Any]
             continue
         if not path.is_file():
             raise CheckpointInvalid(f"{path}: checkpoints hold plain files only")
-        _check_format(path)
+        check_format(path)
         entry = finished.get(path.name) or {"size": path.stat().st_size, "sha256": sha256_file(path)}
         if entry["size"] != path.stat().st_size:
             raise CheckpointInvalid(f"{path}: {path.stat().st_size} bytes, its writer reported "
@@ -249,60 +212,10 @@ def check_files(directory: Path, manifest: dict[str, Any], *, full_hash: bool = 
             raise CheckpointInvalid(f"{path}: listed in the manifest but missing") from None
         if size != entry["size"]:
             raise CheckpointInvalid(f"{path}: {size} bytes, manifest says {entry['size']} (truncated?)")
-        _check_format(path)
+        check_format(path)
         if full_hash and sha256_file(path) != entry["sha256"]:
             raise CheckpointInvalid(f"{path}: sha256 does not match the manifest (corrupted or tampered)")
     check_meta(directory / META_NAME, manifest)
-
-
-def optimizer_share_name(rank: int, world_size: int) -> str:
-    """The file of one rank's optimizer share: each rank writes its own, in parallel."""
-    return f"optimizer-{rank:05d}-of-{world_size:05d}.safetensors"
-
-
-def optimizer_state_problem(names: Iterable[str]) -> str | None:
-    """What optimizer state the file names lack (None when there is one gathered file or every share)."""
-    names = set(names)
-    shares = [match for name in names if (match := _OPTIMIZER_SHARE.match(name))]
-    if GATHERED_OPTIMIZER in names and not shares:
-        return None
-    world_sizes = {int(match.group(2)) for match in shares}
-    if len(world_sizes) == 1 and GATHERED_OPTIMIZER not in names:
-        (world_size,) = world_sizes
-        absent = sorted(set(range(world_size)) - {int(match.group(1)) for match in shares})
-        return f"{optimizer_share_name(absent[0], world_size)} (optimizer share)" if absent else None
-    return "optimizer state (one gathered file or every rank's share)"
-
-
-def blank_meta(step: int, stage: str = "base") -> dict[str, Any]:
-    """A meta.json this contract accepts, every key blank: for benches and tests that write checkpoints
-    without a run behind them."""
-    blank = {key: kind() for key, kind in {**META_KEYS, **STAGE_META_KEYS[stage]}.items()}
-    return {**blank, "stage": stage, "step": step, "world_size": 1, "rng": [{}]}
-
-
-def check_meta(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """meta.json, or CheckpointInvalid unless it holds every key a resume reads, typed as written, for the
-    manifest's step and stage."""
-    try:
-        meta = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointInvalid(f"{path}: not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise CheckpointInvalid(f"{path}: not a JSON object")
-    for key, kind in {**META_KEYS, **STAGE_META_KEYS.get(meta.get("stage"), {})}.items():
-        value = meta.get(key)
-        if key not in meta:
-            raise CheckpointInvalid(f"{path}: {key!r} is missing")
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CheckpointInvalid(f"{path}: {key!r} is {type(value).__name__}, not {kind.__name__}")
-    if (stage := meta["stage"]) not in STAGES or manifest.get("stage", stage) != stage:
-        raise CheckpointInvalid(f"{path}: stage {stage!r}, the manifest's is {manifest.get('stage')!r}")
-    if meta["step"] != manifest["step"]:
-        raise CheckpointInvalid(f"{path}: written for step {meta['step']}, not {manifest['step']}")
-    if meta["world_size"] < 1 or len(meta["rng"]) != meta["world_size"]:
-        raise CheckpointInvalid(f"{path}: {len(meta['rng'])} RNG states for world size {meta['world_size']}")
-    return meta
 
 
 def step_dirs(directory: Path) -> list[tuple[int, Path]]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer import checkpoint_content as content
 from trainer import checkpoint_layout as layout
 from trainer import fencing
 from trainer.checkpoint import AsyncCheckpointer, load_tensors, tensor_names
@@ -156,7 +157,7 @@ def save_checkpoint(checkpointer: AsyncCheckpointer, step: int, done: bool, mode
     start = time.perf_counter()
     contributions = gather({"rng": rng_json, "rng_tensors": rng_tensors, "state": rank_state}, d)
     gather_s = time.perf_counter() - start
-    files = {layout.optimizer_share_name(d.rank, d.world_size): optimizer.state_share()}
+    files = {content.optimizer_share_name(d.rank, d.world_size): optimizer.state_share()}
     full_meta = None
     if d.is_main:
         full_meta = {**meta([c["state"] for c in contributions]), "step": step,

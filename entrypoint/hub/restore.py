@@ -42,6 +42,7 @@ from entrypoint.hub.store import CheckpointStore, StoredCheckpoint, StoreView
 from entrypoint.hub.stores import open_store
 from entrypoint.launch.volume import RESTORE_COMMAND, LockHeld, VolumeLock, lock_path
 from entrypoint.logs import kv, setup_hub_logging
+from trainer import checkpoint_content as content
 from trainer import checkpoint_layout as layout
 
 log = logging.getLogger("phoenix.restore")
@@ -357,7 +358,7 @@ def _fetch_weight_files(store: CheckpointStore, view: StoreView, stored: StoredC
             (local / name).unlink()
             raise CorruptOnHub(f"{folder}/{name}: sha256 does not match the manifest")
     try:
-        layout.check_meta(local / layout.META_NAME, manifest)  # what the chat reads of it
+        content.check_meta(local / layout.META_NAME, manifest)  # what the chat reads of it
     except layout.CheckpointInvalid as exc:
         shutil.rmtree(local)
         raise CorruptOnHub(str(exc)) from None
