@@ -17,6 +17,7 @@ from typing import Any
 
 from entrypoint.hub.config import DEFAULT_MODEL_TAG, FALSE_WORDS, TRUE_WORDS, HubConfig, model_tag_problem
 from entrypoint.hub.errors import HubFatal
+from trainer.save_policy import AUTO, parse_save_every
 
 # What a user may edit to fix a failed launch.
 FINGERPRINTED = ("MODEL_TAG", "PRESET", "DEVICE", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RUN_SFT",
@@ -130,7 +131,9 @@ def trainer_setting_problems(env: Mapping[str, str]) -> list[str]:
     """The variables the stage scripts read themselves, checked before any of them starts."""
     problems = []
     save_every = env.get("SAVE_EVERY", "").strip()
-    if save_every and save_every != "auto" and not (save_every.isdigit() and int(save_every) > 0):
+    try:
+        parse_save_every(save_every or AUTO)
+    except ValueError:
         problems.append(f"SAVE_EVERY={save_every!r} is neither a positive number of steps nor 'auto': set it "
                         "to e.g. 250")
     keep_last = env.get("KEEP_LAST", "").strip()
