@@ -1,6 +1,6 @@
 """Logging for the CLI and the sidecar: one `kv` line per event, to stdout and the volume (a log file that
 never raises), secrets masked; the one `error:` line of a fault the user fixes; reading the volume's small
-JSON files and logs back, torn or not."""
+JSON files back, torn or not."""
 
 from __future__ import annotations
 
@@ -177,24 +177,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl log, one a line; a line cut short (a kill, a full disk) or anything but
-    an object is skipped, so a torn log never stops a reader."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def is_number(value: Any) -> bool:

@@ -17,10 +17,11 @@ from entrypoint.hub.errors import HubError
 from entrypoint.hub.store import StoreView, counted_bytes
 from entrypoint.hub.stores import open_store
 from entrypoint.launch.volume import FailureLog
-from entrypoint.logs import is_number, is_step_record, read_json, read_records, redact
+from entrypoint.logs import is_number, is_step_record, read_json, redact
 from entrypoint.sidecar.sync import due
 from trainer import checkpoint_layout as layout
 from trainer import recovery
+from trainer.jsonl import read_records
 
 SHOWN_INTERRUPTIONS = 5  # the newest ones in the text view (--json has all)
 

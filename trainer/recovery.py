@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.jsonl import read_records
+
 NOTICE_FILE = "preemption.json"  # a cloud's notice, written by `phoenix run`'s watch (entrypoint.launch)
 LAUNCH_ENV = "PHOENIX_LAUNCH"  # JSON: {"time": epoch seconds, "restore_s": ..., "data_s": ...}
 # Launch to first step: restore (Hub, verify, load), data (tokenizer, shards, loader), compile (dynamo
@@ -47,18 +49,8 @@ def notice_deadline(base_dir: str | os.PathLike, model_tag: str) -> float | None
 
 def read(base_dir: str | os.PathLike, model_tag: str, stage: str | None = None) -> list[dict[str, Any]]:
     """The interruptions recorded so far (of one stage, or all), oldest first; a torn last line is skipped."""
-    path = history_path(base_dir, model_tag)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and (stage is None or record.get("stage") == stage):
-            records.append(record)
-    return records
+    records = read_records(history_path(base_dir, model_tag))
+    return [record for record in records if stage is None or record.get("stage") == stage]
 
 
 def append(base_dir: str | os.PathLike, model_tag: str, record: dict[str, Any]) -> None:
@@ -123,16 +115,7 @@ class StartupClock:
 def last_logged_step(metrics_path: Path) -> dict[str, Any] | None:
     """The last step record ({"step", "elapsed", ...}) of a stage's metrics JSONL: where the previous
     process got to before it stopped or died."""
-    if not metrics_path.exists():
-        return None
-    for line in reversed(metrics_path.read_text().splitlines()):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in record:
-            return record
-    return None
+    return next((record for record in reversed(read_records(metrics_path)) if "loss" in record), None)
 
 
 def interruption(stage: str, resumed: dict[str, Any], previous: dict[str, Any] | None,

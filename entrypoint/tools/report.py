@@ -19,9 +19,10 @@ from typing import Any
 import click
 
 from entrypoint.hub.config import model_tag_problem
-from entrypoint.logs import fail, is_number, is_step_record, read_json, read_records
+from entrypoint.logs import fail, is_number, is_step_record, read_json
 from trainer import checkpoint_layout as layout
 from trainer import recovery
+from trainer.jsonl import read_records
 
 _KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 _LOG_TIME = "%Y-%m-%dT%H:%M:%S"  # entrypoint.logs' datefmt (local time of the container, usually UTC)
