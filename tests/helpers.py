@@ -133,7 +133,8 @@ def run_process(command: list[str], env: dict[str, str], kill_when: Callable[[st
             line = ""
         if line is None:
             return proc.wait(), "".join(seen)
-        seen.append(line)
+        if line:
+            seen.append(line)
         if line and kill_when is not None and kill_when(line):
             if sig == signal.SIGKILL:
                 kill_tree(proc)

@@ -89,8 +89,12 @@ class Launcher:
         if proc is None or proc.poll() is not None:
             return
         # Workers catch SIGTERM and checkpoint; a preparation process has nothing to save and just ends.
-        targets = descendants(proc.pid) if self._to_workers else [proc.pid, *descendants(proc.pid)]
-        fresh = [pid for pid in targets if pid not in self._signaled]
+        if not self._to_workers:
+            # Again on every pass: a child still between fork and exec runs our own SIGTERM handler, so
+            # the first signal can be lost, and the download it then starts could outlast the grace period.
+            signal_pids([proc.pid, *descendants(proc.pid)], signal.SIGTERM)
+            return
+        fresh = [pid for pid in descendants(proc.pid) if pid not in self._signaled]
         self._signaled.update(fresh)
         signal_pids(fresh, signal.SIGTERM)
 
